@@ -1,0 +1,382 @@
+"""The one injection path every method shares, and the operations on adapted models.
+
+``inject(model, method)`` asks the method to attach its adapters, marks what the user wants trained, and then
+freezes everything else. Adapters are :class:`Adapter` modules; what they save and train is found from the
+module tree itself (adapter parameters plus tensors marked on ``trainable_modules``), so any sub-tree of an
+adapted model can be saved or loaded on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+_SAVED_TENSORS = "_peft_saved_tensors"  # attribute on a base module: local tensor names to train and save
+_METHODS = "_peft_methods"  # attribute on the root passed to inject: the method configs applied, in order
+
+
+class Adapter(nn.Module):
+    """Base class of every module lightning_peft adds to a model.
+
+    An adapter owns its learnable tensors as plain ``nn.Parameter`` attributes. When it wraps a layer, the
+    layer is its ``base_layer`` child and attribute reads it does not know (``weight``, ``in_features``) fall
+    through to that layer, so code that inspects the layer keeps working.
+    """
+
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+        self.merged = False
+
+    def reset_parameters(self) -> None:
+        """Restore the adapter's initial values, at which the adapted model equals the base model."""
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weights (only for adapters with ``mergeable = True``)."""
+        raise TypeError(f"{type(self).__name__} changes activations, not weights; it cannot be merged.")
+
+    def unmerge(self) -> None:
+        """Take a merged adapter back out of the base weights."""
+        raise TypeError(f"{type(self).__name__} cannot be merged or unmerged.")
+
+    def unwrap(self) -> nn.Module:
+        """The module that replaces this adapter when adapters are unloaded."""
+        return self._modules["base_layer"]  # type: ignore[return-value]
+
+    def adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(local name, tensor)`` for every parameter and persistent buffer the adapter owns."""
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if not name.startswith("base_layer."):
+                yield name, tensor
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name == "base_layer":
+                raise
+            return getattr(base, name)
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What ``inject`` accepts: a method configuration (``LoRAConfig``) or a callback holding one (``LoRA``)."""
+
+    def attach(self, model: nn.Module) -> None: ...
+
+    batchnorm: str
+
+    def trainable_rules(self) -> list[str]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass(eq=False)
+class MethodConfig:
+    """Base of method configurations. Subclasses add typed fields and implement :meth:`attach`."""
+
+    method_name: ClassVar[str] = "method"
+    registry: ClassVar[dict[str, type[MethodConfig]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.registry.setdefault(cls.method_name, cls)  # the config class, not callbacks that reuse its name
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> MethodConfig:
+        """Rebuild a configuration saved by :meth:`to_dict` (``{"method": "lora", "r": 8, ...}``)."""
+        fields = dict(config)
+        name = fields.pop("method", None)
+        if name not in cls.registry:
+            raise ValueError(f"saved method {name!r} is unknown to this lightning_peft; it knows {sorted(cls.registry)}.")
+        return cls.registry[name](**fields)
+
+    def attach(self, model: nn.Module) -> None:
+        """Add this method's adapters to ``model`` in place."""
+        raise NotImplementedError
+
+    def trainable_rules(self) -> list[str]:
+        return list(getattr(self, "trainable_modules", None) or [])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description, stored in checkpoints and adapter files."""
+        fields = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"method": self.method_name, **fields}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def init_seed(seed: int, name: str) -> int:
+    """A deterministic per-adapter seed, so 1 and N processes (and resumed runs) start from the same weights."""
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def mark_trainable(module: nn.Module, names: set[str] | None = None) -> None:
+    """Mark local tensors of ``module`` (all of them by default) to be trained and saved with the adapter."""
+    local = {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
+    chosen = local if names is None else names & local
+    setattr(module, _SAVED_TENSORS, frozenset(getattr(module, _SAVED_TENSORS, frozenset()) | chosen))
+
+
+def inject(model: nn.Module, *methods: Method) -> nn.Module:
+    """Add the adapters of ``methods`` to ``model`` in place, freeze the rest, and return ``model``.
+
+    Args:
+        model: Any ``nn.Module`` (a LightningModule too).
+        methods: Method objects such as ``LoRA(r=8)``; several compose (each attaches its own adapters).
+
+    Returns:
+        ``model``, with only adapter parameters and ``trainable_modules`` left trainable.
+
+    Raises:
+        TargetNotFoundError: A method's targets or ``trainable_modules`` match nothing.
+
+    Example:
+        >>> from lightning_peft import LoRA
+        >>> model = inject(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), LoRA(r=2, target_modules=["0"]))
+        >>> [n for n, p in model.named_parameters() if p.requires_grad]
+        ['0.lora_A', '0.lora_B']
+    """
+    for method in methods:
+        if not isinstance(method, Method):
+            raise TypeError(f"inject() takes method objects such as LoRA(r=8); got {type(method).__name__}.")
+        method.attach(model)
+        rules = method.trainable_rules()
+        if rules:
+            from lightning_peft.targets import select_names
+
+            for name in select_names(model, rules, what="trainable_modules"):
+                for sub in model.get_submodule(name).modules():
+                    if not isinstance(sub, Adapter):
+                        mark_trainable(sub)
+        _configure_batchnorm(model, method.batchnorm)
+        model.__dict__.setdefault(_METHODS, []).append(method)
+    refresh_trainable(model)
+    return model
+
+
+def _configure_batchnorm(model: nn.Module, mode: str) -> None:
+    """Frozen BatchNorm layers keep their statistics (``"frozen"``) or update and save them (``"update"``)."""
+    for module in model.modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.weight is not None and (
+            "weight" in getattr(module, _SAVED_TENSORS, frozenset())
+        ):
+            continue  # a trainable norm (trainable_modules) trains as usual
+        if mode == "update":
+            mark_trainable(module, {"running_mean", "running_var", "num_batches_tracked"})
+        elif not module.__dict__.get("_peft_frozen_stats"):
+            module._peft_frozen_stats = True
+            add_peft_hook(module, module.register_forward_pre_hook(_use_running_stats))
+            add_peft_hook(module, module.register_forward_hook(_restore_mode))
+
+
+def _use_running_stats(module: nn.Module, args: Any) -> None:
+    module._peft_was_training = module.training
+    module.training = False  # normalise with running statistics and leave them unchanged
+
+
+def _restore_mode(module: nn.Module, args: Any, output: Any) -> None:
+    module.training = module.__dict__.pop("_peft_was_training", module.training)
+
+
+def refresh_trainable(model: nn.Module) -> None:
+    """Set ``requires_grad`` from the adapter tree: adapter parameters and marked tensors train, nothing else."""
+    trainable = {id(p) for _, p in adapter_tensors(model, include_buffers=False)}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable)
+
+
+def adapters(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
+    """``(name, adapter)`` for every adapter in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, Adapter):
+            yield name, module
+
+
+def adapter_tensors(model: nn.Module, include_buffers: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(full name, tensor)`` for every tensor an adapter checkpoint holds: adapter tensors and marked ones."""
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, Adapter):
+            for local, tensor in module.adapter_tensors():
+                if include_buffers or isinstance(tensor, nn.Parameter):
+                    yield prefix + local, tensor
+        marked = getattr(module, _SAVED_TENSORS, frozenset())
+        for local, param in module.named_parameters(recurse=False):
+            if local in marked:
+                yield prefix + local, param
+        if include_buffers:
+            for local, buffer in module.named_buffers(recurse=False):
+                if local in marked and local not in module._non_persistent_buffers_set:
+                    yield prefix + local, buffer
+
+
+def applied_methods(model: nn.Module) -> list[Method]:
+    """The method objects injected into ``model`` (as the root passed to :func:`inject`), in order."""
+    return list(model.__dict__.get(_METHODS, []))
+
+
+def is_injected(model: nn.Module) -> bool:
+    """Whether ``model`` holds any adapter."""
+    return any(True for _ in adapters(model))
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every mergeable adapter (LoRA) into its base weights, in place; returns ``model``.
+
+    Adapters that change activations rather than weights (prompts, prefixes) stay active.
+
+    Example:
+        >>> from lightning_peft import LoRA
+        >>> model = inject(nn.Sequential(nn.Linear(4, 4)), LoRA(r=2, target_modules=["0"]))
+        >>> merge(model) is model
+        True
+    """
+    for _, adapter in adapters(model):
+        if adapter.mergeable and not adapter.merged:
+            adapter.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take merged adapter updates back out of the base weights, in place; returns ``model``.
+
+    Example:
+        >>> from lightning_peft import LoRA
+        >>> model = inject(nn.Sequential(nn.Linear(4, 4)), LoRA(r=2, target_modules=["0"]))
+        >>> unmerge(merge(model)) is model
+        True
+    """
+    for _, adapter in adapters(model):
+        if adapter.mergeable and adapter.merged:
+            adapter.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain base modules back: no lightning_peft code is left in ``model``.
+
+    Raises:
+        TypeError: The model holds adapters that cannot be merged (prompts, prefixes); call :func:`unload`
+            to drop them, or keep the adapted model.
+    """
+    blocking = [name for name, adapter in adapters(model) if not adapter.mergeable]
+    if blocking:
+        raise TypeError(
+            f"merge_and_unload() cannot fold {', '.join(blocking[:5])} into weights: prompt and prefix adapters "
+            "change activations. Keep the adapted model for inference, or call unload() to drop them."
+        )
+    merge(model)
+    return unload(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging, restoring the base modules (trained updates are dropped)."""
+    for name, adapter in reversed(list(adapters(model))):
+        if adapter.merged:
+            adapter.unmerge()
+        base = adapter.unwrap()
+        if name:
+            replace_module(model, name, base)
+        else:
+            raise TypeError("unload() needs the model that holds the adapter, not the adapter itself.")
+    for module in model.modules():
+        module.__dict__.pop(_SAVED_TENSORS, None)
+        module.__dict__.pop("_peft_frozen_stats", None)
+        _remove_peft_hooks(module)
+    model.__dict__.pop(_METHODS, None)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+_PEFT_HOOKS = "_peft_hook_handles"
+
+
+def add_peft_hook(module: nn.Module, handle: torch.utils.hooks.RemovableHandle) -> None:
+    """Remember a hook lightning_peft registered, so :func:`unload` can remove it."""
+    module.__dict__.setdefault(_PEFT_HOOKS, []).append(handle)
+
+
+def _remove_peft_hooks(module: nn.Module) -> None:
+    for handle in module.__dict__.pop(_PEFT_HOOKS, []):
+        handle.remove()
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: inside this context every adapter is switched off.
+
+    Example:
+        >>> from lightning_peft import LoRA
+        >>> model = inject(nn.Sequential(nn.Linear(4, 4)), LoRA(r=2, target_modules=["0"]))
+        >>> with disable_adapters(model):
+        ...     y = model(torch.ones(1, 4))
+    """
+    switched = [adapter for _, adapter in adapters(model) if adapter.enabled]
+    for adapter in switched:
+        adapter.enabled = False
+    try:
+        yield model
+    finally:
+        for adapter in switched:
+            adapter.enabled = True
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    """Parameter counts of an adapted model."""
+
+    trainable: int
+    total: int
+    adapter: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def trainable_summary(model: nn.Module) -> TrainableSummary:
+    """Count trainable, total and adapter-owned parameters (shared parameters counted once).
+
+    Example:
+        >>> from lightning_peft import LoRA
+        >>> print(trainable_summary(inject(nn.Sequential(nn.Linear(4, 4)), LoRA(r=2, target_modules=["0"]))))
+        trainable params: 16 || all params: 36 || trainable%: 44.4444
+    """
+    params = {id(p): p for p in model.parameters()}
+    owned = {id(t) for _, a in adapters(model) for _, t in a.adapter_tensors() if isinstance(t, nn.Parameter)}
+    return TrainableSummary(
+        trainable=sum(p.numel() for p in params.values() if p.requires_grad),
+        total=sum(p.numel() for p in params.values()),
+        adapter=sum(p.numel() for i, p in params.items() if i in owned),
+    )

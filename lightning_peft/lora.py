@@ -1,0 +1,455 @@
+r"""LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) for Linear, Conv1d/2d/3d, Embedding, transformers
+``Conv1D`` and ``nn.MultiheadAttention``.
+
+::
+
+    x ──► base layer (frozen W) ────────────────► (+) ──► y       y = W x + s · B A dropout(x)
+    └──► dropout ──► A (r × in) ──► B (out × r) ──┘              s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+A starts Kaiming-uniform and B at zero, so the adapted model equals the base model at step 0 (paper §4.1).
+For a convolution, A is a convolution with the base layer's kernel, stride, padding, dilation, padding mode
+and groups and ``r`` output channels, and B is a grouped 1x1 convolution, so ``B ∘ A`` is exactly a
+convolution with weight ``ΔW`` and ``merge()`` is exact for every conv (grouped, dilated, strided, circular).
+With ``groups = g``, ``r`` must be a multiple of ``g``: each group gets rank ``r / g``, and the adapter holds
+``r·in/g·prod(k) + out·r/g`` parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from lightning_peft.core import Adapter, MethodConfig, init_seed, mark_trainable, replace_module
+from lightning_peft.targets import Targets, matches, select_modules, transformers_conv1d_type
+
+LoRAInit = Literal["default", "gaussian", "pissa"]
+
+
+def lora_scale(alpha: float, r: int, rslora: bool) -> float:
+    """The LoRA scaling factor: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+class LoRALayer(Adapter):
+    """LoRA around one layer: ``y = base(x) + scale · B A dropout(x)``.
+
+    Subclasses say how ``A`` and ``B`` are shaped and applied; merging, initialisation and dtype handling are
+    shared. ``lora_A.reshape(r, -1)`` and ``lora_B.reshape(-1, r)`` (per group) multiply to the update in the
+    layout of :meth:`weight_matrix`.
+
+    Args:
+        base: The layer to adapt; it stays a child named ``base_layer`` and is never modified until ``merge()``.
+        r: Rank of the update.
+        alpha: Scaling numerator (paper §4.1); the update is multiplied by ``alpha / r``.
+        dropout: Dropout probability on the adapter's input.
+        rslora: Scale by ``alpha / sqrt(r)`` instead (rank-stabilised LoRA).
+        init: ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A normal with std ``1/r``, B zero) or
+            ``"pissa"`` (A, B from the top-``r`` singular vectors of W, which keeps the residual; Meng et al. 2024).
+        seed: Seed of this adapter's initialisation (derived from its name, so every process agrees).
+    """
+
+    mergeable: ClassVar[bool] = True
+    groups: int = 1
+
+    def __init__(
+        self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+        init: LoRAInit = "default", seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.r = r
+        self.scale = lora_scale(alpha, r, rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.init = init
+        self.seed = seed
+        weight = self.base_weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(self.a_shape(), device=weight.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.b_shape(), device=weight.device, dtype=dtype))
+        self.reset_parameters()
+
+    # --- what a subclass defines -------------------------------------------------------------------------
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def a_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def b_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``B A x`` (unscaled) in the base layer's output layout."""
+        raise NotImplementedError
+
+    def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight as the ``(out, in)`` matrix that ``B @ A`` updates (a view where possible)."""
+        return weight
+
+    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`weight_matrix`: a ``(out, in)`` update in the base weight's layout."""
+        return matrix
+
+    # --- shared behaviour ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or not self.enabled:
+            return result
+        delta = self.lora_delta(self.dropout(x.to(self.lora_A.dtype)))
+        return result + (delta * self.scale).to(result.dtype)
+
+    def delta_matrix(self) -> torch.Tensor:
+        """``scale · B @ A`` as an ``(out, in)`` matrix (block-diagonal per group for grouped layers)."""
+        g = self.groups
+        a = self.lora_A.reshape(g, self.r // g, -1)
+        b = self.lora_B.reshape(g, -1, self.r // g)
+        return torch.bmm(b, a).reshape(-1, a.shape[-1]) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """The weight update this adapter adds, in the base weight's layout and dtype."""
+        return self.from_matrix(self.delta_matrix()).to(self.base_weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.base_weight.add_(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        self.base_weight.sub_(self.delta_weight())
+        self.merged = False
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.lora_A.is_meta or self.base_weight.is_meta:
+            return  # materialised later by the strategy, which calls reset_parameters() again
+        generator = torch.Generator().manual_seed(self.seed)
+        a = torch.empty(self.lora_A.shape)
+        b = torch.zeros(self.lora_B.shape)
+        if self.init == "default":
+            bound = 1.0 / math.sqrt(a[0].numel())  # kaiming_uniform_(a=sqrt(5)) as nn.Linear, paper §4.1
+            a.uniform_(-bound, bound, generator=generator)
+        elif self.init == "gaussian":
+            a.normal_(0.0, 1.0 / self.r, generator=generator)
+        elif self.init == "pissa":
+            a, b = self._pissa_factors()
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b)
+
+    def _pissa_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # PiSSA: W = U S V^T; s·B A = U_r S_r V_r^T and W keeps the residual W - s·B A.
+        if self.groups != 1:
+            raise ValueError(f"init='pissa' needs groups=1; {type(self.base_layer).__name__} has groups={self.groups}.")
+        weight = self.base_weight
+        if getattr(self, "_pissa_done", False):  # reset: put the principal part back first
+            weight.add_(self.delta_weight())
+        matrix = self.weight_matrix(weight.detach()).float().cpu()
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        root = (s[: self.r] / self.scale).sqrt()
+        a = (root[:, None] * vh[: self.r]).reshape(self.lora_A.shape)
+        b = (u[:, : self.r] * root[None, :]).reshape(self.lora_B.shape)
+        principal = self.from_matrix(self.scale * (u[:, : self.r] * s[None, : self.r] / self.scale) @ vh[: self.r])
+        weight.sub_(principal.to(weight.device, weight.dtype))
+        self._pissa_done = True
+        return a, b
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scale={self.scale:g}, init={self.init!r}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA for ``nn.Linear``: A is ``(r, in)``, B is ``(out, r)``."""
+
+    def a_shape(self) -> tuple[int, ...]:
+        return (self.r, self.base_weight.shape[1])
+
+    def b_shape(self) -> tuple[int, ...]:
+        return (self.base_weight.shape[0], self.r)
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+class LoRAConv1D(LoRALinear):
+    """LoRA for transformers' ``Conv1D`` (GPT-2), whose weight is stored ``(in, out)``."""
+
+    def a_shape(self) -> tuple[int, ...]:
+        return (self.r, self.base_weight.shape[0])
+
+    def b_shape(self) -> tuple[int, ...]:
+        return (self.base_weight.shape[1], self.r)
+
+    def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T
+
+    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.T
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class LoRAConv(LoRALayer):
+    """LoRA for ``nn.Conv1d/2d/3d``: A is a conv like the base one with ``r`` output channels, B a grouped 1x1 conv."""
+
+    def __init__(self, base: nn.Module, r: int, *args: Any, **kwargs: Any) -> None:
+        if r % base.groups:
+            raise ValueError(
+                f"LoRA rank r={r} is not a multiple of groups={base.groups} of {type(base).__name__}"
+                f"({base.in_channels}, {base.out_channels}). Use r={base.groups * max(1, r // base.groups)} "
+                "for this layer (rank_pattern), or leave it out with exclude_modules."
+            )
+        self.groups = base.groups
+        super().__init__(base, r, *args, **kwargs)
+
+    def a_shape(self) -> tuple[int, ...]:
+        w = self.base_weight
+        return (self.r, w.shape[1], *w.shape[2:])
+
+    def b_shape(self) -> tuple[int, ...]:
+        w = self.base_weight
+        return (w.shape[0], self.r // self.groups, *([1] * (w.dim() - 2)))
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.base_layer._conv_forward(x, self.lora_A, None)  # base stride/padding/dilation/mode/groups
+        return _CONV[self.base_weight.dim() - 2](hidden, self.lora_B, groups=self.groups)
+
+    def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(weight.shape[0], -1)
+
+    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(self.base_weight.shape)
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA for ``nn.Embedding``: A is ``(r, num_embeddings)``, B is ``(dim, r)``; A starts at zero, B normal."""
+
+    def a_shape(self) -> tuple[int, ...]:
+        return (self.r, self.base_weight.shape[0])
+
+    def b_shape(self) -> tuple[int, ...]:
+        return (self.base_weight.shape[1], self.r)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or not self.enabled:
+            return result
+        return result + (self.lora_delta(x) * self.scale).to(result.dtype)
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        emb = self.base_layer
+        rows = F.embedding(x, self.lora_A.T, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq)
+        return rows @ self.lora_B.T
+
+    def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T
+
+    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.T
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.init == "pissa" or self.lora_A.is_meta:
+            return super().reset_parameters()
+        generator = torch.Generator().manual_seed(self.seed)
+        self.lora_A.zero_()  # the embedding lookup is sparse: start A at zero and B random (as HF PEFT)
+        self.lora_B.copy_(torch.empty(self.lora_B.shape).normal_(generator=generator))
+
+
+class LoRAMultiheadAttention(LoRALayer):
+    """LoRA for ``nn.MultiheadAttention``: one update for the packed q/k/v projection and one for ``out_proj``.
+
+    The attention runs with folded weights ``W + scale · B A`` (PyTorch's attention takes the projection
+    weights as tensors), so merging is exact. Dropout on the adapter input does not apply here.
+    """
+
+    def __init__(self, base: nn.Module, r: int, *args: Any, **kwargs: Any) -> None:
+        if not base._qkv_same_embed_dim:
+            raise ValueError("LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim (a packed in_proj_weight).")
+        super().__init__(base, r, *args, **kwargs)
+        out = base.out_proj.weight
+        self.lora_out_A = nn.Parameter(torch.empty(r, out.shape[1], device=out.device, dtype=self.lora_A.dtype))
+        self.lora_out_B = nn.Parameter(torch.empty(out.shape[0], r, device=out.device, dtype=self.lora_A.dtype))
+        self.reset_parameters()
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.in_proj_weight
+
+    def a_shape(self) -> tuple[int, ...]:
+        return (self.r, self.base_weight.shape[1])
+
+    def b_shape(self) -> tuple[int, ...]:
+        return (self.base_weight.shape[0], self.r)
+
+    def out_delta(self) -> torch.Tensor:
+        return (self.lora_out_B @ self.lora_out_A * self.scale).to(self.base_layer.out_proj.weight.dtype)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.merged or not self.enabled:
+            return self.base_layer(*args, **kwargs)
+        mha = self.base_layer
+        folded = {"in_proj_weight": mha.in_proj_weight + self.delta_weight(),
+                  "out_proj.weight": mha.out_proj.weight + self.out_delta()}
+        return functional_call(mha, folded, args, kwargs)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        super().merge()
+        self.base_layer.out_proj.weight.add_(self.out_delta())
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        super().unmerge()
+        self.base_layer.out_proj.weight.sub_(self.out_delta())
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if "lora_out_A" not in self._parameters or self.lora_out_A.is_meta:
+            return
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        bound = 1.0 / math.sqrt(self.lora_out_A.shape[1])
+        self.lora_out_A.copy_(torch.empty(self.lora_out_A.shape).uniform_(-bound, bound, generator=generator))
+        self.lora_out_B.zero_()
+
+
+_REGISTRY: list[tuple[type[nn.Module], type[LoRALayer]]] = [
+    (nn.MultiheadAttention, LoRAMultiheadAttention),
+    (nn.Linear, LoRALinear),
+    (nn.Conv1d, LoRAConv),
+    (nn.Conv2d, LoRAConv),
+    (nn.Conv3d, LoRAConv),
+    (nn.Embedding, LoRAEmbedding),
+]
+
+
+def register_lora_layer(base_type: type[nn.Module], adapter: type[LoRALayer]) -> None:
+    """Teach LoRA a new layer type (checked before the built-in ones; the first match wins)."""
+    _REGISTRY.insert(0, (base_type, adapter))
+
+
+def lora_layer_types() -> list[tuple[type[nn.Module], type[LoRALayer]]]:
+    """The layer types LoRA adapts, in lookup order (transformers' ``Conv1D`` once transformers is imported)."""
+    conv1d = transformers_conv1d_type()
+    return _REGISTRY + ([(conv1d, LoRAConv1D)] if conv1d is not None else [])
+
+
+def lora_layer_for(module: nn.Module) -> type[LoRALayer]:
+    return next(adapter for base_type, adapter in lora_layer_types() if isinstance(module, base_type))
+
+
+@dataclass(eq=False)
+class LoRAConfig(MethodConfig):
+    """Configuration of LoRA; ``LoRA`` (the callback) takes the same arguments.
+
+    Args:
+        r: Rank of every update (paper §4.1 uses 1-64; 8 is a common default).
+        alpha: Scaling numerator; updates are multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
+        dropout: Dropout probability on the adapter's input (0 disables it).
+        target_modules: Which layers to adapt (see :mod:`lightning_peft.targets`): names, dotted suffixes,
+            a full-match regex string, class names, ``"all-linear"`` (default, output heads excluded) or ``"all-conv"``.
+        exclude_modules: Layers to skip, same syntax; a layer is skipped if it or a parent matches.
+        trainable_modules: Modules trained fully alongside the adapters (heads, norms) and saved with them.
+        layers: Only adapt layers whose index is in this list (``encoder.layer.3.…`` has index 3).
+        layers_pattern: Regex of the container name before the index (``"layer"``, ``"h"``); first integer otherwise.
+        rank_pattern: Per-layer rank overrides, ``{rule: r}``; the first matching rule wins.
+        alpha_pattern: Per-layer alpha overrides, ``{rule: alpha}``.
+        rslora: Use rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+        init: ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"`` or ``"pissa"`` (SVD of W; W keeps the
+            residual, recomputed identically whenever LoRA is injected into the same base weights).
+        bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (train the biases of adapted layers).
+        batchnorm: Frozen BatchNorm layers either keep their running statistics (``"frozen"``, default: they
+            normalise as in eval mode, also while training) or update them (``"update"``; the statistics are then
+            saved with the adapter).
+        seed: Base seed of the adapters' initialisation; each adapter derives its own from its name.
+    """
+
+    method_name: ClassVar[str] = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    trainable_modules: list[str] | None = None
+    layers: list[int] | None = None
+    layers_pattern: str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    rslora: bool = False
+    init: LoRAInit = "default"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    batchnorm: Literal["frozen", "update"] = "frozen"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, rank in {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}.items():
+            if not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"LoRA {name} must be a positive integer; got {rank!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1); got {self.dropout!r}.")
+        _check_choice("init", self.init, LoRAInit)
+        _check_choice("bias", self.bias, Literal["none", "all", "lora_only"])
+        _check_choice("batchnorm", self.batchnorm, Literal["frozen", "update"])
+
+    def attach(self, model: nn.Module) -> None:
+        """Wrap every selected layer in its LoRA adapter."""
+        supported = tuple(base_type for base_type, _ in lora_layer_types())
+        targets: Targets = self.target_modules
+        selected = select_modules(
+            model, targets, supported=supported, exclude=self.exclude_modules, layers=self.layers,
+            layers_pattern=self.layers_pattern, method="LoRA",
+        )
+        for name, module in _outermost(_lift_attention_projections(model, selected)):
+            r = _pattern_value(self.rank_pattern, name, module, self.r)
+            alpha = _pattern_value(self.alpha_pattern, name, module, self.alpha)
+            adapter_cls = lora_layer_for(module)
+            adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, init_seed(self.seed, name))
+            replace_module(model, name, adapter)
+            if self.bias == "lora_only" and getattr(module, "bias", None) is not None:
+                mark_trainable(module, {"bias"})
+        if self.bias == "all":
+            for module in model.modules():
+                if isinstance(getattr(module, "bias", None), nn.Parameter):
+                    mark_trainable(module, {"bias"})
+
+
+def _check_choice(name: str, value: object, choices: Any) -> None:
+    allowed = choices.__args__
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
+def _pattern_value(pattern: dict[str, Any], name: str, module: nn.Module, default: Any) -> Any:
+    return next((value for rule, value in pattern.items() if matches([rule], name, module)), default)
+
+
+def _lift_attention_projections(
+    model: nn.Module, selected: list[tuple[str, nn.Module]]
+) -> list[tuple[str, nn.Module]]:
+    # nn.MultiheadAttention reads out_proj.weight directly, so a LoRA on out_proj alone would be skipped:
+    # adapt the whole attention module instead (its adapter covers in_proj and out_proj).
+    lifted: dict[str, nn.Module] = {}
+    for name, module in selected:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+            lifted[parent_name] = parent
+        else:
+            lifted[name] = module
+    return list(lifted.items())
+
+
+def _outermost(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    names = [n for n, _ in selected]
+    return [(n, m) for n, m in selected if not any(n.startswith(p + ".") for p in names if p != n)]
+
+

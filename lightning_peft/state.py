@@ -1,0 +1,152 @@
+"""Adapter state: collect it, check it against a model, and save or load it as safetensors + JSON.
+
+A saved adapter is a directory with ``adapter_model.safetensors`` (adapter tensors and the tensors of
+``trainable_modules``, nothing else) and ``adapter_config.json`` (format version, method configurations and
+the base model's parameter shapes). Loading never executes code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightning_peft.core import Adapter, MethodConfig, adapter_tensors, applied_methods, inject
+from lightning_peft.errors import AdapterStateError, BaseModelMismatchError
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter checkpoint holds: adapter parameters and buffers, plus ``trainable_modules``.
+
+    Keys are the names in ``model.state_dict()``; the frozen base weights are left out.
+
+    Example:
+        >>> from lightning_peft import LoRA, inject
+        >>> model = inject(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), LoRA(r=2, target_modules=["0"],
+        ...                trainable_modules=["1"]))
+        >>> sorted(adapter_state_dict(model))
+        ['0.lora_A', '0.lora_B', '1.bias', '1.weight']
+    """
+    return {name: tensor.detach() for name, tensor in adapter_tensors(model)}
+
+
+def base_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Name → shape of every base-model tensor an adapter checkpoint leaves out (names as before injection)."""
+    saved = {id(t) for _, t in adapter_tensors(model)}
+    owned = {id(t) for m in model.modules() if isinstance(m, Adapter) for _, t in m.adapter_tensors()}
+    return {
+        name.replace("base_layer.", ""): list(tensor.shape)  # the same before and after wrapping
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if id(tensor) not in saved and id(tensor) not in owned and isinstance(tensor, torch.Tensor)
+    }
+
+
+def check_base_shapes(model: nn.Module, saved: dict[str, list[int]], source: str = "the checkpoint") -> None:
+    """Raise :class:`BaseModelMismatchError` naming what differs between ``model`` and a saved base fingerprint."""
+    current = base_shapes(model)
+    missing = [n for n in saved if n not in current]
+    extra = [n for n in current if n not in saved]
+    reshaped = [f"{n}: saved {saved[n]}, model {current[n]}" for n in saved if n in current and list(current[n]) != list(saved[n])]
+    if missing or extra or reshaped:
+        parts = []
+        if reshaped:
+            parts.append(f"{len(reshaped)} tensors differ in shape ({'; '.join(reshaped[:4])})")
+        if missing:
+            parts.append(f"{len(missing)} base tensors of {source} are not in the model ({', '.join(missing[:4])})")
+        if extra:
+            parts.append(f"{len(extra)} model tensors were not in the saved base ({', '.join(extra[:4])})")
+        raise BaseModelMismatchError(
+            f"{source} was made for another base model: {'; '.join(parts)}. "
+            "Load it into the same architecture and size it was trained on."
+        )
+
+
+def check_adapter_state(model: nn.Module, state: dict[str, Any], source: str = "the checkpoint") -> None:
+    """Raise :class:`AdapterStateError` if ``state`` lacks adapter tensors of ``model`` or has other shapes."""
+    expected = {name: tensor for name, tensor in adapter_tensors(model)}
+    missing = [n for n in expected if n not in state]
+    reshaped = [
+        f"{n}: saved {list(state[n].shape)}, model {list(t.shape)}"
+        for n, t in expected.items() if n in state and tuple(state[n].shape) != tuple(t.shape)
+    ]
+    if missing or reshaped:
+        detail = []
+        if missing:
+            detail.append(f"missing {len(missing)} adapter tensors ({', '.join(missing[:4])})")
+        if reshaped:
+            detail.append(f"other shapes ({'; '.join(reshaped[:4])})")
+        raise AdapterStateError(
+            f"{source} does not fit the adapters of {type(model).__name__}: {'; '.join(detail)}. Inject the same "
+            "methods with the same arguments (rank, targets, num_tokens) as when it was saved."
+        )
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
+    """Copy saved adapter tensors into an injected ``model``; with ``strict``, extra tensors are an error too."""
+    check_adapter_state(model, state, "the adapter state")
+    expected = dict(adapter_tensors(model))
+    extra = [n for n in state if n not in expected]
+    if strict and extra:
+        raise AdapterStateError(
+            f"the adapter state holds {len(extra)} tensors this model does not adapt ({', '.join(extra[:4])}); "
+            "inject the methods it was saved with, or pass strict=False to skip them."
+        )
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state[name])
+    return model
+
+
+def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
+    """What an adapter checkpoint records beside the tensors: format, method configurations, base shapes."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "methods": [method.to_dict() for method in applied_methods(model)],
+        "base_shapes": base_shapes(model),
+    }
+
+
+def save_adapter(model: nn.Module, path: str | Path) -> Path:
+    """Save the adapter of ``model`` to the directory ``path`` (safetensors + JSON config); returns the directory.
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_peft import LoRA, inject
+        >>> model = inject(nn.Sequential(nn.Linear(4, 4)), LoRA(r=2, target_modules=["0"]))
+        >>> sorted(p.name for p in save_adapter(model, tempfile.mkdtemp()).iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.contiguous().clone() for name, tensor in adapter_state_dict(model).items()}
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "lightning_peft"})
+    (directory / CONFIG_NAME).write_text(json.dumps(checkpoint_metadata(model), indent=2))
+    return directory
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` into ``model``; inject its methods first if needed.
+
+    Raises:
+        BaseModelMismatchError: ``model`` is not the base model the adapter was saved from.
+        AdapterStateError: The file's tensors do not fit the model's adapters.
+    """
+    directory = Path(path)
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterStateError(
+            f"{directory} uses adapter format {meta['format_version']}; this lightning_peft reads up to "
+            f"{FORMAT_VERSION}. Upgrade lightning_peft."
+        )
+    check_base_shapes(model, meta["base_shapes"], str(directory))
+    if not any(isinstance(m, Adapter) for m in model.modules()):
+        inject(model, *[MethodConfig.from_dict(m) for m in meta["methods"]])
+    return load_adapter_state_dict(model, load_file(str(directory / WEIGHTS_NAME)))

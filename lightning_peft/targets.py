@@ -1,0 +1,195 @@
+"""Find the modules a method adapts: by name, dotted suffix, regex, module type or a shortcut.
+
+One selection function serves every method. A rule is
+
+* a shortcut: ``"all-linear"`` (every ``nn.Linear`` and transformers ``Conv1D`` except output heads) or
+  ``"all-conv"`` (every ``nn.Conv1d/2d/3d``);
+* a single string that is not a shortcut: a regular expression that must match the *whole* module name
+  (``r"backbone\\.layer[34]\\..*conv\\d"``);
+* a list whose entries are each an exact name, a dotted suffix (``"query"`` matches
+  ``"encoder.layer.0.attention.self.query"``), a full-match regex, a module class, or a class name
+  (``"Conv2d"``, ``"torch.nn.Conv2d"``).
+
+Selections that match nothing raise :class:`TargetNotFoundError` naming the closest module names and types.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from lightning_peft.errors import TargetNotFoundError
+
+TargetRule = str | type[nn.Module]
+Targets = str | Sequence[TargetRule]
+
+#: Last name components treated as output heads by ``"all-linear"`` (train them with ``trainable_modules``).
+HEAD_NAMES = frozenset({"lm_head", "classifier", "head", "heads", "fc", "score", "output_layer", "qa_outputs"})
+SHORTCUTS = ("all-linear", "all-conv")
+
+
+def transformers_conv1d_type() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` class if transformers is already imported (it is never imported here)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def linear_types() -> tuple[type[nn.Module], ...]:
+    """The module types ``"all-linear"`` selects."""
+    conv1d = transformers_conv1d_type()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def conv_types() -> tuple[type[nn.Module], ...]:
+    """The module types ``"all-conv"`` selects."""
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _matches_rule(rule: TargetRule, name: str, module: nn.Module) -> bool:
+    if isinstance(rule, type):
+        return isinstance(module, rule)
+    cls = type(module)
+    if rule in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}"):
+        return True
+    if name == rule or name.endswith("." + rule):
+        return True
+    try:
+        return re.fullmatch(rule, name) is not None
+    except re.error:
+        return False
+
+
+def matches(rules: Targets, name: str, module: nn.Module) -> bool:
+    """Whether ``name``/``module`` is selected by ``rules`` (see the module docstring for the syntax)."""
+    if isinstance(rules, str):
+        if rules == "all-linear":
+            return isinstance(module, linear_types()) and not is_output_head(name)
+        if rules == "all-conv":
+            return isinstance(module, conv_types())
+        return re.fullmatch(rules, name) is not None
+    return any(
+        matches(rule, name, module) if rule in SHORTCUTS else _matches_rule(rule, name, module) for rule in rules
+    )
+
+
+def is_output_head(name: str) -> bool:
+    """Whether a module name looks like an output head (its name or a parent's is in :data:`HEAD_NAMES`)."""
+    return any(part in HEAD_NAMES for part in name.split("."))
+
+
+def layer_index(name: str, layers_pattern: str | None = None) -> int | None:
+    """The layer number in a module name: the integer after ``layers_pattern``, else the first integer part."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if not part.isdigit():
+            continue
+        if layers_pattern is None or (i > 0 and re.fullmatch(layers_pattern, parts[i - 1])):
+            return int(part)
+    return None
+
+
+def _excluded(name: str, exclude: Targets | None, model: nn.Module) -> bool:
+    if not exclude:
+        return False
+    modules = dict(model.named_modules())
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]  # the module and its ancestors
+    return any(matches(exclude, prefix, modules[prefix]) for prefix in prefixes)
+
+
+def describe(model: nn.Module, names: Iterable[str], limit: int = 8) -> str:
+    """``"name (Type), ..."`` for the first ``limit`` names."""
+    modules = dict(model.named_modules())
+    shown = [f"{n} ({type(modules[n]).__name__})" for n in list(names)[:limit]]
+    return ", ".join(shown) if shown else "<none>"
+
+
+def closest_names(model: nn.Module, rules: Targets, candidates: Sequence[str], limit: int = 6) -> list[str]:
+    """Candidate module names closest to the given rules, for error messages."""
+    words = [rules] if isinstance(rules, str) else [r if isinstance(r, str) else r.__name__ for r in rules]
+    close: list[str] = []
+    for word in words:
+        suffixes = {n.split(".")[-1]: n for n in candidates}
+        for suffix in difflib.get_close_matches(word, list(suffixes), n=limit, cutoff=0.4):
+            close.append(suffixes[suffix])
+        close += difflib.get_close_matches(word, list(candidates), n=limit, cutoff=0.4)
+    close = list(dict.fromkeys(close))
+    return close[:limit] if close else list(candidates)[:limit]
+
+
+def select_modules(
+    model: nn.Module,
+    targets: Targets,
+    *,
+    supported: tuple[type[nn.Module], ...],
+    exclude: Targets | None = None,
+    layers: Sequence[int] | None = None,
+    layers_pattern: str | None = None,
+    method: str = "this method",
+) -> list[tuple[str, nn.Module]]:
+    """Return ``(name, module)`` for every module selected by ``targets`` and adaptable by the method.
+
+    Args:
+        model: The model to search.
+        targets: Selection rules (see the module docstring).
+        supported: Module types the method can adapt; a selected module of another type is an error.
+        exclude: Rules for modules to skip; a module is skipped if it or any parent matches.
+        layers: Keep only modules whose layer index (see :func:`layer_index`) is in this list.
+        layers_pattern: Regex for the container name before the layer index (``"layer"``, ``"h"``, ``"blocks"``).
+        method: Method name used in error messages.
+
+    Raises:
+        TargetNotFoundError: Nothing matched, or a match is of a type the method cannot adapt.
+    """
+    candidates = [n for n, m in model.named_modules() if n and isinstance(m, supported)]
+    kinds = ", ".join(t.__name__ for t in supported)
+    rules: list[Targets] = [targets] if isinstance(targets, str) else [[rule] for rule in targets]
+    selected: dict[str, nn.Module] = {}
+    for rule in rules:  # every rule of a list must select something adaptable
+        hits = [
+            (name, module)
+            for name, module in model.named_modules()
+            if name and matches(rule, name, module) and not _excluded(name, exclude, model)
+            and (layers is None or layer_index(name, layers_pattern) in set(layers))
+        ]
+        adaptable = [(name, module) for name, module in hits if isinstance(module, supported)]
+        if hits and not adaptable:
+            raise TargetNotFoundError(
+                f"target_modules={_show(rule)} selected {describe(model, [n for n, _ in hits])}, which {method} "
+                f"cannot adapt (it adapts {kinds}). Closest adaptable modules: "
+                f"{describe(model, closest_names(model, rule, candidates))}. "
+                "Select those, or register an adapter for the type."
+            )
+        if not adaptable:
+            filters = [f"exclude_modules={_show(exclude)}"] if exclude else []
+            filters += [f"layers={list(layers)}"] if layers is not None else []
+            after = f" after {' and '.join(filters)}" if filters else ""
+            raise TargetNotFoundError(
+                f"target_modules={_show(rule)} matched nothing in {type(model).__name__}{after}. "
+                f"Closest module names: {describe(model, closest_names(model, rule, candidates))}. "
+                "Pass exact names, dotted suffixes, a full-match regex, a module type, 'all-linear' or 'all-conv'."
+            )
+        selected.update(adaptable)
+    return [(name, module) for name, module in model.named_modules() if name in selected]
+
+
+def select_names(model: nn.Module, rules: Targets, *, what: str = "trainable_modules") -> list[str]:
+    """Names of all modules matching ``rules`` (any type); raises if a rule matches nothing."""
+    names = [name for name, module in model.named_modules() if name and matches(rules, name, module)]
+    if not names:
+        candidates = [n for n, m in model.named_modules() if n]
+        raise TargetNotFoundError(
+            f"{what}={_show(rules)} matched nothing in {type(model).__name__}. "
+            f"Closest module names: {describe(model, closest_names(model, rules, candidates))}."
+        )
+    return names
+
+
+def _show(rules: Targets) -> str:
+    if isinstance(rules, str):
+        return repr(rules)
+    return repr([r if isinstance(r, str) else r.__name__ for r in rules])
