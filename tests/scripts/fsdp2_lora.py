@@ -1,0 +1,59 @@
+"""FSDP2 (ModelParallelStrategy + fully_shard) with LoRA on 2 CPU processes; run with torch.distributed.run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from strategy_models import CausalLM
+from torch.distributed.fsdp import fully_shard
+
+from lightning_peft import LoRA, PEFTMixin
+
+
+class ShardedLM(PEFTMixin, CausalLM):
+    def configure_peft(self) -> list[LoRA]:
+        return [LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"])]
+
+    def configure_model(self) -> None:
+        self.apply_peft()  # adapters must exist before the model is sharded
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+
+
+def main(out: Path) -> None:
+    module = ShardedLM(batch_size=4)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False)
+    before: dict[str, torch.Tensor] = {}
+
+    class Snapshot(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            before.update({n: full(p) for n, p in pl_module.named_parameters()})
+
+    trainer.callbacks.append(Snapshot())
+    trainer.fit(module)
+    after = {n: full(p) for n, p in module.named_parameters()}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    report = {
+        "trained": all(not torch.equal(before[n], after[n]) for n in trainable if n.endswith("lora_A")),
+        "frozen_unchanged": all(torch.equal(before[n], after[n]) for n in after if n not in trainable),
+        "trainable": sorted(trainable),
+    }
+    if trainer.global_rank == 0:
+        torch.save(report, out / "fsdp2.pt")
+        print(report)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,56 @@
+"""Tiny LightningModules shared by the multi-process tests (importable by spawned workers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+VOCAB, SEQ, SAMPLES = 64, 12, 32
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, attn_pdrop=0.0,
+                        resid_pdrop=0.0, embd_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def token_data() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (SAMPLES, SEQ), generator=generator)
+
+
+class CausalLM(L.LightningModule):
+    """A tiny GPT-2 trained on fixed tokens; rank r of N reads samples r, r+N, ... so N processes with batch b
+    see exactly the samples one process sees with batch N*b (no shuffling)."""
+
+    def __init__(self, batch_size: int = 8, lr: float = 0.05, dump_to: str | None = None) -> None:
+        super().__init__()
+        self.model = tiny_gpt2()
+        self.batch_size, self.lr, self.dump_to = batch_size, lr, dump_to
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader(TensorDataset(token_data()[rank::world]), batch_size=self.batch_size, shuffle=False)
+
+    def on_train_end(self) -> None:
+        if self.dump_to and self.trainer.global_rank == 0:
+            from lightning_peft import adapter_state_dict
+
+            torch.save({k: v.clone() for k, v in adapter_state_dict(self).items()}, Path(self.dump_to))
+
+
+MethodFactory = Callable[[], L.Callback]

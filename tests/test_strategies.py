@@ -1,0 +1,155 @@
+"""Every method under Lightning's strategies and precisions on CPU: DDP (2 processes, gloo), FSDP2,
+bf16, activation checkpointing, meta-device init and torch.compile."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from strategy_models import CausalLM, tiny_gpt2, token_data
+
+from lightning_peft import LoRA, adapter_state_dict, inject
+
+METHODS: dict[str, Callable[[], L.Callback]] = {
+    "lora": lambda: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"]),
+}
+
+
+@pytest.fixture
+def clean_env() -> Iterator[None]:
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _fit(tmp_path: Path, method: str, name: str, *, devices: int, batch_size: int, epochs: int,
+         ckpt_path: str | None = None, checkpoint: bool = False, **trainer_kwargs: object) -> dict[str, torch.Tensor]:
+    dump = tmp_path / f"{name}.pt"
+    module = CausalLM(batch_size=batch_size, dump_to=str(dump))
+    callbacks = [METHODS[method]()]
+    if checkpoint:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / name, save_last=True))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_epochs=epochs,
+        callbacks=callbacks, use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=checkpoint, **trainer_kwargs,  # type: ignore[arg-type]
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return torch.load(dump, weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path: Path, clean_env: None, method: str) -> None:
+    single = _fit(tmp_path, method, "single", devices=1, batch_size=8, epochs=1)
+    ddp = _fit(tmp_path, method, "ddp", devices=2, batch_size=4, epochs=1)
+    assert single.keys() == ddp.keys() and single
+    initial = adapter_state_dict(inject(tiny_gpt2(), METHODS[method]()))
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(single[n], initial[n.removeprefix("model.")]) for n in single), "nothing trained"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_ddp_adapter_checkpoint_resumes_under_ddp_and_on_one_device(tmp_path: Path, clean_env: None, method: str) -> None:
+    # cut at an epoch end: a run stopped by max_steps mid-loop replays its last epoch when resumed
+    straight = _fit(tmp_path, method, "straight", devices=2, batch_size=4, epochs=2)
+    _fit(tmp_path, method, "cut", devices=2, batch_size=4, epochs=1, checkpoint=True)
+    last = tmp_path / "cut" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert saved["state_dict"] and all(".base_layer." not in k for k in saved["state_dict"])
+    assert set(saved["state_dict"]) == set(straight), "checkpoint must hold exactly the adapter tensors"
+    resumed = _fit(tmp_path, method, "resumed", devices=2, batch_size=4, epochs=2, ckpt_path=str(last))
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0)
+    on_one = _fit(tmp_path, method, "one", devices=1, batch_size=8, epochs=2, ckpt_path=str(last))
+    for name in straight:
+        torch.testing.assert_close(on_one[name], straight[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_training_steps_in_bf16_stay_finite_and_train_adapters(tmp_path: Path, method: str, precision: str) -> None:
+    trained = _fit(tmp_path, method, precision, devices=1, batch_size=16, epochs=1, precision=precision)
+    initial = adapter_state_dict(inject(tiny_gpt2(), METHODS[method]()))
+    assert all(torch.isfinite(t.float()).all() for t in trained.values())
+    assert any(not torch.equal(trained[n].float(), initial[n.removeprefix("model.")].float()) for n in trained)
+
+
+def _adapter_grads(model: torch.nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_activation_checkpointing_gives_adapters_the_same_gradients(method: str, reentrant: bool) -> None:
+    model = inject(tiny_gpt2(), METHODS[method]())
+    _randomize_adapters(model)
+    tokens = token_data()[:4]
+    model.train()
+    plain = _adapter_grads(model, tokens)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed = _adapter_grads(model, tokens)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def _randomize_adapters(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def test_meta_device_injection_materializes_to_identity_at_init() -> None:
+    with torch.device("meta"):
+        model = tiny_gpt2()
+    inject(model, LoRA(r=4, target_modules=["c_attn"]))
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for module in model.modules():  # what strategies do after materializing
+        if callable(getattr(module, "reset_parameters", None)) and any(True for _ in module.parameters(recurse=False)):
+            module.reset_parameters()
+    reference = inject(tiny_gpt2(), LoRA(r=4, target_modules=["c_attn"]))
+    ours, theirs = adapter_state_dict(model), adapter_state_dict(reference)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name])  # deterministic per-name init
+    assert all(torch.count_nonzero(t) == 0 for n, t in ours.items() if n.endswith("lora_B"))
+
+
+def test_torch_compile_of_lora_model_matches_eager() -> None:
+    model = inject(tiny_gpt2(), LoRA(r=4, target_modules=["c_attn", "c_proj"]))
+    _randomize_adapters(model)
+    model.eval()
+    tokens = token_data()[:2]
+    eager = model(input_ids=tokens).logits
+    compiled = torch.compile(model, backend="aot_eager")(input_ids=tokens).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_model_parallel_strategy_trains_lora_on_cpu(tmp_path: Path) -> None:
+    script = Path(__file__).parent / "scripts" / "fsdp2_lora.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = torch.load(tmp_path / "fsdp2.pt", weights_only=True)
+    assert report["trained"] and report["frozen_unchanged"]
