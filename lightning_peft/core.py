@@ -12,8 +12,8 @@ import contextlib
 import dataclasses
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -48,6 +48,21 @@ class Adapter(nn.Module):
     def unmerge(self) -> None:
         """Take a merged adapter back out of the base weights."""
         raise TypeError(f"{type(self).__name__} cannot be merged or unmerged.")
+
+    def pin_dtype(self, dtype: torch.dtype) -> None:
+        """Keep this adapter's floating-point tensors in ``dtype``, also through ``model.to(...)``/``.half()`` and
+        precision plugins that convert the whole model (fp32 adapters on a bf16 base, for example)."""
+        self._pinned_dtype = dtype
+        self._apply(lambda t: t)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Adapter:
+        super()._apply(fn, recurse)
+        dtype = self.__dict__.get("_pinned_dtype")
+        if dtype is not None:
+            for _, tensor in self.adapter_tensors():
+                if tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
+        return self
 
     def unwrap(self) -> nn.Module:
         """The module that replaces this adapter when adapters are unloaded."""
@@ -88,6 +103,9 @@ class MethodConfig:
 
     method_name: ClassVar[str] = "method"
     registry: ClassVar[dict[str, type[MethodConfig]]] = {}
+    #: Dtype of the adapter tensors: ``"auto"`` follows the model (a bf16-true run trains bf16 adapters), a dtype
+    #: name pins them (``"float32"``: fp32 adapters on a bf16 or quantized base; inputs are cast at the adapter).
+    adapter_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", kw_only=True)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -166,7 +184,12 @@ def inject(model: nn.Module, *methods: Method) -> nn.Module:
     for method in methods:
         if not isinstance(method, Method):
             raise TypeError(f"inject() takes method objects such as LoRA(r=8); got {type(method).__name__}.")
+        existing = {id(adapter) for _, adapter in adapters(model)}
         method.attach(model)
+        dtype = getattr(method, "adapter_dtype", "auto")
+        for _, adapter in adapters(model):
+            if dtype != "auto" and id(adapter) not in existing:
+                adapter.pin_dtype(getattr(torch, dtype))
         rules = method.trainable_rules()
         if rules:
             from lightning_peft.targets import select_names
@@ -293,6 +316,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             "change activations. Keep the adapted model for inference, or call unload() to drop them."
         )
     merge(model)
+    for _, adapter in adapters(model):
+        adapter.merged = False  # the updates now belong to the base weights: unload() must not take them out
     return unload(model)
 
 

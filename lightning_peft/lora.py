@@ -17,7 +17,8 @@ With ``groups = g``, ``r`` must be a multiple of ``g``: each group gets rank ``r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -27,13 +28,21 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_peft.core import Adapter, MethodConfig, init_seed, mark_trainable, replace_module
+from lightning_peft.errors import PEFTWarning
+from lightning_peft.fused_conv import fused_lora_conv
 from lightning_peft.targets import Targets, matches, select_modules, transformers_conv1d_type
 
 LoRAInit = Literal["default", "gaussian", "pissa"]
+LAYER_NAME = "<layer name>"  # placeholder in adapter errors; LoRAConfig.attach puts the real name in
 
 
 def lora_scale(alpha: float, r: int, rslora: bool) -> float:
-    """The LoRA scaling factor: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA (Kalajdzievski 2023)."""
+    """The LoRA scaling factor: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA (Kalajdzievski 2023).
+
+    Example:
+        >>> lora_scale(16.0, 4, rslora=False), lora_scale(16.0, 4, rslora=True)
+        (4.0, 8.0)
+    """
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
@@ -45,18 +54,22 @@ class LoRALayer(Adapter):
     layout of :meth:`weight_matrix`.
 
     Args:
-        base: The layer to adapt; it stays a child named ``base_layer`` and is never modified until ``merge()``.
+        base: The layer to adapt; it stays a child named ``base_layer`` and is never modified until ``merge()``
+            (``init="pissa"`` excepted: W keeps the residual).
         r: Rank of the update.
         alpha: Scaling numerator (paper §4.1); the update is multiplied by ``alpha / r``.
         dropout: Dropout probability on the adapter's input.
         rslora: Scale by ``alpha / sqrt(r)`` instead (rank-stabilised LoRA).
         init: ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A normal with std ``1/r``, B zero) or
-            ``"pissa"`` (A, B from the top-``r`` singular vectors of W, which keeps the residual; Meng et al. 2024).
+            ``"pissa"`` (A, B from the top-``r`` singular vectors of W, which keeps the residual; Meng et al. 2024;
+            with adapters disabled or unloaded without merging, the layer computes with the residual only).
         seed: Seed of this adapter's initialisation (derived from its name, so every process agrees).
+
+    Raises:
+        ValueError: ``init="pissa"`` on a grouped layer or on meta-device weights (PiSSA needs the real weights).
     """
 
     mergeable: ClassVar[bool] = True
-    groups: int = 1
 
     def __init__(
         self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
@@ -69,16 +82,33 @@ class LoRALayer(Adapter):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.init = init
         self.seed = seed
-        weight = self.base_weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
-        self.lora_A = nn.Parameter(torch.empty(self.a_shape(), device=weight.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(self.b_shape(), device=weight.device, dtype=dtype))
+        self.pissa_applied = False  # whether W holds the PiSSA residual
+        if init == "pissa" and self.groups != 1:
+            raise ValueError(
+                f"init='pissa' needs an ungrouped layer; {type(base).__name__} has groups={self.groups}. "
+                "Leave it out with exclude_modules, or use init='default'."
+            )
+        if init == "pissa" and self.base_weight.is_meta:
+            raise ValueError(
+                f"init='pissa' splits the real weights, but this {type(base).__name__}'s are on the meta device. "
+                "Inject after the pretrained weights are loaded, or use init='default'."
+            )
+        self._make_factors()
         self.reset_parameters()
+
+    def _make_factors(self) -> None:
+        self.lora_A = _factor(self.a_shape(), self.base_weight)
+        self.lora_B = _factor(self.b_shape(), self.base_weight)
 
     # --- what a subclass defines -------------------------------------------------------------------------
     @property
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    @property
+    def groups(self) -> int:
+        """Groups of the update: ``B A`` is block-diagonal with this many blocks (convolutions only)."""
+        return 1
 
     def a_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
@@ -103,14 +133,15 @@ class LoRALayer(Adapter):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged or not self.enabled:
             return result
-        delta = self.lora_delta(self.dropout(x.to(self.lora_A.dtype)))
-        return result + (delta * self.scale).to(result.dtype)
+        if x.is_floating_point():  # (token ids of an embedding stay as they are)
+            x = self.dropout(x.to(self.lora_A.dtype))
+        return result + (self.lora_delta(x) * self.scale).to(result.dtype)
 
     def delta_matrix(self) -> torch.Tensor:
         """``scale · B @ A`` as an ``(out, in)`` matrix (block-diagonal per group for grouped layers)."""
         g = self.groups
-        a = self.lora_A.reshape(g, self.r // g, -1)
-        b = self.lora_B.reshape(g, -1, self.r // g)
+        a = self.lora_A.reshape(g, self.r // g, -1)  # (groups, r/g, in/g · prod(k))
+        b = self.lora_B.reshape(g, -1, self.r // g)  # (groups, out/g, r/g)
         return torch.bmm(b, a).reshape(-1, a.shape[-1]) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
@@ -119,63 +150,123 @@ class LoRALayer(Adapter):
 
     @torch.no_grad()
     def merge(self) -> None:
-        self.base_weight.add_(self.delta_weight())
-        self.merged = True
+        if not self.merged:
+            self.base_weight.add_(self.delta_weight())
+            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        self.base_weight.sub_(self.delta_weight())
-        self.merged = False
+        if self.merged:
+            self.base_weight.sub_(self.delta_weight())
+            self.merged = False
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        if self.lora_A.is_meta or self.base_weight.is_meta:
-            return  # materialised later by the strategy, which calls reset_parameters() again
-        generator = torch.Generator().manual_seed(self.seed)
-        a = torch.empty(self.lora_A.shape)
-        b = torch.zeros(self.lora_B.shape)
-        if self.init == "default":
-            bound = 1.0 / math.sqrt(a[0].numel())  # kaiming_uniform_(a=sqrt(5)) as nn.Linear, paper §4.1
-            a.uniform_(-bound, bound, generator=generator)
-        elif self.init == "gaussian":
-            a.normal_(0.0, 1.0 / self.r, generator=generator)
-        elif self.init == "pissa":
-            a, b = self._pissa_factors()
-        self.lora_A.copy_(a)
-        self.lora_B.copy_(b)
+        """Restore identity at init: A random and B zero, or for PiSSA a fresh SVD split of the current weight.
 
-    def _pissa_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # PiSSA: W = U S V^T; s·B A = U_r S_r V_r^T and W keeps the residual W - s·B A.
-        if self.groups != 1:
-            raise ValueError(f"init='pissa' needs groups=1; {type(self.base_layer).__name__} has groups={self.groups}.")
+        Does nothing on the meta device; strategies call it again after ``to_empty()``.
+        """
+        if self.lora_A.is_meta or self.base_weight.is_meta:
+            return
+        if self.init == "pissa":
+            self._pissa_split()
+        else:
+            _init_pair(self.lora_A, self.lora_B, self.init, self.r, self.seed)
+
+    def _pissa_split(self) -> None:
+        # W = U S V^T: scale·B A takes the top-r part, W keeps the residual. A second call folds the current
+        # update back first, so the adapted layer's outputs stay the same.
         weight = self.base_weight
-        if getattr(self, "_pissa_done", False):  # reset: put the principal part back first
+        if self.pissa_applied and not self.merged:
             weight.add_(self.delta_weight())
-        matrix = self.weight_matrix(weight.detach()).float().cpu()
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        root = (s[: self.r] / self.scale).sqrt()
-        a = (root[:, None] * vh[: self.r]).reshape(self.lora_A.shape)
-        b = (u[:, : self.r] * root[None, :]).reshape(self.lora_B.shape)
-        principal = self.from_matrix(self.scale * (u[:, : self.r] * s[None, : self.r] / self.scale) @ vh[: self.r])
-        weight.sub_(principal.to(weight.device, weight.dtype))
-        self._pissa_done = True
-        return a, b
+        a, b = pissa_factors(self.weight_matrix(weight).cpu(), self.r, self.scale)
+        self.lora_A.copy_(a.reshape(self.lora_A.shape))
+        self.lora_B.copy_(b.reshape(self.lora_B.shape))
+        weight.sub_(self.delta_weight())
+        self.pissa_applied, self.merged = True, False
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, init={self.init!r}"
 
 
+def _factor(shape: tuple[int, ...], weight: torch.Tensor) -> nn.Parameter:
+    """An uninitialised LoRA factor on the base weight's device, in its dtype (float32 for integer weights)."""
+    dtype = weight.dtype if weight.is_floating_point() else torch.float32
+    return nn.Parameter(torch.empty(shape, device=weight.device, dtype=dtype))
+
+
+@torch.no_grad()
+def _init_pair(a: torch.Tensor, b: torch.Tensor, init: LoRAInit, r: int, seed: int) -> None:
+    """A random (Kaiming-uniform with ``a=sqrt(5)`` as ``nn.Linear``, paper §4.1; or normal, std ``1/r``), B zero."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.empty(a.shape, device="cpu")  # explicit device: also right under a meta-device context
+    if init == "gaussian":
+        values.normal_(0.0, 1.0 / r, generator=generator)
+    else:
+        bound = 1.0 / math.sqrt(values[0].numel())
+        values.uniform_(-bound, bound, generator=generator)
+    a.copy_(values)
+    b.zero_()
+
+
+def pissa_factors(matrix: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A (r, in)`` and ``B (out, r)`` with ``scale · B A`` the top-``r`` SVD part of ``matrix`` (PiSSA).
+
+    Both factors get ``sqrt(S_r / scale)``, as in Meng et al. 2024, §3.
+    """
+    u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
+    root = (s[:r] / scale).sqrt()
+    return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+
+
 class LoRALinear(LoRALayer):
-    """LoRA for ``nn.Linear``: A is ``(r, in)``, B is ``(out, r)``."""
+    """LoRA for ``nn.Linear``: A is ``(r, in)``, B is ``(out, r)``.
+
+    The base may be a bitsandbytes 4-bit or 8-bit layer (QLoRA, e.g. Lightning's ``BitsandbytesPrecision``):
+    the adapter stays in floating point, and ``merge()`` de-quantizes the layer into a plain ``nn.Linear``
+    (a quantized weight cannot hold the exact sum), with a :class:`PEFTWarning`.
+    """
 
     def a_shape(self) -> tuple[int, ...]:
-        return (self.r, self.base_weight.shape[1])
+        return (self.r, self.base_layer.in_features)
 
     def b_shape(self) -> tuple[int, ...]:
-        return (self.base_weight.shape[0], self.r)
+        return (self.base_layer.out_features, self.r)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if _is_quantized(self.base_layer):
+            warnings.warn(
+                f"merging LoRA into the quantized {type(self.base_layer).__name__} de-quantizes it: the layer becomes "
+                "a plain nn.Linear in its compute dtype (more memory, exact sum).", PEFTWarning, stacklevel=2,
+            )
+            self.base_layer = _dequantized_linear(self.base_layer)
+        super().merge()
+
+
+def _is_quantized(layer: nn.Module) -> bool:
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def _dequantized_linear(layer: nn.Module) -> nn.Linear:
+    import bitsandbytes as bnb
+
+    weight = layer.weight
+    if isinstance(weight, bnb.nn.Params4bit):
+        dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    else:  # 8-bit: row-wise int8 values and their scales
+        dense = bnb.functional.int8_vectorwise_dequant(weight.CB if weight.CB is not None else weight.data, weight.SCB)
+    dtype = getattr(layer, "compute_dtype", None) or (layer.bias.dtype if layer.bias is not None else torch.float32)
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=dense.device, dtype=dtype)
+    plain.weight.data.copy_(dense.reshape(layer.out_features, layer.in_features))
+    if layer.bias is not None:
+        plain.bias.data.copy_(layer.bias.data)
+    plain.requires_grad_(False)
+    return plain
 
 
 class LoRAConv1D(LoRALinear):
@@ -202,13 +293,23 @@ class LoRAConv(LoRALayer):
 
     def __init__(self, base: nn.Module, r: int, *args: Any, **kwargs: Any) -> None:
         if r % base.groups:
+            fix = base.groups * max(1, round(r / base.groups))
             raise ValueError(
                 f"LoRA rank r={r} is not a multiple of groups={base.groups} of {type(base).__name__}"
-                f"({base.in_channels}, {base.out_channels}). Use r={base.groups * max(1, r // base.groups)} "
-                "for this layer (rank_pattern), or leave it out with exclude_modules."
+                f"({base.in_channels}, {base.out_channels}, groups={base.groups}): each group needs the same rank. "
+                f"Give this layer a multiple of {base.groups} (rank_pattern={{{LAYER_NAME}: {fix}}}), "
+                "or leave it out with exclude_modules."
             )
-        self.groups = base.groups
         super().__init__(base, r, *args, **kwargs)
+
+    @property
+    def groups(self) -> int:
+        return self.base_layer.groups
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # One convolution with [W; A] instead of three (lightning_peft.fused_conv); None: take the plain path.
+        fused = fused_lora_conv(self, x) if self.enabled and not self.merged and not args and not kwargs else None
+        return fused if fused is not None else super().forward(x, *args, **kwargs)
 
     def a_shape(self) -> tuple[int, ...]:
         w = self.base_weight
@@ -238,15 +339,10 @@ class LoRAEmbedding(LoRALayer):
     def b_shape(self) -> tuple[int, ...]:
         return (self.base_weight.shape[1], self.r)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged or not self.enabled:
-            return result
-        return result + (self.lora_delta(x) * self.scale).to(result.dtype)
-
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         emb = self.base_layer
-        rows = F.embedding(x, self.lora_A.T, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq)
+        # no max_norm: it would renormalise lora_A in place
+        rows = F.embedding(x, self.lora_A.T, emb.padding_idx, scale_grad_by_freq=emb.scale_grad_by_freq)
         return rows @ self.lora_B.T
 
     def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
@@ -257,28 +353,39 @@ class LoRAEmbedding(LoRALayer):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        if self.init == "pissa" or self.lora_A.is_meta:
+        """A zero and B normal (std 1 as ``nn.Embedding``, ``1/r`` for ``"gaussian"``), as HF PEFT; PiSSA as others."""
+        if self.init == "pissa" or self.lora_A.is_meta or self.base_weight.is_meta:
             return super().reset_parameters()
         generator = torch.Generator().manual_seed(self.seed)
-        self.lora_A.zero_()  # the embedding lookup is sparse: start A at zero and B random (as HF PEFT)
-        self.lora_B.copy_(torch.empty(self.lora_B.shape).normal_(generator=generator))
+        std = 1.0 / self.r if self.init == "gaussian" else 1.0
+        self.lora_B.copy_(torch.empty(self.lora_B.shape, device="cpu").normal_(0.0, std, generator=generator))
+        self.lora_A.zero_()  # the lookup selects columns of A: start A at zero and B random
 
 
 class LoRAMultiheadAttention(LoRALayer):
     """LoRA for ``nn.MultiheadAttention``: one update for the packed q/k/v projection and one for ``out_proj``.
 
     The attention runs with folded weights ``W + scale · B A`` (PyTorch's attention takes the projection
-    weights as tensors), so merging is exact. Dropout on the adapter input does not apply here.
+    weights as tensors), so merging is exact. Adapter-input dropout does not apply here (a warning says so).
+    ``lora_A``/``lora_B`` update ``in_proj_weight``, ``lora_out_A``/``lora_out_B`` update ``out_proj.weight``;
+    with ``init="pissa"`` only the first pair is a PiSSA split, the second starts as ``"default"``.
     """
 
     def __init__(self, base: nn.Module, r: int, *args: Any, **kwargs: Any) -> None:
         if not base._qkv_same_embed_dim:
-            raise ValueError("LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim (a packed in_proj_weight).")
+            raise ValueError(
+                "LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim (a packed in_proj_weight); got "
+                f"embed_dim={base.embed_dim}, kdim={base.kdim}, vdim={base.vdim}. Exclude it with exclude_modules."
+            )
         super().__init__(base, r, *args, **kwargs)
-        out = base.out_proj.weight
-        self.lora_out_A = nn.Parameter(torch.empty(r, out.shape[1], device=out.device, dtype=self.lora_A.dtype))
-        self.lora_out_B = nn.Parameter(torch.empty(out.shape[0], r, device=out.device, dtype=self.lora_A.dtype))
-        self.reset_parameters()
+        if not isinstance(self.dropout, nn.Identity):
+            warnings.warn("LoRA dropout does not apply to nn.MultiheadAttention adapters.", PEFTWarning, stacklevel=2)
+
+    def _make_factors(self) -> None:
+        super()._make_factors()
+        out = self.base_layer.out_proj.weight
+        self.lora_out_A = _factor((self.r, out.shape[1]), out)
+        self.lora_out_B = _factor((out.shape[0], self.r), out)
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -291,6 +398,7 @@ class LoRAMultiheadAttention(LoRALayer):
         return (self.base_weight.shape[0], self.r)
 
     def out_delta(self) -> torch.Tensor:
+        """``scale · B_out A_out``, the update of ``out_proj.weight``."""
         return (self.lora_out_B @ self.lora_out_A * self.scale).to(self.base_layer.out_proj.weight.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -303,23 +411,22 @@ class LoRAMultiheadAttention(LoRALayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        super().merge()
-        self.base_layer.out_proj.weight.add_(self.out_delta())
+        if not self.merged:
+            self.base_layer.out_proj.weight.add_(self.out_delta())
+            super().merge()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        super().unmerge()
-        self.base_layer.out_proj.weight.sub_(self.out_delta())
+        if self.merged:
+            self.base_layer.out_proj.weight.sub_(self.out_delta())
+            super().unmerge()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        if "lora_out_A" not in self._parameters or self.lora_out_A.is_meta:
-            return
-        generator = torch.Generator().manual_seed(self.seed + 1)
-        bound = 1.0 / math.sqrt(self.lora_out_A.shape[1])
-        self.lora_out_A.copy_(torch.empty(self.lora_out_A.shape).uniform_(-bound, bound, generator=generator))
-        self.lora_out_B.zero_()
+        if not self.lora_out_A.is_meta and not self.base_weight.is_meta:
+            init = "gaussian" if self.init == "gaussian" else "default"
+            _init_pair(self.lora_out_A, self.lora_out_B, init, self.r, self.seed + 1)
 
 
 _REGISTRY: list[tuple[type[nn.Module], type[LoRALayer]]] = [
@@ -371,6 +478,13 @@ class LoRAConfig(MethodConfig):
             normalise as in eval mode, also while training) or update them (``"update"``; the statistics are then
             saved with the adapter).
         seed: Base seed of the adapters' initialisation; each adapter derives its own from its name.
+
+    Example:
+        >>> from lightning_peft import inject
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 2))
+        >>> model = inject(model, LoRAConfig(r=2, target_modules=["0", "2"], rank_pattern={"2": 1}))
+        >>> [(name, tuple(p.shape)) for name, p in model.named_parameters() if p.requires_grad]
+        [('0.lora_A', (2, 3, 3, 3)), ('0.lora_B', (8, 2, 1, 1)), ('2.lora_A', (1, 8)), ('2.lora_B', (2, 1))]
     """
 
     method_name: ClassVar[str] = "lora"
@@ -392,7 +506,7 @@ class LoRAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         for name, rank in {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}.items():
-            if not isinstance(rank, int) or rank < 1:
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"LoRA {name} must be a positive integer; got {rank!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1); got {self.dropout!r}.")
@@ -412,14 +526,23 @@ class LoRAConfig(MethodConfig):
             r = _pattern_value(self.rank_pattern, name, module, self.r)
             alpha = _pattern_value(self.alpha_pattern, name, module, self.alpha)
             adapter_cls = lora_layer_for(module)
-            adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, init_seed(self.seed, name))
+            try:
+                adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, init_seed(self.seed, name))
+            except ValueError as err:  # name the layer, and put its name into the suggested fix
+                raise ValueError(f"LoRA cannot adapt {name!r}: {str(err).replace(LAYER_NAME, repr(name))}") from None
             replace_module(model, name, adapter)
-            if self.bias == "lora_only" and getattr(module, "bias", None) is not None:
-                mark_trainable(module, {"bias"})
+            if self.bias == "lora_only":
+                _mark_biases(module)
         if self.bias == "all":
-            for module in model.modules():
-                if isinstance(getattr(module, "bias", None), nn.Parameter):
-                    mark_trainable(module, {"bias"})
+            _mark_biases(model)
+
+
+def _mark_biases(root: nn.Module) -> None:
+    """Train and save every bias under ``root`` (``bias``, and ``in_proj_bias`` of ``nn.MultiheadAttention``)."""
+    for module in root.modules():
+        names = {n for n, p in module.named_parameters(recurse=False) if n == "bias" or n.endswith("_bias")}
+        if names and not isinstance(module, Adapter):
+            mark_trainable(module, names)
 
 
 def _check_choice(name: str, value: object, choices: Any) -> None:

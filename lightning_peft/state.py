@@ -8,6 +8,7 @@ the base model's parameter shapes). Loading never executes code.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +40,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """Name → shape of every base-model tensor an adapter checkpoint leaves out (names as before injection)."""
-    saved = {id(t) for _, t in adapter_tensors(model)}
+    """Name → shape of every base-model tensor, with names as before injection: a fingerprint of the base model.
+
+    Adapter-owned tensors are left out, so the fingerprint is the same before and after :func:`inject`.
+    """
     owned = {id(t) for m in model.modules() if isinstance(m, Adapter) for _, t in m.adapter_tensors()}
     return {
-        name.replace("base_layer.", ""): list(tensor.shape)  # the same before and after wrapping
+        _BASE_LAYER.sub("", f".{name}")[1:]: list(tensor.shape)  # "a.base_layer.weight" -> "a.weight"
         for name, tensor in model.state_dict(keep_vars=True).items()
-        if id(tensor) not in saved and id(tensor) not in owned and isinstance(tensor, torch.Tensor)
+        if id(tensor) not in owned and isinstance(tensor, torch.Tensor)
     }
+
+
+_BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
 
 
 def check_base_shapes(model: nn.Module, saved: dict[str, list[int]], source: str = "the checkpoint") -> None:

@@ -2,13 +2,14 @@
 
 One selection function serves every method. A rule is
 
-* a shortcut: ``"all-linear"`` (every ``nn.Linear`` and transformers ``Conv1D`` except output heads) or
+* a shortcut: ``"all-linear"`` (every ``nn.Linear`` and transformers ``Conv1D`` except output heads: modules
+  named as in :data:`HEAD_NAMES` or inside one, and a transformers model's ``get_output_embeddings()``) or
   ``"all-conv"`` (every ``nn.Conv1d/2d/3d``);
 * a single string that is not a shortcut: a regular expression that must match the *whole* module name
   (``r"backbone\\.layer[34]\\..*conv\\d"``);
 * a list whose entries are each an exact name, a dotted suffix (``"query"`` matches
   ``"encoder.layer.0.attention.self.query"``), a full-match regex, a module class, or a class name
-  (``"Conv2d"``, ``"torch.nn.Conv2d"``).
+  (``"Conv2d"``, ``"torch.nn.modules.conv.Conv2d"``); classes and class names also select subclasses.
 
 Selections that match nothing raise :class:`TargetNotFoundError` naming the closest module names and types.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from torch import nn
 
@@ -52,9 +53,8 @@ def conv_types() -> tuple[type[nn.Module], ...]:
 def _matches_rule(rule: TargetRule, name: str, module: nn.Module) -> bool:
     if isinstance(rule, type):
         return isinstance(module, rule)
-    cls = type(module)
-    if rule in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}"):
-        return True
+    if any(rule in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}") for cls in type(module).__mro__):
+        return True  # a class name selects subclasses, as a class does (and as saved configs spell classes)
     if name == rule or name.endswith("." + rule):
         return True
     try:
@@ -63,16 +63,20 @@ def _matches_rule(rule: TargetRule, name: str, module: nn.Module) -> bool:
         return False
 
 
-def matches(rules: Targets, name: str, module: nn.Module) -> bool:
-    """Whether ``name``/``module`` is selected by ``rules`` (see the module docstring for the syntax)."""
+def matches(rules: Targets, name: str, module: nn.Module, heads: Collection[str] = ()) -> bool:
+    """Whether ``name``/``module`` is selected by ``rules`` (see the module docstring for the syntax).
+
+    ``heads`` are extra output-head names that ``"all-linear"`` skips (see :func:`output_heads`).
+    """
     if isinstance(rules, str):
         if rules == "all-linear":
-            return isinstance(module, linear_types()) and not is_output_head(name)
+            return isinstance(module, linear_types()) and not is_output_head(name) and name not in heads
         if rules == "all-conv":
             return isinstance(module, conv_types())
         return re.fullmatch(rules, name) is not None
     return any(
-        matches(rule, name, module) if rule in SHORTCUTS else _matches_rule(rule, name, module) for rule in rules
+        matches(rule, name, module, heads) if rule in SHORTCUTS else _matches_rule(rule, name, module)
+        for rule in rules
     )
 
 
@@ -81,8 +85,24 @@ def is_output_head(name: str) -> bool:
     return any(part in HEAD_NAMES for part in name.split("."))
 
 
+def output_heads(model: nn.Module) -> set[str]:
+    """Names of the modules that transformers models in ``model`` return from ``get_output_embeddings()``."""
+    heads = set()
+    for sub in model.modules():
+        get_head = getattr(sub, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if isinstance(head, nn.Module):
+            heads |= {name for name, m in model.named_modules() if m is head}
+    return heads
+
+
 def layer_index(name: str, layers_pattern: str | None = None) -> int | None:
-    """The layer number in a module name: the integer after ``layers_pattern``, else the first integer part."""
+    """The layer number in a module name: the integer after ``layers_pattern``, else the first integer part.
+
+    Example:
+        >>> layer_index("encoder.layer.3.attention.query"), layer_index("blocks.0.mlp.2", layers_pattern="mlp")
+        (3, 2)
+    """
     parts = name.split(".")
     for i, part in enumerate(parts):
         if not part.isdigit():
@@ -92,10 +112,9 @@ def layer_index(name: str, layers_pattern: str | None = None) -> int | None:
     return None
 
 
-def _excluded(name: str, exclude: Targets | None, model: nn.Module) -> bool:
+def _excluded(name: str, exclude: Targets | None, modules: dict[str, nn.Module]) -> bool:
     if not exclude:
         return False
-    modules = dict(model.named_modules())
     parts = name.split(".")
     prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]  # the module and its ancestors
     return any(matches(exclude, prefix, modules[prefix]) for prefix in prefixes)
@@ -109,16 +128,18 @@ def describe(model: nn.Module, names: Iterable[str], limit: int = 8) -> str:
 
 
 def closest_names(model: nn.Module, rules: Targets, candidates: Sequence[str], limit: int = 6) -> list[str]:
-    """Candidate module names closest to the given rules, for error messages."""
+    """Candidate module names closest to the given rules (by full name, last part or type), for error messages."""
     words = [rules] if isinstance(rules, str) else [r if isinstance(r, str) else r.__name__ for r in rules]
-    close: list[str] = []
-    for word in words:
-        suffixes = {n.split(".")[-1]: n for n in candidates}
-        for suffix in difflib.get_close_matches(word, list(suffixes), n=limit, cutoff=0.4):
-            close.append(suffixes[suffix])
-        close += difflib.get_close_matches(word, list(candidates), n=limit, cutoff=0.4)
-    close = list(dict.fromkeys(close))
-    return close[:limit] if close else list(candidates)[:limit]
+    modules = dict(model.named_modules())
+
+    def score(name: str) -> float:
+        keys = (name, name.rsplit(".", 1)[-1], type(modules[name]).__name__)
+        return max(difflib.SequenceMatcher(None, w, k).ratio() for w in words for k in keys)
+
+    scores = {name: score(name) for name in candidates}
+    ranked = sorted(candidates, key=scores.__getitem__, reverse=True)  # stable: ties keep the model's order
+    close = [name for name in ranked[:limit] if scores[name] >= 0.4]
+    return close or list(candidates)[:limit]
 
 
 def select_modules(
@@ -144,17 +165,30 @@ def select_modules(
 
     Raises:
         TargetNotFoundError: Nothing matched, or a match is of a type the method cannot adapt.
+        ValueError: A single-string rule is not a valid regular expression.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 2))
+        >>> [name for name, _ in select_modules(model, "all-conv", supported=(nn.Conv2d, nn.Linear))]
+        ['0', '2']
+        >>> [name for name, _ in select_modules(model, ["4", nn.Conv2d], supported=(nn.Conv2d, nn.Linear))]
+        ['0', '2', '4']
     """
-    candidates = [n for n, m in model.named_modules() if n and isinstance(m, supported)]
+    _check_regex(targets, "target_modules")
+    _check_regex(exclude, "exclude_modules")
+    modules = {name: module for name, module in model.named_modules() if name}
+    candidates = [n for n, m in modules.items() if isinstance(m, supported)]
+    heads = output_heads(model)
     kinds = ", ".join(t.__name__ for t in supported)
     rules: list[Targets] = [targets] if isinstance(targets, str) else [[rule] for rule in targets]
+    wanted = None if layers is None else set(layers)
     selected: dict[str, nn.Module] = {}
     for rule in rules:  # every rule of a list must select something adaptable
         hits = [
             (name, module)
-            for name, module in model.named_modules()
-            if name and matches(rule, name, module) and not _excluded(name, exclude, model)
-            and (layers is None or layer_index(name, layers_pattern) in set(layers))
+            for name, module in modules.items()
+            if matches(rule, name, module, heads) and not _excluded(name, exclude, modules)
+            and (wanted is None or layer_index(name, layers_pattern) in wanted)
         ]
         adaptable = [(name, module) for name, module in hits if isinstance(module, supported)]
         if hits and not adaptable:
@@ -174,12 +208,25 @@ def select_modules(
                 "Pass exact names, dotted suffixes, a full-match regex, a module type, 'all-linear' or 'all-conv'."
             )
         selected.update(adaptable)
-    return [(name, module) for name, module in model.named_modules() if name in selected]
+    return [(name, module) for name, module in modules.items() if name in selected]
+
+
+def _check_regex(rules: Targets | None, what: str) -> None:
+    if isinstance(rules, str) and rules not in SHORTCUTS:
+        try:
+            re.compile(rules)
+        except re.error as err:
+            raise ValueError(
+                f"{what}={rules!r} is a single string, so it is read as a regular expression, and it is not a "
+                f"valid one ({err}). Pass a list of names (['{rules}']) or fix the pattern."
+            ) from None
 
 
 def select_names(model: nn.Module, rules: Targets, *, what: str = "trainable_modules") -> list[str]:
     """Names of all modules matching ``rules`` (any type); raises if a rule matches nothing."""
-    names = [name for name, module in model.named_modules() if name and matches(rules, name, module)]
+    _check_regex(rules, what)
+    heads = output_heads(model)
+    names = [name for name, module in model.named_modules() if name and matches(rules, name, module, heads)]
     if not names:
         candidates = [n for n, m in model.named_modules() if n]
         raise TargetNotFoundError(

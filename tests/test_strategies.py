@@ -14,10 +14,11 @@ import pytest
 import torch
 from strategy_models import CausalLM, tiny_gpt2, token_data
 
-from lightning_peft import LoRA, adapter_state_dict, inject
+from lightning_peft import LoRA, PrefixTuning, adapter_state_dict, inject
 
-METHODS: dict[str, Callable[[], L.Callback]] = {
-    "lora": lambda: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"]),
+METHODS: dict[str, Callable[..., L.Callback]] = {
+    "lora": lambda **kw: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"], **kw),
+    "prefix": lambda **kw: PrefixTuning(num_tokens=3, **kw),
 }
 
 
@@ -32,10 +33,11 @@ def clean_env() -> Iterator[None]:
 
 
 def _fit(tmp_path: Path, method: str, name: str, *, devices: int, batch_size: int, epochs: int,
-         ckpt_path: str | None = None, checkpoint: bool = False, **trainer_kwargs: object) -> dict[str, torch.Tensor]:
+         ckpt_path: str | None = None, checkpoint: bool = False, method_kwargs: dict | None = None,
+         **trainer_kwargs: object) -> dict[str, torch.Tensor]:
     dump = tmp_path / f"{name}.pt"
     module = CausalLM(batch_size=batch_size, dump_to=str(dump))
-    callbacks = [METHODS[method]()]
+    callbacks = [METHODS[method](**(method_kwargs or {}))]
     if checkpoint:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / name, save_last=True))
     trainer = L.Trainer(
@@ -84,6 +86,24 @@ def test_training_steps_in_bf16_stay_finite_and_train_adapters(tmp_path: Path, m
     initial = adapter_state_dict(inject(tiny_gpt2(), METHODS[method]()))
     assert all(torch.isfinite(t.float()).all() for t in trained.values())
     assert any(not torch.equal(trained[n].float(), initial[n.removeprefix("model.")].float()) for n in trained)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_float32_adapters_on_a_bf16_true_base_stay_float32_and_train(tmp_path: Path, method: str) -> None:
+    trained = _fit(tmp_path, method, "pinned", devices=1, batch_size=16, epochs=1, precision="bf16-true",
+                   method_kwargs={"adapter_dtype": "float32"})
+    initial = adapter_state_dict(inject(tiny_gpt2(), METHODS[method]()))
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in trained.values())
+    assert any(not torch.equal(trained[n], initial[n.removeprefix("model.")]) for n in trained)
+
+
+def test_pinned_adapter_dtype_survives_model_conversion() -> None:
+    model = inject(tiny_gpt2(), LoRA(r=2, target_modules=["c_attn"], adapter_dtype="float32")).to(torch.bfloat16)
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    logits = model(input_ids=token_data()[:2]).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
 def _adapter_grads(model: torch.nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:

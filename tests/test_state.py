@@ -1,0 +1,176 @@
+"""Adapter state: what it holds, save/load round trips, and the errors for the wrong model or file."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightning_peft.core import adapter_tensors, inject
+from lightning_peft.errors import AdapterStateError, BaseModelMismatchError
+from lightning_peft.lora import LoRAConfig
+from lightning_peft.state import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
+
+
+class Net(nn.Module):
+    """Embedding, conv with BatchNorm, a linear layer and a head: every kind of saved tensor."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, width)
+        self.conv = nn.Conv1d(width, width, 3, padding=1)
+        self.norm = nn.BatchNorm1d(width)
+        self.lin = nn.Linear(width, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.conv(self.emb(ids).transpose(1, 2))).transpose(1, 2)
+        return self.head(self.lin(h.relu()))
+
+
+def _config(**overrides: object) -> LoRAConfig:
+    kwargs = dict(r=2, target_modules=["emb", "conv", "lin"], trainable_modules=["head"], batchnorm="update")
+    return LoRAConfig(**{**kwargs, **overrides})  # type: ignore[arg-type]
+
+
+def _base(width: int = 8) -> Net:
+    torch.manual_seed(0)  # every call: the same "pretrained" base weights
+    return Net(width)
+
+
+def _trained(**overrides: object) -> nn.Module:
+    model = inject(_base(), _config(**overrides))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randint(0, 10, (4, 6))).pow(2).mean().backward()
+        optimizer.step()
+    return model.eval()
+
+
+IDS = torch.randint(0, 10, (3, 6), generator=torch.Generator().manual_seed(5))
+
+
+def test_adapter_state_dict_holds_adapters_trainable_modules_and_updated_statistics_only() -> None:
+    state = adapter_state_dict(_trained())
+    assert sorted(state) == sorted([
+        "emb.lora_A", "emb.lora_B", "conv.lora_A", "conv.lora_B", "lin.lora_A", "lin.lora_B",
+        "head.weight", "head.bias", "norm.running_mean", "norm.running_var", "norm.num_batches_tracked"])
+    assert all(not t.requires_grad for t in state.values())
+
+
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_save_and_load_into_fresh_base_reproduces_outputs_exactly(tmp_path: Path, init: str) -> None:
+    model = _trained(init=init)
+    expected = model(IDS)
+    save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    fresh = load_adapter(_base(), tmp_path / "adapter")  # injects the saved configuration itself
+    assert torch.equal(fresh.eval()(IDS), expected)
+    for name, tensor in model.state_dict().items():  # PiSSA: the same residual base weights, bitwise
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+
+    injected = load_adapter(inject(_base(), _config(init=init)), tmp_path / "adapter")  # or into an injected one
+    assert torch.equal(injected.eval()(IDS), expected)
+
+
+def test_files_are_safetensors_and_json_with_methods_and_base_fingerprint(tmp_path: Path) -> None:
+    model = _trained()
+    save_adapter(model, tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["format_version"] == 1
+    assert meta["methods"] == [{"method": "lora", **{k: v for k, v in _config().to_dict().items() if k != "method"}}]
+    assert meta["base_shapes"]["lin.weight"] == [8, 8] and meta["base_shapes"]["head.weight"] == [3, 8]
+    assert not any("lora" in name or "base_layer" in name for name in meta["base_shapes"])
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as handle:
+        assert sorted(handle.keys()) == sorted(adapter_state_dict(model))
+
+
+def test_load_adapter_state_dict_copies_into_an_injected_model() -> None:
+    model = _trained()
+    other = inject(_base(), _config())
+    load_adapter_state_dict(other, adapter_state_dict(model))
+    assert torch.equal(other.eval()(IDS), model(IDS))
+
+
+def test_loading_into_another_base_model_names_what_differs(tmp_path: Path) -> None:
+    save_adapter(_trained(), tmp_path)
+    with pytest.raises(BaseModelMismatchError, match=r"was made for another base model: \d+ tensors differ in shape "
+                                                     r"\(emb.weight: saved \[10, 8\], model \[10, 16\];"):
+        load_adapter(_base(width=16), tmp_path)
+    bigger = _base()
+    bigger.extra = nn.Linear(8, 8)
+    with pytest.raises(BaseModelMismatchError, match=r"2 model tensors were not in the saved base \(extra.weight, "
+                                                     r"extra.bias\)"):
+        load_adapter(bigger, tmp_path)
+    smaller = _base()
+    del smaller.head
+    with pytest.raises(BaseModelMismatchError, match=r"2 base tensors of .* are not in the model \(head.weight, "
+                                                     r"head.bias\)"):
+        load_adapter(smaller, tmp_path)
+
+
+def test_missing_and_extra_tensors_raise_adapter_state_error(tmp_path: Path) -> None:
+    state = adapter_state_dict(_trained())
+    partial = {k: v for k, v in state.items() if k != "lin.lora_B"}
+    with pytest.raises(AdapterStateError, match=r"missing 1 adapter tensors \(lin.lora_B\)"):
+        load_adapter_state_dict(inject(_base(), _config()), partial)
+    with pytest.raises(AdapterStateError, match=r"other shapes \(emb.lora_A: saved \[2, 10\], model \[4, 10\]"):
+        load_adapter_state_dict(inject(_base(), _config(r=4)), state)
+    extra = {**state, "ghost.lora_A": torch.zeros(1)}
+    with pytest.raises(AdapterStateError, match=r"holds 1 tensors this model does not adapt \(ghost.lora_A\)"):
+        load_adapter_state_dict(inject(_base(), _config()), extra)
+    load_adapter_state_dict(inject(_base(), _config()), extra, strict=False)  # strict=False skips them
+
+    save_adapter(_trained(), tmp_path)
+    save_file({k: v.contiguous() for k, v in partial.items()}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterStateError, match=r"missing 1 adapter tensors \(lin.lora_B\)"):
+        load_adapter(_base(), tmp_path)
+
+
+def test_newer_format_version_is_refused(tmp_path: Path) -> None:
+    save_adapter(_trained(), tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(AdapterStateError, match="uses adapter format 99; this lightning_peft reads up to 1"):
+        load_adapter(_base(), tmp_path)
+
+
+class _Payload:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (str(self.marker), "code ran"))  # type: ignore[return-value]
+
+
+def test_loading_executes_no_code_from_the_files(tmp_path: Path) -> None:
+    save_adapter(_trained(), tmp_path)
+    marker = tmp_path / "pwned"
+    (tmp_path / "adapter_model.safetensors").write_bytes(pickle.dumps({"lin.lora_A": _Payload(marker)}))
+    with pytest.raises(Exception) as info:
+        load_adapter(_base(), tmp_path)
+    assert not marker.exists() and "pickle" not in type(info.value).__module__
+    with pytest.raises(Exception):
+        load_file(str(tmp_path / "adapter_model.safetensors"))  # it is not safetensors; nothing unpickles it
+    assert not marker.exists()
+
+
+def test_batchnorm_statistics_round_trip_with_update_mode(tmp_path: Path) -> None:
+    model = _trained()
+    assert model.norm.num_batches_tracked.item() == 3
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(_base(), tmp_path)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(fresh.norm, name), getattr(model.norm, name))
+    assert {n for n, _ in adapter_tensors(fresh)} == set(adapter_state_dict(model))
