@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-quick test bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) examples/resnet_digits_lora.py
+
+demo-quick: install
+	$(PY) examples/resnet_digits_lora.py --quick
 
 test: install
 	$(PY) -m pytest -q -x --durations=15 tests

@@ -1,10 +1,14 @@
 """lightning_peft: LoRA, prefix tuning and soft prompts for any torch model, as Lightning callbacks and a mixin."""
 
-from lightning_peft.callbacks import LoRA
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lightning_peft.attention import register_attention_handler
 from lightning_peft.core import (
     Adapter,
     adapters,
     disable_adapters,
+    enable_input_grads,
     inject,
     merge,
     merge_and_unload,
@@ -12,12 +16,31 @@ from lightning_peft.core import (
     unload,
     unmerge,
 )
+from lightning_peft.distributed import fsdp_auto_wrap_policy
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, PEFTWarning, TargetNotFoundError
 from lightning_peft.lora import LoRAConfig, register_lora_layer
-from lightning_peft.mixin import PEFTMixin
+from lightning_peft.named import active_adapter, add_adapter, delete_adapter, disable_adapter, list_adapters, set_adapter
+from lightning_peft.prefix import PrefixTuningConfig, fold_prefix
+from lightning_peft.prompt import PromptTuningConfig
 from lightning_peft.state import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
 
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them on first use
+    from lightning_peft.callbacks import LoRA, PrefixTuning, PromptTuning
+    from lightning_peft.mixin import PEFTMixin
+
 __version__ = "0.1.0"
+
+# The Lightning glue loads on first use: importing lightning (and through torchmetrics, transformers and
+# torchvision) costs seconds, and plain-PyTorch users of the core never need it.
+_GLUE = {"LoRA": "lightning_peft.callbacks", "PrefixTuning": "lightning_peft.callbacks", "PEFTMixin": "lightning_peft.mixin",
+         "PromptTuning": "lightning_peft.callbacks"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _GLUE:
+        return getattr(importlib.import_module(_GLUE[name]), name)
+    raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")
+
 
 __all__ = [
     "Adapter",
@@ -27,17 +50,31 @@ __all__ = [
     "LoRAConfig",
     "PEFTMixin",
     "PEFTWarning",
+    "PrefixTuning",
+    "PrefixTuningConfig",
+    "PromptTuning",
+    "PromptTuningConfig",
     "TargetNotFoundError",
+    "active_adapter",
+    "add_adapter",
     "adapter_state_dict",
     "adapters",
+    "delete_adapter",
+    "disable_adapter",
     "disable_adapters",
+    "enable_input_grads",
+    "fold_prefix",
+    "fsdp_auto_wrap_policy",
     "inject",
+    "list_adapters",
     "load_adapter",
     "load_adapter_state_dict",
     "merge",
     "merge_and_unload",
+    "register_attention_handler",
     "register_lora_layer",
     "save_adapter",
+    "set_adapter",
     "trainable_summary",
     "unload",
     "unmerge",

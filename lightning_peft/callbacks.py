@@ -9,28 +9,46 @@ optimizer capture the parameters. Checkpoints then hold adapter tensors only (al
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning_utilities.core.overrides import is_overridden
 from typing_extensions import override
 
 from lightning_peft.core import Method, applied_methods, inject, trainable_summary
 from lightning_peft.lora import LoRAConfig
-from lightning_peft.state import check_adapter_state, check_base_shapes, checkpoint_metadata, adapter_tensors
+from lightning_peft.prefix import PrefixTuningConfig
+from lightning_peft.prompt import PromptTuningConfig
+from lightning_peft.state import adapter_tensors, check_adapter_state, check_base_shapes, checkpoint_metadata
 
 CHECKPOINT_KEY = "lightning_peft"
+_PENDING = "_peft_pending"  # attribute on a LightningModule: methods to inject right after its configure_model
+
+
+def same_method(a: Method, b: Method) -> bool:
+    """Whether two method objects describe the same adapters (the same object, or equal configurations)."""
+    return a is b or a.to_dict() == b.to_dict()
 
 
 def prepare_module(pl_module: pl.LightningModule, methods: list[Method]) -> None:
-    """Inject ``methods`` into a LightningModule (once each) and make its checkpoints adapter-only."""
-    todo = [m for m in methods if all(m is not done for done in applied_methods(pl_module))]
+    """Inject ``methods`` into a LightningModule and make its checkpoints adapter-only.
+
+    Idempotent per method: a method equal to one already injected (same configuration, also after the module
+    was deep-copied or pickled) is skipped, so repeated ``fit``/``test`` calls and a callback next to a mixin
+    that asks for the same method never adapt a layer twice.
+    """
+    todo: list[Method] = []
+    for method in methods:
+        if not any(same_method(method, done) for done in [*applied_methods(pl_module), *todo]):
+            todo.append(method)
     if not todo:
         return
     inject(pl_module, *todo)
-    pl_module.strict_loading = False  # checkpoints hold adapter tensors only; we check them ourselves
+    pl_module.strict_loading = False  # checkpoints hold adapter tensors only; check_checkpoint checks them
     rank_zero_info(f"lightning_peft: {', '.join(type(m).__name__ for m in todo)} injected; {trainable_summary(pl_module)}")
 
 
@@ -39,12 +57,16 @@ def keep_adapter_tensors(pl_module: pl.LightningModule, checkpoint: dict[str, An
     if not applied_methods(pl_module):
         return
     names = {name for name, _ in adapter_tensors(pl_module)}
+    checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(pl_module, checkpoint["state_dict"])  # global shapes (FSDP)
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
-    checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(pl_module)
 
 
 def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """Refuse a checkpoint made for another base model or missing adapter tensors; warn on a plain one."""
+    """Refuse a checkpoint made for another base model or missing adapter tensors; warn on a plain one.
+
+    Outside a Trainer (``LightningModule.load_from_checkpoint``, which loads strictly) the checkpoint's state
+    is completed with the module's own frozen base tensors, so exactly the adapter tensors change.
+    """
     if not applied_methods(pl_module):
         return
     meta = checkpoint.get(CHECKPOINT_KEY)
@@ -54,33 +76,93 @@ def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) 
             "its base weights load, adapters keep their current values."
         )
         return
-    check_base_shapes(pl_module, meta["base_shapes"])
+    if not _is_fsdp1_wrapped(pl_module):  # FSDP1's flat shards hold no global shapes to compare
+        check_base_shapes(pl_module, meta["base_shapes"])
     check_adapter_state(pl_module, checkpoint["state_dict"])
+    now = [method.to_dict() for method in applied_methods(pl_module)]
+    if meta.get("methods") != now:
+        rank_zero_warn(f"lightning_peft: the checkpoint was saved with methods {meta.get('methods')}, the model has {now}.")
+    if getattr(pl_module, "_trainer", None) is None:
+        state = checkpoint["state_dict"]
+        for name, tensor in pl_module.state_dict().items():
+            state.setdefault(name, tensor)
+
+
+def _is_fsdp1_wrapped(module: torch.nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def overrides_hook(pl_module: pl.LightningModule, hook: str) -> bool:
+    """Whether the module's class defines ``hook`` beyond LightningModule's default.
+
+    Looks the LightningModule base up in the class's MRO, so modules of ``lightning.pytorch`` and of
+    ``pytorch_lightning`` both work (Lightning's own ``is_overridden`` only knows its namespace).
+    """
+    base = next(
+        (c for c in type(pl_module).__mro__ if c.__name__ == "LightningModule" and c.__module__.endswith("core.module")),
+        None,
+    )
+    return base is not None and is_overridden(hook, pl_module, parent=base)
 
 
 class _RunAfter:
-    """``module.<hook>`` replacement: run the module's own hook, then ``after(module, *args)``."""
+    """Instance attribute replacing a LightningModule hook: the hook as defined before, then each step.
 
-    def __init__(self, module: pl.LightningModule, hook: str, after: Any) -> None:
-        self.module, self.hook, self.after = module, hook, after
-        self.original = getattr(module, hook)
-        functools.update_wrapper(self, self.original)
+    A step is a module-level function ``step(module, *hook_args)``. The wrapper holds the module and the hook's
+    name, not bound methods, so ``copy.deepcopy`` and pickling give a copy whose hook runs on the copy.
+    ``__wrapped__`` is the class's function, so Lightning's ``is_overridden`` still sees the user's code.
+    """
+
+    def __init__(self, module: pl.LightningModule, hook: str) -> None:
+        self.module, self.hook, self.steps = module, hook, []
+        self.inner = module.__dict__.get(hook)  # an instance-level hook someone set before us, if any
+        functools.update_wrapper(self, getattr(type(module), hook))
 
     def __call__(self, *args: Any) -> Any:
-        result = self.original(*args)
-        self.after(self.module, *args)
+        original = self.inner if self.inner is not None else getattr(type(self.module), self.hook).__get__(self.module)
+        result = original(*args)
+        for step in self.steps:
+            step(self.module, *args)
         return result
 
 
-def _install(module: pl.LightningModule, hook: str, after: Any) -> None:
-    current = getattr(module, hook)
-    if isinstance(current, _RunAfter) and current.after is after:
-        return
-    setattr(module, hook, _RunAfter(module, hook, after))
+def run_after(module: pl.LightningModule, hook: str, step: Any) -> None:
+    """Make ``module.<hook>(...)`` also run ``step(module, ...)`` afterwards (once, however often this is called)."""
+    current = module.__dict__.get(hook)
+    if not isinstance(current, _RunAfter):
+        current = _RunAfter(module, hook)
+        module.__dict__[hook] = current
+    if step not in current.steps:
+        current.steps.append(step)
 
 
-class _MethodCallback(Callback):
-    """Shared Lightning glue of the method callbacks (``LoRA``, ``PrefixTuning``, ``PromptTuning``)."""
+def _inject_pending(pl_module: pl.LightningModule) -> None:
+    prepare_module(pl_module, pl_module.__dict__.pop(_PENDING, []))
+
+
+def _callback_bases() -> tuple[type, ...]:
+    # Lightning ships one code base under two names, lightning.pytorch and pytorch_lightning, with separate
+    # classes, and each Trainer type-checks against its own (single callbacks, LightningCLI's `callbacks:`).
+    # Subclassing both Callback classes makes one callback class valid for either Trainer.
+    if importlib.util.find_spec("pytorch_lightning") is None:
+        return (Callback,)
+    import pytorch_lightning
+
+    return (Callback, pytorch_lightning.Callback)
+
+
+class _MethodCallback(*_callback_bases()):  # type: ignore[misc]
+    """Shared Lightning glue of the method callbacks (``LoRA``, ``PrefixTuning``, ``PromptTuning``).
+
+    A subclass also derives from its method's config (``class LoRA(LoRAConfig, _MethodCallback)``), which
+    provides ``attach``, ``trainable_rules`` and ``to_dict``. In ``setup`` the callback injects its method, or,
+    when the LightningModule builds layers in ``configure_model``, right after that hook; both are before
+    ``strategy.setup`` wraps the model and the optimizer sees the parameters.
+    """
 
     @property
     @override
@@ -92,10 +174,13 @@ class _MethodCallback(Callback):
         from lightning_peft.mixin import PEFTMixin
 
         if not isinstance(pl_module, PEFTMixin):  # the mixin has these hooks already
-            _install(pl_module, "on_save_checkpoint", keep_adapter_tensors)
-            _install(pl_module, "on_load_checkpoint", check_checkpoint)
-        if is_overridden("configure_model", pl_module):  # layers may be built there: inject right after it
-            _install(pl_module, "configure_model", functools.partial(_inject_after_configure, method=self))
+            run_after(pl_module, "on_save_checkpoint", keep_adapter_tensors)
+            run_after(pl_module, "on_load_checkpoint", check_checkpoint)
+        if overrides_hook(pl_module, "configure_model"):  # layers may be built there: inject right after it
+            pending = pl_module.__dict__.setdefault(_PENDING, [])
+            if not any(same_method(self, m) for m in pending):  # type: ignore[arg-type]
+                pending.append(self)
+            run_after(pl_module, "configure_model", _inject_pending)
         else:
             prepare_module(pl_module, [self])  # type: ignore[list-item]
 
@@ -111,10 +196,6 @@ class _MethodCallback(Callback):
             rank_zero_warn(f"lightning_peft: resuming {type(self).__name__} with other arguments than saved: {changed}")
 
 
-def _inject_after_configure(pl_module: pl.LightningModule, *, method: Method) -> None:
-    prepare_module(pl_module, [method])
-
-
 class LoRA(LoRAConfig, _MethodCallback):
     """LoRA as a Lightning callback: freezes the model and trains low-rank updates of the selected layers.
 
@@ -126,4 +207,34 @@ class LoRA(LoRAConfig, _MethodCallback):
 
         trainer = L.Trainer(callbacks=[LoRA(r=8, alpha=16, target_modules=["query", "value"],
                                             trainable_modules=["classifier"])])
+    """
+
+
+class PrefixTuning(PrefixTuningConfig, _MethodCallback):
+    """Prefix tuning as a Lightning callback: freezes the model and trains per-layer key/value prefixes.
+
+    Takes the arguments of :class:`~lightning_peft.prefix.PrefixTuningConfig` (``num_tokens``, ``reparameterize``,
+    ``hidden_size``, ``layers``, ``gate``, ``trainable_modules``, ...). Works for transformers models (through
+    their attention interface), ``nn.MultiheadAttention`` and timm ``Attention``; the same object also works
+    without a Trainer: ``inject(model, PrefixTuning(num_tokens=10))``.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[PrefixTuning(num_tokens=20, reparameterize=True, hidden_size=512)])
+    """
+
+
+class PromptTuning(PromptTuningConfig, _MethodCallback):
+    """Soft prompts as a Lightning callback: freezes the model and trains prompts for text, ViTs or CNNs.
+
+    Takes the arguments of :class:`~lightning_peft.prompt.PromptTuningConfig` (``num_tokens``, ``init``,
+    ``init_text``, ``tokenizer``, ``kind``, ``deep``, ``width``, ``trainable_modules``, ...). The kind is detected
+    from the model when ``kind`` is omitted: token prompts for transformers language models, patch-token prompts
+    (VPT) for torchvision/timm/transformers ViTs, pixel prompts for other image models. The same object also
+    works without a Trainer: ``inject(model, PromptTuning(num_tokens=8))``.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[PromptTuning(num_tokens=20, init="text", init_text="Classify the sentiment:",
+                                                    tokenizer="path/to/tokenizer")])
     """

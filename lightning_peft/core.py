@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,6 +64,17 @@ class Adapter(nn.Module):
                 if tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor.data = tensor.data.to(dtype)
         return self
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # a plain base-model state dict names the wrapped layer's tensors without "base_layer.": route them there,
+        # so loading base weights into an adapted model never drops them silently
+        if "base_layer" in self._modules:
+            own = set(self._parameters) | set(self._buffers) | set(self._modules)
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                local = key[len(prefix):]
+                if local.split(".")[0] not in own:
+                    state_dict[f"{prefix}base_layer.{local}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def unwrap(self) -> nn.Module:
         """The module that replaces this adapter when adapters are unloaded."""
@@ -188,7 +200,11 @@ def inject(model: nn.Module, *methods: Method) -> nn.Module:
         method.attach(model)
         dtype = getattr(method, "adapter_dtype", "auto")
         for _, adapter in adapters(model):
-            if dtype != "auto" and id(adapter) not in existing:
+            if id(adapter) in existing:
+                continue
+            if "base_layer" in adapter._modules:
+                adapter._modules["base_layer"].__dict__["_peft_is_base"] = True  # for fsdp_auto_wrap_policy
+            if dtype != "auto":
                 adapter.pin_dtype(getattr(torch, dtype))
         rules = method.trainable_rules()
         if rules:
@@ -242,9 +258,21 @@ def adapters(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
             yield name, module
 
 
+_WRAPPER_PARTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def clean_name(name: str) -> str:
+    """A tensor name without the wrapper parts FSDP, activation checkpointing and ``torch.compile`` insert
+    (the names their state dicts use): ``"_fsdp_wrapped_module.layer.0"`` -> ``"layer.0"``."""
+    return _WRAPPER_PARTS.sub("", name).lstrip(".")
+
+
 def adapter_tensors(model: nn.Module, include_buffers: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(full name, tensor)`` for every tensor an adapter checkpoint holds: adapter tensors and marked ones."""
+    """``(full name, tensor)`` for every tensor an adapter checkpoint holds: adapter tensors and marked ones.
+
+    Names are those of ``model.state_dict()``, without wrapper parts (see :func:`clean_name`)."""
     for name, module in model.named_modules():
+        name = clean_name(name)
         prefix = f"{name}." if name else ""
         if isinstance(module, Adapter):
             for local, tensor in module.adapter_tensors():
@@ -334,8 +362,10 @@ def unload(model: nn.Module) -> nn.Module:
     for module in model.modules():
         module.__dict__.pop(_SAVED_TENSORS, None)
         module.__dict__.pop("_peft_frozen_stats", None)
+        module.__dict__.pop("_peft_is_base", None)
         _remove_peft_hooks(module)
     model.__dict__.pop(_METHODS, None)
+    model.__dict__.pop("_peft_named_adapters", None)  # parked named adapters (lightning_peft.named)
     for param in model.parameters():
         param.requires_grad_(True)
     return model
@@ -352,6 +382,37 @@ def add_peft_hook(module: nn.Module, handle: torch.utils.hooks.RemovableHandle) 
 def _remove_peft_hooks(module: nn.Module) -> None:
     for handle in module.__dict__.pop(_PEFT_HOOKS, []):
         handle.remove()
+
+
+def enable_input_grads(model: nn.Module, module: str | None = None) -> nn.Module:
+    """Make the output of the input layer require grad, for *reentrant* activation checkpointing.
+
+    ``torch.utils.checkpoint(..., use_reentrant=True)`` only back-propagates into a block whose inputs require
+    grad; behind a frozen embedding none do, and adapters inside the block get no gradient. Non-reentrant
+    checkpointing (``use_reentrant=False``, PyTorch's recommendation) and transformers' own checkpointing need
+    nothing. Returns ``model``; :func:`unload` removes the hook.
+
+    Args:
+        model: The adapted model.
+        module: Name of the layer whose output feeds the checkpointed blocks; by default a transformers model's
+            ``get_input_embeddings()``.
+    """
+    if module is not None:
+        layer = model.get_submodule(module)
+    elif callable(getattr(model, "get_input_embeddings", None)):
+        layer = model.get_input_embeddings()
+    else:
+        raise ValueError(
+            f"{type(model).__name__} has no get_input_embeddings(); pass module= the name of the layer whose output "
+            "feeds the checkpointed blocks (e.g. module='embed')."
+        )
+    add_peft_hook(layer, layer.register_forward_hook(_output_requires_grad))
+    return model
+
+
+def _output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    if isinstance(output, torch.Tensor) and output.is_floating_point() and not output.requires_grad:
+        output.requires_grad_(True)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,9 @@ class PEFTMixin:
 
     Adapters are injected when ``configure_model`` runs (after your own ``configure_model``, if you define one),
     which Lightning does before the strategy wraps the model and also inside ``load_from_checkpoint``.
-    Put the mixin first: ``class Classifier(PEFTMixin, L.LightningModule)``.
+    Your own ``on_save_checkpoint``/``on_load_checkpoint`` keep working: the PEFT step runs after them, whether
+    or not they call ``super()``. Put the mixin first: ``class Classifier(PEFTMixin, L.LightningModule)``; it
+    works with ``lightning.pytorch`` and ``pytorch_lightning`` modules alike.
 
     Example::
 
@@ -29,9 +31,10 @@ class PEFTMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("configure_model")
-        if own is not None and not getattr(own, "_peft_wrapped", False):
-            cls.configure_model = _then_apply_peft(own)  # type: ignore[method-assign]
+        for hook, step in _PEFT_STEPS.items():
+            own = cls.__dict__.get(hook)
+            if own is not None and not getattr(own, "_peft_wrapped", False):
+                setattr(cls, hook, _then(own, step))
 
     def configure_peft(self) -> Sequence[Method]:
         """Return the methods to inject, e.g. ``[LoRA(r=8, target_modules=["query", "value"])]``."""
@@ -41,29 +44,53 @@ class PEFTMixin:
         """Inject the methods of :meth:`configure_peft` now (idempotent; Lightning calls it via configure_model)."""
         if self.__dict__.get("_peft_configured"):
             return
-        self._peft_configured = True
         prepare_module(self, list(self.configure_peft()))  # type: ignore[arg-type]
+        self._peft_configured = True
 
     def configure_model(self) -> None:
-        self.apply_peft()
+        super().configure_model()  # type: ignore[misc]  # a base class may build layers here
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
-        keep_adapter_tensors(self, checkpoint)  # type: ignore[arg-type]
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
-        self.apply_peft()
-        check_checkpoint(self, checkpoint)  # type: ignore[arg-type]
 
 
-def _then_apply_peft(configure_model: Callable[[Any], None]) -> Callable[[Any], None]:
-    @functools.wraps(configure_model)
-    def wrapped(self: PEFTMixin) -> None:
-        configure_model(self)
-        self.apply_peft()
+def _load_step(module: PEFTMixin, checkpoint: dict[str, Any]) -> None:
+    module.apply_peft()
+    check_checkpoint(module, checkpoint)  # type: ignore[arg-type]
+
+
+#: Hooks a subclass may define itself, and the PEFT step that must still run after them.
+_PEFT_STEPS: dict[str, Callable[..., None]] = {
+    "configure_model": PEFTMixin.apply_peft,
+    "on_save_checkpoint": keep_adapter_tensors,  # type: ignore[dict-item]
+    "on_load_checkpoint": _load_step,
+}
+
+
+def _then(hook: Callable[..., None], step: Callable[..., None]) -> Callable[..., None]:
+    """``hook``, then ``step`` once: only the outermost of nested calls (a ``super()`` chain) runs the step, so
+    it always follows all of the user's code, e.g. layers built after ``super().configure_model()``."""
+
+    @functools.wraps(hook)
+    def wrapped(self: PEFTMixin, *args: Any) -> None:
+        depth_key = f"_peft_depth_{hook.__name__}"
+        depth = self.__dict__.get(depth_key, 0)
+        self.__dict__[depth_key] = depth + 1
+        try:
+            hook(self, *args)
+        finally:
+            self.__dict__[depth_key] = depth
+        if depth == 0:
+            step(self, *args)
 
     wrapped._peft_wrapped = True  # type: ignore[attr-defined]
     return wrapped
+
+
+for _hook, _step in _PEFT_STEPS.items():  # the mixin's own hooks too: they run a base class's hook, then the step
+    setattr(PEFTMixin, _hook, _then(PEFTMixin.__dict__[_hook], _step))

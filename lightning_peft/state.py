@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft.core import Adapter, MethodConfig, adapter_tensors, applied_methods, inject
+from lightning_peft.core import Adapter, MethodConfig, adapter_tensors, applied_methods, clean_name, inject
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError
 
 FORMAT_VERSION = 1
@@ -39,16 +39,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach() for name, tensor in adapter_tensors(model)}
 
 
-def base_shapes(model: nn.Module) -> dict[str, list[int]]:
+def base_shapes(model: nn.Module, state_dict: dict[str, Any] | None = None) -> dict[str, list[int]]:
     """Name → shape of every base-model tensor, with names as before injection: a fingerprint of the base model.
 
-    Adapter-owned tensors are left out, so the fingerprint is the same before and after :func:`inject`.
+    Adapter-owned tensors are left out, so the fingerprint is the same before and after :func:`inject`. Pass the
+    ``state_dict`` a strategy gathered (FSDP) to read global shapes from it instead of the model's local shards.
     """
-    owned = {id(t) for m in model.modules() if isinstance(m, Adapter) for _, t in m.adapter_tensors()}
+    owned = {clean_name(f"{n}.{local}") for n, m in model.named_modules() if isinstance(m, Adapter)
+             for local, _ in m.adapter_tensors()}
+    source = model.state_dict(keep_vars=True) if state_dict is None else state_dict
     return {
         _BASE_LAYER.sub("", f".{name}")[1:]: list(tensor.shape)  # "a.base_layer.weight" -> "a.weight"
-        for name, tensor in model.state_dict(keep_vars=True).items()
-        if id(tensor) not in owned and isinstance(tensor, torch.Tensor)
+        for name, tensor in ((clean_name(n), t) for n, t in source.items())
+        if name not in owned and isinstance(tensor, torch.Tensor)
     }
 
 
@@ -111,17 +114,21 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], st
     return model
 
 
-def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
+def checkpoint_metadata(model: nn.Module, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
     """What an adapter checkpoint records beside the tensors: format, method configurations, base shapes."""
     return {
         "format_version": FORMAT_VERSION,
         "methods": [method.to_dict() for method in applied_methods(model)],
-        "base_shapes": base_shapes(model),
+        "base_shapes": base_shapes(model, state_dict),
     }
 
 
-def save_adapter(model: nn.Module, path: str | Path) -> Path:
+def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "peft"] = "native") -> Path:
     """Save the adapter of ``model`` to the directory ``path`` (safetensors + JSON config); returns the directory.
+
+    ``format="peft"`` writes Hugging Face PEFT's layout instead (``peft.PeftModel.from_pretrained(base, path)``
+    loads it), and raises a ``ValueError`` for features PEFT has no equivalent for; see
+    :mod:`lightning_peft.peft_format`.
 
     Example:
         >>> import tempfile
@@ -130,6 +137,12 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
         >>> sorted(p.name for p in save_adapter(model, tempfile.mkdtemp()).iterdir())
         ['adapter_config.json', 'adapter_model.safetensors']
     """
+    if format == "peft":
+        from lightning_peft.peft_format import save_peft
+
+        return save_peft(model, path)
+    if format != "native":
+        raise ValueError(f"format={format!r} is not one of 'native', 'peft'.")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.contiguous().clone() for name, tensor in adapter_state_dict(model).items()}
@@ -141,11 +154,17 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model``; inject its methods first if needed.
 
+    A directory saved by Hugging Face PEFT (or with ``format="peft"``) is recognised and read too.
+
     Raises:
         BaseModelMismatchError: ``model`` is not the base model the adapter was saved from.
         AdapterStateError: The file's tensors do not fit the model's adapters.
     """
+    from lightning_peft.peft_format import is_peft_directory, load_peft
+
     directory = Path(path)
+    if is_peft_directory(directory):
+        return load_peft(model, directory)
     meta = json.loads((directory / CONFIG_NAME).read_text())
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise AdapterStateError(

@@ -174,3 +174,12 @@ def test_batchnorm_statistics_round_trip_with_update_mode(tmp_path: Path) -> Non
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(fresh.norm, name), getattr(model.norm, name))
     assert {n for n, _ in adapter_tensors(fresh)} == set(adapter_state_dict(model))
+
+
+def test_plain_base_state_dict_loads_into_the_wrapped_layers_of_an_adapted_model() -> None:
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    saved = {name: tensor + 1.0 for name, tensor in plain.state_dict().items()}
+    model = inject(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), LoRAConfig(r=2, target_modules=["0"]))
+    result = model.load_state_dict(saved, strict=False)
+    assert result.unexpected_keys == [] and sorted(result.missing_keys) == ["0.lora_A", "0.lora_B"]
+    assert torch.equal(model[0].base_layer.weight, saved["0.weight"]) and torch.equal(model[1].bias, saved["1.bias"])

@@ -1,4 +1,5 @@
-"""FSDP2 (ModelParallelStrategy + fully_shard) with LoRA on 2 CPU processes; run with torch.distributed.run."""
+"""FSDP2 (ModelParallelStrategy + fully_shard) with one method on 2 CPU processes; run with torch.distributed.run:
+``python -m torch.distributed.run --standalone --nproc_per_node=2 fsdp2_peft.py OUT_DIR lora|prefix|prompt``."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from strategy_models import CausalLM
 from torch.distributed.fsdp import fully_shard
 
-from lightning_peft import LoRA, PEFTMixin
+from lightning_peft import PEFTMixin
 
 
 class ShardedLM(PEFTMixin, CausalLM):
-    def configure_peft(self) -> list[LoRA]:
-        return [LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"])]
+    method = "lora"
+
+    def configure_peft(self) -> list[L.Callback]:
+        from test_strategies import METHODS
+
+        return [METHODS[self.method]()]
 
     def configure_model(self) -> None:
         self.apply_peft()  # adapters must exist before the model is sharded
@@ -30,7 +35,8 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
 
 
-def main(out: Path) -> None:
+def main(out: Path, method: str) -> None:
+    ShardedLM.method = method
     module = ShardedLM(batch_size=4)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
@@ -46,7 +52,7 @@ def main(out: Path) -> None:
     after = {n: full(p) for n, p in module.named_parameters()}
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     report = {
-        "trained": all(not torch.equal(before[n], after[n]) for n in trainable if n.endswith("lora_A")),
+        "trained": bool(trainable) and all(not torch.equal(before[n], after[n]) for n in trainable),
         "frozen_unchanged": all(torch.equal(before[n], after[n]) for n in after if n not in trainable),
         "trainable": sorted(trainable),
     }
@@ -56,4 +62,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,183 @@
+"""GPU checks that CPU CI cannot run: FSDP1 on one device, bf16-true, 16-mixed, QLoRA (nf4), torch.compile.
+
+Run on one CUDA GPU (a few minutes): ``python benchmarks/gpu_check.py``. Each check prints PASS or FAIL with
+its numbers; the exit status is the number of failures.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_peft import LoRA, adapter_state_dict, fsdp_auto_wrap_policy, inject, merge, unmerge  # noqa: E402
+
+VOCAB, SEQ = 512, 64
+
+
+def llama(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config)
+
+
+class LM(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = llama()
+        self.losses: list[float] = []
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        (tokens,) = batch
+        loss = self.model(input_ids=tokens, labels=tokens).loss
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=3e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        tokens = torch.randint(0, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(1)).repeat(8, 1)
+        return DataLoader(TensorDataset(tokens), batch_size=8)
+
+
+def fit(*callbacks: L.Callback, steps: int = 8, **trainer_kwargs: object) -> tuple[LM, L.Trainer, float]:
+    module = LM()
+    trainer = L.Trainer(accelerator="cuda", devices=1, max_steps=steps, callbacks=list(callbacks), logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    trainer.fit(module)
+    return module, trainer, time.perf_counter() - start
+
+
+def lora(**kwargs: str) -> LoRA:
+    return LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], **kwargs)
+
+
+def check_precision(precision: str, **lora_kwargs: str) -> str:
+    module, _, seconds = fit(lora(**lora_kwargs), precision=precision)
+    tensors = adapter_state_dict(module)
+    dtypes = sorted({str(t.dtype) for t in tensors.values()})
+    assert module.losses[-1] < module.losses[0], module.losses
+    assert all(torch.isfinite(t.float()).all() for t in tensors.values())
+    return f"loss {module.losses[0]:.3f} -> {module.losses[-1]:.3f}, adapter dtypes {dtypes}, {seconds:.1f}s"
+
+
+def check_fsdp1() -> str:
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        strategy = FSDPStrategy(auto_wrap_policy=fsdp_auto_wrap_policy(LlamaDecoderLayer), state_dict_type="full")
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module, trainer, seconds = fit(lora(), checkpoint, strategy=strategy, precision="bf16-mixed")
+        mixed = [str(w.message)[:60] for w in caught if "requires_grad=True and False" in str(w.message)]
+        assert not mixed, mixed
+        saved = torch.load(Path(tmp) / "last.ckpt", weights_only=False)
+        keys = sorted(saved["state_dict"])
+        assert keys and all("lora_" in k for k in keys), keys[:5]
+        size = (Path(tmp) / "last.ckpt").stat().st_size
+    assert module.losses[-1] < module.losses[0], module.losses
+    return f"loss {module.losses[0]:.3f} -> {module.losses[-1]:.3f}, no mixed units, checkpoint {len(keys)} adapter tensors, {size / 1e6:.2f} MB, {seconds:.1f}s"
+
+
+def check_qlora() -> str:
+    import bitsandbytes as bnb
+    from lightning.pytorch.plugins import BitsandbytesPrecision
+
+    merged: dict[str, object] = {}
+
+    class MergeOnGPU(L.Callback):  # before teardown moves the model back to the CPU
+        def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            tokens = torch.randint(0, VOCAB, (2, SEQ), device=module.device)
+            module.eval()
+            with torch.no_grad():
+                before = module.model(input_ids=tokens).logits.float()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    merge(module)
+                after = module.model(input_ids=tokens).logits.float()
+            merged["diff"] = (after - before).abs().max().item()
+            merged["warnings"] = sorted({str(w.message)[:70] for w in caught})
+            merged["base_after"] = type(module.model.model.layers[0].self_attn.q_proj.base_layer).__name__
+
+    quantized: dict[str, object] = {}
+
+    class Inspect(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            layer = module.model.model.layers[0].self_attn.q_proj
+            quantized["4bit"] = isinstance(layer.base_layer, bnb.nn.Linear4bit)
+            quantized["adapter"] = str(layer.lora_A.dtype)
+
+    module, _, seconds = fit(lora(), Inspect(), MergeOnGPU(), plugins=BitsandbytesPrecision("nf4-dq", dtype=torch.bfloat16))
+    assert quantized["4bit"] and module.losses[-1] < module.losses[0], (quantized, module.losses)
+    return (f"base quantized {quantized}, loss {module.losses[0]:.3f} -> {module.losses[-1]:.3f}, after merge base is "
+            f"{merged['base_after']}, merged vs unmerged max|diff| {merged['diff']:.3g} (bf16), "
+            f"warnings {merged['warnings']}, {seconds:.1f}s")
+
+
+def check_compile() -> str:
+    model = inject(llama().cuda(), lora())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    tokens = torch.randint(0, VOCAB, (2, SEQ), device="cuda")
+    eager = model(input_ids=tokens).logits
+    compiled_model = torch.compile(model)
+    compiled = compiled_model(input_ids=tokens).logits
+    diff = (compiled - eager).abs().max().item()
+    assert diff < 1e-3, diff
+    merge(model)
+    merged = model(input_ids=tokens).logits
+    unmerge(model)
+    return f"compiled vs eager max|diff| {diff:.2e}; merged vs eager {(merged - eager).abs().max().item():.2e}"
+
+
+CHECKS: dict[str, Callable[[], str]] = {
+    "bf16-true": lambda: check_precision("bf16-true"),
+    "bf16-true+fp32-adapters": lambda: check_precision("bf16-true", adapter_dtype="float32"),
+    "16-mixed": lambda: check_precision("16-mixed"),
+    "bf16-mixed": lambda: check_precision("bf16-mixed"),
+    "fsdp1-1gpu": check_fsdp1,
+    "qlora-nf4": check_qlora,
+    "compile": check_compile,
+}
+ONLY = [name for name in os.environ.get("GPU_CHECKS", "").split(",") if name]
+
+
+def main() -> int:
+    print(f"torch {torch.__version__}, lightning {L.__version__}, device {torch.cuda.get_device_name()}")
+    failures = 0
+    for name, check in CHECKS.items():
+        if ONLY and name not in ONLY:
+            continue
+        try:
+            print(f"PASS {name}: {check()}", flush=True)
+        except Exception as error:  # report every check, not just the first failure
+            failures += 1
+            print(f"FAIL {name}: {type(error).__name__}: {error}", flush=True)
+            traceback.print_exc(limit=3)
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(main())

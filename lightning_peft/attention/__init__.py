@@ -1,0 +1,94 @@
+"""Attention families prefix tuning knows, as a registry of handlers users can extend.
+
+A handler looks at one module and returns an :class:`AttentionMatch` (the adapter class and the prefix shape)
+or ``None``. Handlers are asked in order, newest registered first, and the first non-``None`` answer wins:
+
+>>> from torch import nn
+>>> match_attention(nn.MultiheadAttention(8, 2)).shape
+PrefixShape(kv_heads=2, key_dim=4, value_dim=4)
+>>> match_attention(nn.Linear(4, 4)) is None
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_peft.attention.base import PrefixAttention, PrefixEncoder, PrefixShape
+from lightning_peft.attention.multihead import MultiheadPrefixAttention, multihead_shape
+from lightning_peft.attention.timm_attention import TimmPrefixAttention, is_timm_attention, timm_shape
+from lightning_peft.attention.transformers_attention import (
+    TransformersPrefixAttention,
+    calls_attention_interface,
+    transformers_shape,
+)
+
+
+@dataclass(frozen=True)
+class AttentionMatch:
+    """A handler's answer: which adapter wraps the module, and the shape of its prefix."""
+
+    adapter: type[PrefixAttention]
+    shape: PrefixShape
+
+
+AttentionHandler = Callable[[nn.Module], "AttentionMatch | None"]
+
+
+def _transformers_handler(module: nn.Module) -> AttentionMatch | None:
+    if not calls_attention_interface(module):
+        return None
+    return AttentionMatch(TransformersPrefixAttention, transformers_shape(module))
+
+
+def _multihead_handler(module: nn.Module) -> AttentionMatch | None:
+    if not isinstance(module, nn.MultiheadAttention):
+        return None
+    return AttentionMatch(MultiheadPrefixAttention, multihead_shape(module))
+
+
+def _timm_handler(module: nn.Module) -> AttentionMatch | None:
+    return AttentionMatch(TimmPrefixAttention, timm_shape(module)) if is_timm_attention(module) else None
+
+
+_HANDLERS: list[AttentionHandler] = [_transformers_handler, _multihead_handler, _timm_handler]
+
+
+def register_attention_handler(handler: AttentionHandler) -> AttentionHandler:
+    """Teach prefix tuning a new attention class; asked before the built-in handlers (first match wins).
+
+    Args:
+        handler: ``module -> AttentionMatch | None``; return a match for modules you handle, ``None`` otherwise.
+            The adapter class subclasses :class:`PrefixAttention` and prepends ``self.prefix(batch, like)``.
+
+    Returns:
+        ``handler``, so this also works as a decorator.
+    """
+    _HANDLERS.insert(0, handler)
+    return handler
+
+
+def match_attention(module: nn.Module) -> AttentionMatch | None:
+    """The first handler's answer for ``module``, or ``None`` if no handler knows it."""
+    for handler in _HANDLERS:
+        match = handler(module)
+        if match is not None:
+            return match
+    return None
+
+
+__all__ = [
+    "AttentionHandler",
+    "AttentionMatch",
+    "MultiheadPrefixAttention",
+    "PrefixAttention",
+    "PrefixEncoder",
+    "PrefixShape",
+    "TimmPrefixAttention",
+    "TransformersPrefixAttention",
+    "match_attention",
+    "register_attention_handler",
+]

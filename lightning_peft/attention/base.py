@@ -1,0 +1,234 @@
+"""The prefix adapter every attention family shares, and the attention arithmetic with a prefix.
+
+A prefix is ``p`` learned keys and values per key/value head, prepended along the sequence axis *after* the
+key/value projections (and after rotary embeddings)::
+
+    q: (b, h, n, d)      k, v: (b, h_kv, n_kv, d)   ──►   k', v': (b, h_kv, p + n_kv, d)
+    scores = q k'^T: (b, h, n, p + n_kv)      output = softmax(scores) v': (b, h, n, d)
+
+Queries are unchanged, so outputs keep ``n`` rows and no projection changes shape. Masks gain ``p`` columns
+that every query may see; causal masks stay causal over the real tokens.
+
+With ``gate`` (exact start, as LLaMA-Adapter), the prefix gets a softmax of its own and is added through a
+zero-initialised gate: ``output = attn(q, k, v) + tanh(g) · attn(q, k_prefix, v_prefix)``, so the adapted model
+equals the frozen one until ``g`` moves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_peft.core import Adapter
+
+
+@dataclass(frozen=True)
+class PrefixShape:
+    """Sizes of one attention layer's prefix: key/value heads and per-head key and value widths."""
+
+    kv_heads: int
+    key_dim: int
+    value_dim: int
+
+    @property
+    def numel_per_token(self) -> int:
+        """Numbers one prefix position holds in this layer (its keys and values over all heads)."""
+        return self.kv_heads * (self.key_dim + self.value_dim)
+
+
+class PrefixEncoder(nn.Module):
+    """Reparameterization (Li & Liang 2021, §4.3): one MLP that produces every layer's prefix while training.
+
+    ``embedding (p, hidden) → Linear(hidden, hidden) → tanh → Linear(hidden, Σ_layers h_kv·(d_k + d_v))``.
+    Layers read their own rows of the last linear, so each layer computes only its slice. Weights are plain
+    parameters (no ``nn.Linear``), so precision plugins that replace linears leave them alone.
+    """
+
+    def __init__(self, num_tokens: int, hidden_size: int, out_features: int, seed: int,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.seed = seed
+        kw = {"device": device, "dtype": dtype}
+        self.embedding = nn.Parameter(torch.empty(num_tokens, hidden_size, **kw))
+        self.weight_in = nn.Parameter(torch.empty(hidden_size, hidden_size, **kw))
+        self.bias_in = nn.Parameter(torch.empty(hidden_size, **kw))
+        self.weight_out = nn.Parameter(torch.empty(out_features, hidden_size, **kw))
+        self.bias_out = nn.Parameter(torch.empty(out_features, **kw))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Embedding normal(0, 1) (``nn.Embedding``'s default, as PEFT), linears as ``nn.Linear``; seeded."""
+        if self.embedding.is_meta:
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        self.embedding.copy_(torch.randn(self.embedding.shape, generator=generator))
+        for weight, bias in ((self.weight_in, self.bias_in), (self.weight_out, self.bias_out)):
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            weight.copy_(torch.empty(weight.shape).uniform_(-bound, bound, generator=generator))
+            bias.copy_(torch.empty(bias.shape).uniform_(-bound, bound, generator=generator))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Output features ``start:stop`` for every prefix position: ``(p, stop - start)``."""
+        hidden = torch.tanh(F.linear(self.embedding, self.weight_in, self.bias_in))
+        return F.linear(hidden, self.weight_out[start:stop], self.bias_out[start:stop])
+
+
+class PrefixAttention(Adapter):
+    """Prefix tuning for one attention layer: owns ``prefix_keys``/``prefix_values`` (or reads a shared encoder).
+
+    Subclasses (one per attention family) decide where the prefix enters; this class holds the tensors.
+
+    Args:
+        base: The attention module; it stays the ``base_layer`` child, unchanged.
+        shape: Heads and widths of this layer's keys and values.
+        num_tokens: Prefix length ``p``.
+        gate: Add a zero-initialised gate (exact start) instead of one softmax over prefix and tokens.
+        init_std: Standard deviation of the prefix's normal initialisation (1.0: ``nn.Embedding``'s, as PEFT).
+        seed: Seed of this layer's initialisation (derived from its name, so every process agrees).
+    """
+
+    family: ClassVar[str] = "attention"
+
+    def __init__(self, base: nn.Module, shape: PrefixShape, num_tokens: int, gate: bool = False,
+                 init_std: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.shape = shape
+        self.num_tokens = num_tokens
+        self.init_std = init_std
+        self.seed = seed
+        self._encoder: PrefixEncoder | None = None  # shared, registered on one layer only (see use_encoder)
+        self._rows = (0, 0)
+        ref = next(iter(base.parameters()), None)
+        kw = {"device": ref.device if ref is not None else None,
+              "dtype": ref.dtype if ref is not None and ref.is_floating_point() else torch.float32}
+        self.prefix_keys = nn.Parameter(torch.empty(shape.kv_heads, num_tokens, shape.key_dim, **kw))
+        self.prefix_values = nn.Parameter(torch.empty(shape.kv_heads, num_tokens, shape.value_dim, **kw))
+        self.prefix_gate = nn.Parameter(torch.zeros(1, **kw)) if gate else None
+        self.reset_parameters()
+
+    @property
+    def gated(self) -> bool:
+        return self.prefix_gate is not None
+
+    def use_encoder(self, encoder: PrefixEncoder, start: int, owner: bool) -> None:
+        """Read this layer's prefix from rows ``start:start + p·…`` of a shared encoder (reparameterization)."""
+        del self.prefix_keys, self.prefix_values
+        self.__dict__["_encoder"] = encoder  # a plain reference: the encoder is registered on its owner only
+        if owner:
+            self.prefix_encoder = encoder
+        self._rows = (start, start + self.shape.numel_per_token)
+
+    def fold(self) -> None:
+        """Replace the encoder by the plain prefix tensors it currently produces (identical outputs)."""
+        encoder = self.__dict__.get("_encoder")
+        if encoder is None:
+            return
+        with torch.no_grad():
+            keys, values = self._prefix_tensors()
+        self.__dict__["_encoder"] = None
+        self._modules.pop("prefix_encoder", None)
+        self.prefix_keys = nn.Parameter(keys.detach().clone())
+        self.prefix_values = nn.Parameter(values.detach().clone())
+
+    def _prefix_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.__dict__.get("_encoder")
+        if encoder is None:
+            return self.prefix_keys, self.prefix_values
+        s = self.shape
+        rows = encoder.rows(*self._rows).reshape(self.num_tokens, s.kv_heads, s.key_dim + s.value_dim)
+        rows = rows.transpose(0, 1)  # (h_kv, p, d_k + d_v)
+        return rows[..., : s.key_dim], rows[..., s.key_dim:]
+
+    def prefix(self, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``(b, h_kv, p, d_k)`` and values ``(b, h_kv, p, d_v)`` in ``like``'s dtype and device."""
+        keys, values = self._prefix_tensors()
+        keys = keys.to(like.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+        values = values.to(like.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+        return keys, values
+
+    def gate_value(self, like: torch.Tensor) -> torch.Tensor:
+        """``tanh(g)``: the weight of the gated prefix branch."""
+        assert self.prefix_gate is not None  # internal invariant: called on gated adapters only
+        return torch.tanh(self.prefix_gate).to(like.dtype)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Prefix normal(0, ``init_std``), seeded per layer; the gate (exact start) back to zero."""
+        if self.prefix_gate is not None:
+            self.prefix_gate.zero_()
+        if "prefix_keys" not in self._parameters or self.prefix_keys.is_meta:
+            return  # reparameterized: the encoder resets itself
+        generator = torch.Generator().manual_seed(self.seed)
+        self.prefix_keys.copy_(torch.randn(self.prefix_keys.shape, generator=generator) * self.init_std)
+        self.prefix_values.copy_(torch.randn(self.prefix_values.shape, generator=generator) * self.init_std)
+
+    def extra_repr(self) -> str:
+        s = self.shape
+        mode = "reparameterized" if self.__dict__.get("_encoder") is not None else "plain"
+        return f"num_tokens={self.num_tokens}, kv_heads={s.kv_heads}, key_dim={s.key_dim}, {mode}, gate={self.gated}"
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, *, keep_true: bool) -> torch.Tensor | None:
+    """A float mask to add to scores: a boolean mask becomes 0 / -inf (``keep_true``: True means attend)."""
+    if mask is None or mask.is_floating_point():
+        return mask
+    keep = mask if keep_true else ~mask
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
+
+
+def causal_bias(q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
+    """``(q, kv)`` additive mask: query ``i`` (the last ``q`` of ``kv`` positions) sees keys ``j <= i + kv - q``."""
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=like.device).tril(kv_len - q_len)
+    return torch.zeros(q_len, kv_len, dtype=like.dtype, device=like.device).masked_fill(~allowed, float("-inf"))
+
+
+def pad_columns(mask: torch.Tensor, before: int, after: int = 0) -> torch.Tensor:
+    """Add ``before``/``after`` always-visible columns to a mask's last axis (True for bool, 0 for float)."""
+    fill = True if mask.dtype == torch.bool else 0.0
+    shape = list(mask.shape)
+    parts = []
+    if before:
+        parts.append(mask.new_full([*shape[:-1], before], fill))
+    parts.append(mask)
+    if after:
+        parts.append(mask.new_full([*shape[:-1], after], fill))
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, *, dropout: float,
+           scale: float | None, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled dot-product attention with an additive ``bias``; explicit when the weights are wanted."""
+    if not need_weights:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale), None
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if bias is not None:
+        scores = scores + bias
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout, training=dropout > 0)
+    return weights @ v, weights
+
+
+def prefixed_attention(adapter: PrefixAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       bias: torch.Tensor | None, *, dropout: float = 0.0, scale: float | None = None,
+                       need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of ``q (b, h, n, d)`` over the adapter's prefix and ``k, v (b, h, s, d)`` (same head count).
+
+    ``bias`` is an additive mask broadcastable to ``(b, h, n, s)`` (real keys only). Returns the output
+    ``(b, h, n, d_v)`` and, with ``need_weights``, weights ``(b, h, n, p + s)`` (prefix columns first).
+    """
+    pk, pv = adapter.prefix(q.shape[0], like=q)
+    if adapter.gated:
+        out, weights = attend(q, k, v, bias, dropout=dropout, scale=scale, need_weights=need_weights)
+        extra, prefix_weights = attend(q, pk, pv, None, dropout=dropout, scale=scale, need_weights=need_weights)
+        if weights is not None and prefix_weights is not None:
+            weights = torch.cat([prefix_weights * adapter.gate_value(q), weights], dim=-1)
+        return out + adapter.gate_value(q) * extra, weights
+    bias = pad_columns(bias.expand(*bias.shape[:-1], k.shape[-2]), adapter.num_tokens) if bias is not None else None
+    return attend(q, torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2), bias, dropout=dropout, scale=scale,
+                  need_weights=need_weights)

@@ -1,0 +1,173 @@
+"""Prefixes for transformers 5 models, at the attention-interface seam every model calls.
+
+Each transformers attention module computes ``query, key, value`` (projected, rotary embeddings applied, cache
+updated) and then calls ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_forward)``
+with them. We put a thin proxy in place of the name ``ALL_ATTENTION_FUNCTIONS`` in the module where that
+``forward`` is defined: the proxy returns the function the model asked for (eager, sdpa, flash ...), wrapped so
+that modules holding a prefix adapter get their prefix prepended to ``key``/``value``. Modules without an
+adapter pass straight through, so the user's implementation choice is kept and nothing else changes.
+
+Because the prefix is added *after* the KV cache update, the cache holds real tokens only and the prefix
+enters each layer exactly once per step, with or without a cache (``generate()`` included).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_peft.attention.base import PrefixAttention, PrefixShape, causal_bias, pad_columns
+
+_NAME = "ALL_ATTENTION_FUNCTIONS"
+_ADAPTER = "_peft_prefix_adapter"  # back-reference from the attention module to its adapter
+
+
+class TransformersPrefixAttention(PrefixAttention):
+    """A transformers attention module with a prefix; its own ``forward`` runs unchanged."""
+
+    family = "transformers attention interface"
+
+    def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
+        super().__init__(base, *args, **kwargs)
+        base.__dict__[_ADAPTER] = self
+        _install_proxy(type(base))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.base_layer.__dict__[_ADAPTER] = self  # again: unwrap() drops it, and named adapters re-wrap the base
+        return self.base_layer(*args, **kwargs)
+
+    def unwrap(self) -> nn.Module:
+        base = super().unwrap()
+        base.__dict__.pop(_ADAPTER, None)
+        return base
+
+
+class _PrefixedInterface:
+    """Stands in for ``ALL_ATTENTION_FUNCTIONS`` in one modeling module; see the module docstring."""
+
+    def __init__(self, interface: Any) -> None:
+        self._interface = interface
+
+    def get_interface(self, attn_implementation: str, default: Callable[..., Any]) -> Callable[..., Any]:
+        inner = self._interface.get_interface(attn_implementation, default)
+        return functools.partial(_prefixed_call, inner, attn_implementation or "eager")
+
+    def __getitem__(self, key: str) -> Callable[..., Any]:
+        return functools.partial(_prefixed_call, self._interface[key], key)
+
+    def __getattr__(self, name: str) -> Any:  # get, keys, __contains__ users ... behave as the real interface
+        return getattr(self._interface, name)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._interface
+
+
+def _forward_globals(cls: type[nn.Module]) -> dict[str, Any] | None:
+    forward = inspect.unwrap(cls.forward)  # through decorators such as deprecate_kwarg
+    code = getattr(forward, "__code__", None)
+    if code is None or _NAME not in code.co_names:
+        return None
+    return forward.__globals__  # type: ignore[no-any-return]
+
+
+def calls_attention_interface(module: nn.Module) -> bool:
+    """Whether ``module.forward`` dispatches through transformers' ``ALL_ATTENTION_FUNCTIONS``."""
+    return _forward_globals(type(module)) is not None and hasattr(module, "config")
+
+
+def _install_proxy(cls: type[nn.Module]) -> None:
+    namespace = _forward_globals(cls)
+    if namespace is not None and not isinstance(namespace[_NAME], _PrefixedInterface):
+        namespace[_NAME] = _PrefixedInterface(namespace[_NAME])
+
+
+def _prefixed_call(inner: Callable[..., Any], implementation: str, module: nn.Module, query: torch.Tensor,
+                   key: torch.Tensor, value: torch.Tensor, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+    adapter: PrefixAttention | None = module.__dict__.get(_ADAPTER)
+    if adapter is None or not adapter.enabled:
+        return inner(module, query, key, value, attention_mask, *args, **kwargs)
+    _check_shape(adapter, key, value)
+    pk, pv = adapter.prefix(key.shape[0], like=key)
+    if adapter.gated:
+        out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
+        prefix_kwargs = {**kwargs, "is_causal": False, "position_bias": None}
+        if "position_bias" not in kwargs:
+            prefix_kwargs.pop("position_bias")
+        extra, _ = inner(module, query, pk, pv, None, *args, **prefix_kwargs)
+        return out + adapter.gate_value(out) * extra, weights
+    p, q_len, kv_len = adapter.num_tokens, query.shape[-2], key.shape[-2]
+    mask = _extend_mask(attention_mask, p, implementation, module, kwargs, query, q_len, kv_len)
+    if kwargs.get("position_bias") is not None:  # T5: relative position bias, none for the prefix columns
+        kwargs["position_bias"] = pad_columns(kwargs["position_bias"], p)
+    key, value = torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2)
+    return inner(module, query, key, value, mask, *args, **kwargs)
+
+
+def _extend_mask(mask: Any, p: int, implementation: str, module: nn.Module, kwargs: dict[str, Any],
+                 query: torch.Tensor, q_len: int, kv_len: int) -> Any:
+    if isinstance(mask, torch.Tensor):
+        if mask.dim() == 2 or mask.shape[-1] == kv_len:  # (b, kv) padding masks (flash) or (b, h, q, kv)
+            return pad_columns(mask, p)
+        raise ValueError(
+            f"prefix tuning cannot extend an attention mask of shape {tuple(mask.shape)} for keys of length {kv_len} "
+            f"in {type(module).__name__}. Use attn_implementation='sdpa' or 'eager'."
+        )
+    if mask is not None:
+        raise ValueError(
+            f"prefix tuning got a {type(mask).__name__} attention mask from attn_implementation={implementation!r} "
+            f"in {type(module).__name__}; it extends tensor masks only. Use attn_implementation='sdpa' or 'eager'."
+        )
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    if not causal or q_len == 1 or implementation.startswith("flash"):
+        return None  # no mask needed (flash aligns causal masks bottom-right: prefix columns stay visible)
+    # sdpa would use is_causal=True, which aligns top-left once keys outnumber queries: spell the mask out.
+    return pad_columns(causal_bias(q_len, kv_len, query)[None, None], p)
+
+
+def _check_shape(adapter: PrefixAttention, key: torch.Tensor, value: torch.Tensor) -> None:
+    s = adapter.shape
+    got = (key.shape[1], key.shape[-1], value.shape[-1])
+    if got != (s.kv_heads, s.key_dim, s.value_dim):
+        raise ValueError(
+            f"{type(adapter.base_layer).__name__} passes keys with {got[0]} heads of width {got[1]} (values {got[2]}) "
+            f"to the attention interface, but its prefix was built for {s.kv_heads} heads of width {s.key_dim} "
+            f"(values {s.value_dim}) from the module's attributes. Register a handler for this class with "
+            "lightning_peft.register_attention_handler that returns the right PrefixShape."
+        )
+
+
+def transformers_shape(module: nn.Module) -> PrefixShape:
+    """Key/value heads and head width of a transformers attention module, read from its attributes."""
+    config = module.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = _first_attr([module], ("num_heads", "num_attention_heads", "n_heads", "n_head"))
+    if heads is None:
+        heads = _first_attr([text], ("num_attention_heads", "num_heads", "n_head"))
+    groups = getattr(module, "num_key_value_groups", None)
+    kv_heads = heads // groups if heads is not None and groups else _first_attr(
+        [module], ("num_key_value_heads", "num_kv_heads")) or heads
+    head_dim = _first_attr([module], ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size"))
+    if head_dim is None and heads:
+        hidden = _first_attr([text], ("hidden_size", "d_model", "n_embd"))
+        head_dim = hidden // heads if hidden else None
+    if not kv_heads or not head_dim:
+        raise ValueError(
+            f"cannot read the number of heads or the head width of {type(module).__name__} from its attributes; "
+            "register a handler for it with lightning_peft.register_attention_handler."
+        )
+    return PrefixShape(int(kv_heads), int(head_dim), int(head_dim))
+
+
+def _first_attr(objects: list[Any], names: tuple[str, ...]) -> int | None:
+    for obj in objects:
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None

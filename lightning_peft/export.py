@@ -1,0 +1,158 @@
+"""Export the adapter of a Lightning checkpoint without building a Trainer: ``lightning-peft-export``.
+
+::
+
+    lightning-peft-export CKPT OUT_DIR [--format native|peft] [--base HF_PATH] [--prefix model.]
+    python -m lightning_peft.export CKPT OUT_DIR ...
+
+The checkpoint is read with ``torch.load(weights_only=True)``, so it never executes code: a checkpoint that pickled
+other objects (custom classes in ``hyper_parameters``) is refused with the names of those classes, and
+``--allow-global module.Class`` trusts them explicitly. Adapter tensors are in ``checkpoint["state_dict"]`` under the
+LightningModule's attribute names; ``--prefix model.`` strips the path to the base model's root (the module that
+``save_adapter``/PEFT see), and drops everything outside it. The methods and base shapes come from
+``checkpoint["lightning_peft"]``.
+
+* ``--format native`` (default) needs no model: tensors and metadata are written as :func:`save_adapter` does.
+* ``--format peft`` needs the base model (``--base``: a transformers directory or hub name, read with
+  ``from_pretrained``): it is injected, the tensors are loaded, and :func:`save_adapter` writes PEFT's layout
+  (refusing what PEFT cannot express).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pickle
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_peft.core import MethodConfig, inject
+from lightning_peft.state import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, load_adapter_state_dict, save_adapter
+
+CHECKPOINT_KEY = "lightning_peft"  # as lightning_peft.callbacks writes it (not imported: no lightning needed here)
+
+
+def read_checkpoint(path: str | Path, allow_globals: list[str] | None = None) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True``; ``allow_globals`` names classes trusted on top.
+
+    Raises:
+        ValueError: The checkpoint pickles classes that are not allowed; the message lists them.
+    """
+    trusted = [_import_global(name) for name in allow_globals or []]
+    try:
+        with torch.serialization.safe_globals(trusted):
+            return torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+    except pickle.UnpicklingError as err:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        raise ValueError(
+            f"{path} pickles objects a weights-only load refuses ({', '.join(unsafe) or err}); we never execute code "
+            "from a checkpoint. If you trust them, pass --allow-global NAME for each (e.g. "
+            f"--allow-global {unsafe[0] if unsafe else 'module.Class'})."
+        ) from None
+
+
+def _import_global(name: str) -> Any:
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def adapter_from_checkpoint(checkpoint: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter tensors and metadata of a Lightning checkpoint, with ``prefix`` stripped from every name.
+
+    Raises:
+        ValueError: The checkpoint has no lightning_peft metadata, or nothing under ``prefix``.
+    """
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if meta is None:
+        raise ValueError(
+            "the checkpoint has no 'lightning_peft' entry: it was not saved by a module with lightning_peft adapters "
+            "(LoRA/PrefixTuning/PromptTuning callbacks or PEFTMixin)."
+        )
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        roots = sorted({k.split(".", 1)[0] + "." for k in checkpoint["state_dict"]})
+        raise ValueError(f"no adapter tensor starts with prefix {prefix!r}; the checkpoint's names start with {roots}.")
+    methods = [_strip_rules(m, prefix) for m in meta["methods"]]
+    shapes = {k[len(prefix):]: v for k, v in meta["base_shapes"].items() if k.startswith(prefix)}
+    return state, {**meta, "methods": methods, "base_shapes": shapes}
+
+
+def _strip_rules(method: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Target rules written as full names from the LightningModule's root, made relative to the base model."""
+    out = dict(method)
+    for key in ("target_modules", "trainable_modules", "exclude_modules"):
+        rules = out.get(key)
+        if prefix and isinstance(rules, list):
+            out[key] = [r[len(prefix):] if isinstance(r, str) and r.startswith(prefix) else r for r in rules]
+    return out
+
+
+def export(checkpoint_path: str | Path, out_dir: str | Path, format: Literal["native", "peft"] = "native",
+           base: str | None = None, prefix: str = "", allow_globals: list[str] | None = None) -> Path:
+    """Write the adapter of a Lightning checkpoint as an adapter directory; returns it.
+
+    Args:
+        checkpoint_path: A ``.ckpt`` file saved with lightning_peft adapters.
+        out_dir: Directory to write (created).
+        format: ``"native"`` (safetensors + our JSON) or ``"peft"`` (Hugging Face PEFT's layout; needs ``base``).
+        base: A transformers model directory or name, for ``format="peft"``.
+        prefix: The LightningModule attribute path of the base model (``"model."``), stripped from names.
+        allow_globals: Classes to trust when unpickling, ``"module.Class"`` each.
+    """
+    state, meta = adapter_from_checkpoint(read_checkpoint(checkpoint_path, allow_globals), prefix)
+    if format == "native" and base is None:
+        directory = Path(out_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS_NAME),
+                  metadata={"format": "lightning_peft"})
+        (directory / CONFIG_NAME).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION}, indent=2))
+        return directory
+    if base is None:
+        raise ValueError(
+            "--format peft needs the base model (--base PATH_OR_NAME): PEFT's layout depends on the layer types and "
+            "the model config, which a checkpoint does not hold."
+        )
+    model = inject(load_base(base), *[MethodConfig.from_dict(m) for m in meta["methods"]])
+    load_adapter_state_dict(model, state)
+    return save_adapter(model, out_dir, format=format)
+
+
+def load_base(name_or_path: str) -> nn.Module:
+    """A transformers model from a directory or hub name, with the class its config names (``AutoModel`` else)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    architecture = next(iter(getattr(config, "architectures", None) or []), None)
+    cls = getattr(transformers, architecture, None) if architecture else None
+    return (cls or transformers.AutoModel).from_pretrained(name_or_path).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``lightning-peft-export --help``)."""
+    parser = argparse.ArgumentParser(prog="lightning-peft-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) holding lightning_peft adapters")
+    parser.add_argument("out_dir", help="adapter directory to write")
+    parser.add_argument("--format", choices=["native", "peft"], default="native")
+    parser.add_argument("--base", default=None, help="transformers base model (directory or name); 'none' for none")
+    parser.add_argument("--prefix", default="", help="attribute path of the base model in the LightningModule, e.g. 'model.'")
+    parser.add_argument("--allow-global", action="append", default=[], dest="allow_globals", metavar="MODULE.CLASS",
+                        help="trust this pickled class when loading the checkpoint (repeatable)")
+    args = parser.parse_args(argv)
+    base = None if args.base in (None, "none", "None") else args.base
+    try:
+        out = export(args.checkpoint, args.out_dir, args.format, base, args.prefix, args.allow_globals)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"lightning-peft-export: error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

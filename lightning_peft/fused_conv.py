@@ -1,0 +1,168 @@
+r"""A fused LoRA convolution: one pass over the input for the frozen weight and the adapter's ``A``.
+
+HF PEFT (and the plain :class:`~lightning_peft.lora.LoRAConv` path) runs three convolutions per step::
+
+    y = conv(x, W) + s · conv1x1(conv(x, A), B)          # x read twice; backward: two transposed convs
+
+On early CNN layers (few channels, large maps) the ``r``-channel convolution is memory-bound, so it costs
+nearly as much as the frozen one. Here the frozen weight and ``A`` are stacked per group into one weight
+``[W; A]`` with ``out + r`` output channels::
+
+    [y; h] = conv(x, [W; A])          # one pass over x
+    out    = y + s · B h              # one batched matmul (B is a 1x1 conv), fused with the add
+    dx     = conv_T([dy; s·Bᵀdy], [W; A])   # one transposed conv gives the input gradient
+    dA     = conv_weight_grad(x, s·Bᵀdy)    # the only weight gradient computed: W's is never formed
+    dB     = s · Σ dy hᵀ
+
+Outputs and gradients equal the three-convolution path up to float rounding (tests check 1e-5 in fp32).
+Without gradients (inference, unmerged) the update is folded into the weight: one convolution of ``out``
+channels, so unmerged inference costs what the base layer costs.
+
+The path applies on CPU (on CUDA the plain path measured faster) to ``nn.Conv1d/2d/3d`` with any stride, dilation, groups and ``padding_mode`` (non-zero
+modes pad first) when dropout is off and the base weight is frozen; :func:`fused_lora_conv` returns ``None``
+otherwise and the caller runs the plain path. Set ``lightning_peft.fused_conv.ENABLED = False`` to compare.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENABLED = True
+"""Switch for the fused path (benchmarks and tests compare it with the plain three-convolution path)."""
+
+_conv_backward = torch.ops.aten.convolution_backward
+
+
+def _stack_per_group(weight: torch.Tensor, lora_a: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[W; A]`` interleaved per group: group ``j`` gets its ``out/g`` rows of W followed by its ``r/g`` rows of A."""
+    rest = weight.shape[1:]
+    stacked = torch.cat([weight.reshape(groups, -1, *rest), lora_a.reshape(groups, -1, *rest)], dim=1)
+    return stacked.reshape(-1, *rest)
+
+
+class _FusedLoRAConv(torch.autograd.Function):
+    """``conv(x, W, bias) + scale · conv1x1(conv(x, A), B)`` with one forward and one transposed convolution."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+        lora_b: torch.Tensor, scale: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+    ) -> torch.Tensor:
+        out, r = weight.shape[0], lora_a.shape[0]
+        o, rg = out // groups, r // groups
+        stacked = _stack_per_group(weight, lora_a, groups)
+        stacked_bias = None if bias is None else torch.cat([bias.reshape(groups, o), bias.new_zeros(groups, rg)], 1)
+        zeros = [0] * len(stride)
+        both = torch.ops.aten.convolution(
+            x, stacked, None if stacked_bias is None else stacked_bias.reshape(-1), stride, padding, dilation,
+            False, zeros, groups,
+        ).contiguous()
+        n, spatial = both.shape[0], both.shape[2:]
+        per_group = both.view(n * groups, o + rg, -1)  # (N·g, o + r/g, L): rows of y, then rows of h
+        hidden = per_group[:, o:]
+        b_mat = lora_b.reshape(groups, o, rg)
+        b_batched = b_mat.unsqueeze(0).expand(n, groups, o, rg).reshape(n * groups, o, rg)
+        result = torch.baddbmm(per_group[:, :o], b_batched, hidden, alpha=scale)  # y + s·B h, one pass
+        ctx.save_for_backward(x, weight, lora_a, hidden.contiguous(), b_mat)  # parameters, not a stacked copy
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.scale, ctx.out = scale, out
+        return result.view(n, out, *spatial)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, lora_a, hidden, b_mat = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        out, scale = ctx.out, ctx.scale
+        o, rg = out // groups, b_mat.shape[-1]
+        n, spatial = grad.shape[0], grad.shape[2:]
+        grad4 = grad.contiguous().view(n, groups, o, -1)
+        grad_hidden = torch.matmul(b_mat.transpose(1, 2), grad4).mul_(scale)  # (N, g, r/g, L) = s·Bᵀ dy
+        hidden4 = hidden.view(n, groups, rg, -1)
+        grad_b = torch.matmul(grad4, hidden4.transpose(-1, -2)).sum(0).mul_(scale)  # (g, o, r/g) = s·Σ dy hᵀ
+        zeros = [0] * len(stride)
+        grad_x = grad_a = grad_w = grad_bias = None
+        grad_h = grad_hidden.reshape(n, groups * rg, *spatial)
+        if ctx.needs_input_grad[0]:
+            stacked = _stack_per_group(weight, lora_a, groups)
+            grad_both = torch.cat([grad4, grad_hidden], dim=2).view(n, out + groups * rg, *spatial)
+            grad_x = _conv_backward(
+                grad_both, x, stacked, None, stride, padding, dilation, False, zeros, groups, [True, False, False]
+            )[0]
+        if ctx.needs_input_grad[3]:
+            grad_a = _conv_backward(
+                grad_h, x, lora_a, None, stride, padding, dilation, False, zeros, groups, [False, True, False]
+            )[1]
+        if ctx.needs_input_grad[1]:  # only if someone trains the base weight alongside the adapter
+            grad_w = _conv_backward(
+                grad, x, weight, None, stride, padding, dilation, False, zeros, groups, [False, True, False]
+            )[1]
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=[0, *range(2, grad.dim())])
+        grad_b_out = grad_b.reshape(out, rg, *([1] * len(spatial))) if ctx.needs_input_grad[4] else None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b_out, None, None, None, None, None
+
+
+def _numeric_padding(conv: nn.Module) -> list[int] | None:
+    padding = conv.padding
+    if isinstance(padding, str):
+        return [0] * len(conv.kernel_size) if padding == "valid" else None  # "same": leave to the plain path
+    return list(padding)
+
+
+def _pays(x: torch.Tensor, conv: nn.Module) -> bool:
+    """Whether the output positions outnumber the weight's rows times its kernel size.
+
+    Both fused computations copy a weight-sized tensor per call (``[W; A]`` in training, ``W + s·BA`` without
+    gradients) to save passes over activations; that pays when ``N · L_out >= out · prod(k)``: early and
+    middle CNN layers, not the last blocks of a small batch (measured: benchmarks/conv_layers.py).
+    """
+    positions = x.shape[0] * math.prod(x.shape[2:]) // math.prod(conv.stride)
+    return positions >= conv.out_channels * math.prod(conv.kernel_size)
+
+
+def _compute_dtype(x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.dtype | None:
+    """The dtype every operand is cast to: autocast's, else the shared dtype; ``None`` when they disagree."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    dtypes = {x.dtype, *(t.dtype for t in tensors)}
+    return x.dtype if len(dtypes) == 1 else None
+
+
+def fused_lora_conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Run a LoRA convolution adapter on ``x`` by the fused path, or return ``None`` if it does not apply.
+
+    Args:
+        layer: A :class:`~lightning_peft.lora.LoRAConv` (``base_layer``, ``lora_A``, ``lora_B``, ``scale``).
+        x: The layer's input, ``(N, C, *spatial)``.
+
+    Returns:
+        ``base(x) + scale · B A x``, or ``None`` when the plain path must run (not a CPU tensor, fused path switched off,
+        dropout active, a trainable base weight, ``padding="same"``, mixed dtypes, an unbatched input, or too
+        few output positions for the weight-sized copy to pay, see :func:`_pays`).
+    """
+    base = layer.base_layer
+    if x.device.type != "cpu":  # measured on an H200: the extra small kernels cost more than a pass over x saves
+        return None
+    if not ENABLED or (layer.dropout.training and not isinstance(layer.dropout, nn.Identity)):
+        return None
+    weight, bias, lora_a, lora_b = base.weight, base.bias, layer.lora_A, layer.lora_B
+    padding = _numeric_padding(base)
+    dtype = _compute_dtype(x, [weight, lora_a, lora_b] + ([] if bias is None else [bias]))
+    if padding is None or dtype is None or weight.requires_grad or x.dim() != weight.dim() or not _pays(x, base):
+        return None
+    if base.padding_mode != "zeros":
+        x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+        padding = [0] * len(padding)
+    cast = [t if t is None else t.to(dtype) for t in (x, weight, bias, lora_a, lora_b)]
+    x, weight, bias, lora_a, lora_b = cast
+    stride, dilation, groups = list(base.stride), list(base.dilation), base.groups
+    if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
+        folded = weight + layer.delta_weight().to(dtype)  # inference: one conv of out channels
+        return torch.ops.aten.convolution(x, folded, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+    with torch.autocast(x.device.type, enabled=False):
+        return _FusedLoRAConv.apply(x, weight, bias, lora_a, lora_b, layer.scale, stride, padding, dilation, groups)

@@ -1,0 +1,167 @@
+r"""Prefix tuning (Li & Liang 2021, https://arxiv.org/abs/2101.00190) for any attention layer.
+
+Per attention layer, ``p`` learned key and value vectors per key/value head are prepended along the sequence
+axis, after the key/value projections (and after rotary embeddings, where a model has them)::
+
+    x ──► W_q ──► q (n rows) ─────────────────────────┐
+    x ──► W_k ──► RoPE ──► k ──► [P_k ; k]  (p + n) ──┼──► softmax(q [P_k; k]^T / √d + mask) [P_v ; v] ──► n rows
+    x ──► W_v ──────────► v ──► [P_v ; v]  (p + n) ──┘
+
+Scores are ``n x (p + n)`` and outputs keep ``n`` rows: queries, hidden sizes and sequence lengths seen by the
+rest of the model never change. Masks gain ``p`` always-visible columns (causal stays causal over the real
+tokens, padding stays masked). A KV cache holds real tokens only; the prefix enters once per layer and step.
+
+Attention families are found by the handlers of :mod:`lightning_peft.attention` (transformers models through
+their attention interface, ``nn.MultiheadAttention``, timm ``Attention``; users can register more).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from torch import nn
+
+from lightning_peft.attention import AttentionMatch, MultiheadPrefixAttention, match_attention
+from lightning_peft.attention.base import PrefixAttention, PrefixEncoder
+from lightning_peft.core import _METHODS, Adapter, MethodConfig, adapters, init_seed, refresh_trainable, replace_module
+from lightning_peft.errors import TargetNotFoundError
+from lightning_peft.targets import describe, layer_index, matches
+
+
+@dataclass(eq=False)
+class PrefixTuningConfig(MethodConfig):
+    """Configuration of prefix tuning; ``PrefixTuning`` (the callback) takes the same arguments.
+
+    Args:
+        num_tokens: Prefix length ``p`` per layer (the paper uses 10 for table-to-text, 200 for summarisation).
+        reparameterize: Produce every layer's prefix with one shared MLP while training (paper §4.3, more
+            stable); :func:`fold_prefix` turns it into plain prefix tensors afterwards with identical outputs.
+        hidden_size: Width of the reparameterization MLP (its input embedding and hidden layer; paper: 512).
+        layers: Only attention layers whose index is in this list (``encoder.layer.3.…`` has index 3); all by default.
+        target_modules: Only attention modules matching these rules (names, dotted suffixes, a regex, class
+            names; see :mod:`lightning_peft.targets`); every attention module found by default.
+        gate: Exact start: give the prefix its own softmax, added through a zero-initialised gate
+            (``tanh(g)``, as LLaMA-Adapter), so the model equals the frozen one at step 0.
+        init_std: Standard deviation of the prefix's (or the MLP's input embedding's) normal initialisation.
+        trainable_modules: Modules trained fully alongside the prefixes (heads, norms) and saved with them.
+        batchnorm: Frozen BatchNorm layers keep (``"frozen"``) or update (``"update"``) their statistics.
+        seed: Base seed of the initialisation; each layer derives its own from its name.
+    """
+
+    method_name: ClassVar[str] = "prefix"
+    num_tokens: int = 10
+    reparameterize: bool = False
+    hidden_size: int = 512
+    layers: list[int] | None = None
+    target_modules: str | list[str] | None = None
+    gate: bool = False
+    init_std: float = 1.0
+    trainable_modules: list[str] | None = None
+    batchnorm: Literal["frozen", "update"] = "frozen"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_tokens", "hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PrefixTuning {name} must be a positive integer; got {value!r}.")
+        if self.init_std < 0:
+            raise ValueError(f"PrefixTuning init_std must be >= 0; got {self.init_std!r}.")
+        if self.batchnorm not in ("frozen", "update"):
+            raise ValueError(f"batchnorm={self.batchnorm!r} is not one of 'frozen', 'update'.")
+
+    def attach(self, model: nn.Module) -> None:
+        """Wrap every selected attention module in its prefix adapter (and share one MLP if reparameterized).
+
+        Raises:
+            TargetNotFoundError: The model has no attention module a handler knows, or the filters left none.
+        """
+        found = find_attention(model)
+        if not found:
+            raise TargetNotFoundError(_no_attention_message(model))
+        selected = [
+            (name, match) for name, match in found
+            if (self.target_modules is None or matches(self.target_modules, name, model.get_submodule(name)))
+            and (self.layers is None or layer_index(name) in set(self.layers))
+        ]
+        if not selected:
+            raise TargetNotFoundError(
+                f"prefix tuning: target_modules={self.target_modules!r}, layers={self.layers!r} left none of the "
+                f"attention modules of {type(model).__name__}: {describe(model, [n for n, _ in found])}."
+            )
+        built: list[PrefixAttention] = []
+        for name, match in selected:
+            if not name:
+                raise TypeError("prefix tuning wraps attention modules inside a model; pass the model that holds it.")
+            adapter = match.adapter(model.get_submodule(name), match.shape, self.num_tokens, gate=self.gate,
+                                    init_std=self.init_std, seed=init_seed(self.seed, name))
+            replace_module(model, name, adapter)
+            built.append(adapter)
+        if self.reparameterize:
+            _share_encoder(built, self.hidden_size, init_seed(self.seed, "prefix_encoder"))
+        if any(isinstance(a, MultiheadPrefixAttention) for a in built):
+            for module in model.modules():  # its nested-tensor path would bypass the adapters (speed only)
+                if isinstance(module, nn.TransformerEncoder):
+                    module.use_nested_tensor = False
+
+
+def find_attention(model: nn.Module) -> list[tuple[str, AttentionMatch]]:
+    """``(name, match)`` for every outermost module a registered attention handler knows, in module order."""
+    found: list[tuple[str, AttentionMatch]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, Adapter) or any(name.startswith(f"{n}.") for n, _ in found if n):
+            continue
+        match = match_attention(module)
+        if match is not None:
+            found.append((name, match))
+    return found
+
+
+def _share_encoder(built: list[PrefixAttention], hidden_size: int, seed: int) -> None:
+    ref = built[0].prefix_keys
+    total = sum(a.shape.numel_per_token for a in built)
+    encoder = PrefixEncoder(built[0].num_tokens, hidden_size, total, seed, device=ref.device, dtype=ref.dtype)
+    start = 0
+    for i, adapter in enumerate(built):
+        adapter.use_encoder(encoder, start, owner=i == 0)
+        start += adapter.shape.numel_per_token
+
+
+def _no_attention_message(model: nn.Module) -> str:
+    kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+    return (
+        f"prefix tuning found no attention layer in {type(model).__name__} (its layers: {', '.join(kinds[:8])}). "
+        "Prefixes are keys and values for attention; for a model without attention use LoRA "
+        "(LoRA(target_modules='all-conv') for a CNN) or pixel prompts (PromptTuning). If the model has an "
+        "attention class of its own, teach it with lightning_peft.register_attention_handler."
+    )
+
+
+def fold_prefix(model: nn.Module) -> nn.Module:
+    """Fold the reparameterization MLP away: every layer keeps the plain prefix it produces now; returns ``model``.
+
+    Outputs stay identical; the adapter state then holds ``prefix_keys``/``prefix_values`` per layer only, and
+    the recorded configuration says ``reparameterize=False`` so saved adapters load into a plain injection.
+
+    Example:
+        >>> from lightning_peft import inject
+        >>> model = inject(nn.TransformerEncoderLayer(8, 2), PrefixTuningConfig(num_tokens=2, reparameterize=True,
+        ...                hidden_size=4))
+        >>> sorted(n for n, p in fold_prefix(model).named_parameters() if p.requires_grad)
+        ['self_attn.prefix_keys', 'self_attn.prefix_values']
+    """
+    for _, adapter in adapters(model):
+        if isinstance(adapter, PrefixAttention):
+            adapter.fold()
+    methods = model.__dict__.get(_METHODS, [])
+    for i, method in enumerate(methods):
+        if isinstance(method, PrefixTuningConfig) and method.reparameterize:
+            fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(PrefixTuningConfig)}
+            methods[i] = PrefixTuningConfig(**{**fields, "reparameterize": False})
+    refresh_trainable(model)
+    return model
+
+
+merge_prefix = fold_prefix

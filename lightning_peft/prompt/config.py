@@ -1,0 +1,167 @@
+"""Configuration of soft prompts, and the choice of prompt kind for a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from torch import nn
+
+from lightning_peft.core import MethodConfig
+from lightning_peft.lora import _check_choice
+from lightning_peft.prompt.base import is_prompted
+from lightning_peft.prompt.patches import attach_patches, find_vits
+from lightning_peft.prompt.pixels import attach_pixels, image_inputs
+from lightning_peft.prompt.tokens import attach_to_embedding, attach_to_transformers, token_hosts
+
+PromptKind = Literal["tokens", "patches", "pixels"]
+PromptInit = Literal["random", "vocab", "text"]
+Truncation = Literal["left", "right"]
+PixelRegion = Literal["border", "full"]
+
+
+@dataclass(eq=False)
+class PromptTuningConfig(MethodConfig):
+    """Configuration of soft prompts; ``PromptTuning`` (the callback) takes the same arguments.
+
+    Args:
+        num_tokens: Number of prompt tokens (text and ViT prompts). Lester et al. 2021 §3 use 1-150; 20 is a
+            common default; VPT (Jia et al. 2022) uses 1-200 per block.
+        init: Token prompts start as ``"random"`` vectors (normal, with the spread of the embedding's weights),
+            the embeddings of ``"vocab"`` rows drawn with ``seed``, or the embeddings of ``"text"``
+            (``init_text``, repeated or cut to ``num_tokens``). Patch prompts always start uniform (VPT's
+            Xavier init), pixel prompts at zero.
+        init_text: The text whose token embeddings start the prompt (``init="text"``).
+        tokenizer: Path or name of the tokenizer for ``init_text`` (read with ``AutoTokenizer.from_pretrained``).
+        kind: ``"tokens"`` (language models), ``"patches"`` (vision transformers) or ``"pixels"`` (any image
+            model); ``None`` detects it: a ViT gets patches, a transformers model with a token embedding (or a
+            named ``embedding``) gets tokens, any other model with an ``nn.Conv2d`` gets pixels.
+        deep: Patch prompts only: fresh prompts at every block (VPT-deep) instead of the first (VPT-shallow).
+        embedding: Name of the ``nn.Embedding`` that embeds the input tokens of a model of your own; its output
+            gains the prompt in front. Leave unset for transformers models.
+        keep_virtual_outputs: Keep the prompt positions in the outputs (logits, hidden states, ViT token
+            sequences). By default they are removed, so outputs line up with the real inputs.
+        truncation: When input plus prompt exceed the model's maximum length, drop real tokens from this side
+            (``"left"`` or ``"right"``); ``None`` (default) raises an error instead.
+        width: Pixel prompts: border width in pixels (Bahng et al. 2022 use 30 on 224-pixel images).
+        pixel_region: Pixel prompts: a ``"border"`` frame (default) or the ``"full"`` image.
+        image_size: Pixel prompts: image size ``H`` or ``[H, W]``; read from the model when it declares one
+            (torchvision/timm/transformers ViTs), required otherwise (ResNet).
+        image_module: Pixel prompts: name of the module that first receives the image (default: the first
+            ``nn.Conv2d``).
+        trainable_modules: Modules trained fully alongside the prompts (a classifier head) and saved with them.
+        batchnorm: Frozen BatchNorm layers keep their running statistics (``"frozen"``) or update and save them
+            (``"update"``).
+        seed: Base seed of the prompts' initialisation; each adapter derives its own from its name.
+
+    Example:
+        >>> import torch
+        >>> from lightning_peft import inject
+        >>> cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        >>> cnn = inject(cnn, PromptTuningConfig(kind="pixels", width=2, image_size=8))
+        >>> [n for n, p in cnn.named_parameters() if p.requires_grad]
+        ['0.prompt_top', '0.prompt_bottom', '0.prompt_left', '0.prompt_right']
+        >>> cnn(torch.zeros(1, 3, 8, 8)).shape
+        torch.Size([1, 4, 6, 6])
+    """
+
+    method_name: ClassVar[str] = "prompt"
+    num_tokens: int = 20
+    init: PromptInit = "random"
+    init_text: str | None = None
+    tokenizer: str | None = None
+    kind: PromptKind | None = None
+    deep: bool = False
+    embedding: str | None = None
+    keep_virtual_outputs: bool = False
+    truncation: Truncation | None = None
+    width: int = 30
+    pixel_region: PixelRegion = "border"
+    image_size: int | list[int] | None = None
+    image_module: str | None = None
+    trainable_modules: list[str] | None = None
+    batchnorm: Literal["frozen", "update"] = "frozen"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be a positive integer (prompt tokens); got {self.num_tokens!r}.")
+        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
+            raise ValueError(f"width must be a positive number of pixels; got {self.width!r}.")
+        _check_choice("init", self.init, PromptInit)
+        _check_choice("batchnorm", self.batchnorm, Literal["frozen", "update"])
+        _check_choice("pixel_region", self.pixel_region, PixelRegion)
+        if self.kind is not None:
+            _check_choice("kind", self.kind, PromptKind)
+        if self.truncation is not None:
+            _check_choice("truncation", self.truncation, Truncation)
+        if self.init == "text" and (not self.init_text or not self.tokenizer):
+            missing = "init_text" if not self.init_text else "tokenizer"
+            raise ValueError(
+                f"init='text' needs both init_text and tokenizer; {missing} is missing. Pass e.g. "
+                "init_text='Classify the sentiment:', tokenizer='path/to/tokenizer', or use init='vocab'."
+            )
+        if self.init != "random" and self.kind in ("patches", "pixels"):
+            raise ValueError(f"init={self.init!r} needs a token vocabulary; {self.kind} prompts start 'random'.")
+        if self.image_size is not None and not (
+            isinstance(self.image_size, int) or (isinstance(self.image_size, list) and len(self.image_size) == 2)
+        ):
+            raise ValueError(f"image_size must be an int or [height, width]; got {self.image_size!r}.")
+
+    def attach(self, model: nn.Module) -> None:
+        """Add prompts of the chosen (or detected) kind to ``model``."""
+        already = is_prompted(model)
+        if already:
+            raise ValueError(
+                f"{type(model).__name__} already has prompts ({', '.join(already[:3])}); a model takes one "
+                "PromptTuning. Call lightning_peft.unload(model) first to replace them."
+            )
+        kind = self.kind or detect_kind(model, self.embedding)
+        if kind == "tokens":
+            self._attach_tokens(model)
+        elif kind == "patches":
+            sites = find_vits(model)
+            if not sites:
+                raise ValueError(_not_found(model, "no torchvision, timm or transformers VisionTransformer"))
+            attach_patches(model, sites, self)
+        else:
+            attach_pixels(model, self)
+
+    def _attach_tokens(self, model: nn.Module) -> None:
+        if self.embedding is not None:
+            attach_to_embedding(model, self.embedding, self)
+            return
+        hosts = token_hosts(model)
+        if not hosts:
+            raise ValueError(_not_found(model, "no transformers model with an nn.Embedding input embedding"))
+        for _, host in hosts:
+            attach_to_transformers(model, host, self)
+
+
+def detect_kind(model: nn.Module, embedding: str | None = None) -> PromptKind:
+    """The prompt kind that fits ``model``: patches for a ViT, tokens for a language model, pixels for a CNN.
+
+    Raises:
+        ValueError: Nothing in the model takes prompts; the message lists what was searched.
+    """
+    if embedding is not None:
+        return "tokens"
+    if find_vits(model):
+        return "patches"
+    if token_hosts(model):
+        return "tokens"
+    if image_inputs(model):
+        return "pixels"
+    raise ValueError(_not_found(model, "nothing"))
+
+
+def _not_found(model: nn.Module, what: str) -> str:
+    embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)][:5]
+    return (
+        f"PromptTuning found {what} in {type(model).__name__}. It searched for a torchvision, timm or "
+        "transformers VisionTransformer (patch prompts), a transformers model whose get_input_embeddings() is "
+        "an nn.Embedding (token prompts) and an nn.Conv2d taking the image (pixel prompts). For a text model of "
+        "your own pass embedding='<name of its nn.Embedding>'"
+        + (f" (it has {', '.join(embeddings)})" if embeddings else "")
+        + "; for images pass kind='pixels' with image_module='<module that first receives the image>'."
+    )

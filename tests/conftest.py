@@ -1,0 +1,29 @@
+"""Shared test set-up: offline Hugging Face, one thread, and a tiny CPU Trainer factory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere: never reach a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def make_trainer(tmp_path: Path) -> Callable[..., Any]:
+    """``make_trainer(**overrides)``: a tiny CPU Trainer (2 batches, 1 epoch, no logger, files under tmp_path)."""
+    import lightning as L
+
+    def make(**overrides: Any) -> L.Trainer:
+        defaults: dict[str, Any] = dict(
+            accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+            default_root_dir=tmp_path,
+        )
+        return L.Trainer(**{**defaults, **overrides})
+
+    return make

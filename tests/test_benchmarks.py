@@ -1,0 +1,37 @@
+"""The benchmark script runs end to end (tiny models) and writes complete results; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke_run_writes_json_and_markdown_with_every_figure(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--smoke", "--threads", "1",
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    result = json.loads((tmp_path / "smoke-cpu.json").read_text())
+    assert {"date", "cpu", "threads", "torch", "command"} <= set(result["machine"])
+    rows = {(r["model"], r["method"]): r for r in result["rows"]}
+    assert ("resnet18", "lora-all") in rows and ("bert-tiny", "lora-qv") in rows and ("gpt2-tiny", "lora-qv") in rows
+    for (model, method), row in rows.items():
+        ok = [k for k, v in row["step_ms"].items() if "median" in v]
+        assert "ours" in ok and "full" in ok, (model, method, row["step_ms"])
+        assert row["step_ms"]["ours"]["min"] <= row["step_ms"]["ours"]["median"] <= row["step_ms"]["ours"]["max"]
+        assert row["ratios"]["ours/full"] > 0 and row["peak_mb"]["ours"] > 0 and row["inject_ms"]["ours"] >= 0
+        assert row["inference"]["base_ms"] > 0 and row["inference"]["ours_unmerged"] > 0
+        assert row["trainable"]["ours"] < row["trainable"]["full"]
+        assert row["file_kb"]["ours"] < row["file_kb"]["full"]  # adapter tensors and a config, not the model
+        if method.startswith("lora") and "peft" in ok:
+            assert row["trainable"]["ours"] == row["trainable"]["peft"]  # same layers, same rank
+            assert row["inference"]["ours_merged"] > 0
+
+    table = (tmp_path / "smoke-cpu.md").read_text()
+    assert result["machine"]["date"] in table and "Reproduce: `python benchmarks/run.py" in table
+    assert table.count("\n| ") == len(rows) + 1  # header + one line per row

@@ -1,0 +1,152 @@
+"""The fused LoRA convolution equals the three-convolution formula, in values and in every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_peft import LoRA, inject
+from lightning_peft import fused_conv
+from lightning_peft.lora import LoRAConv
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _reference(conv: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float, x: torch.Tensor) -> torch.Tensor:
+    """The formula written out: pad (non-zero modes), conv with W, conv with A, grouped 1x1 conv with B."""
+    fn = _CONV_FN[conv.weight.dim() - 2]
+    padding: object = conv.padding
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    kw = dict(stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups)
+    return fn(x, conv.weight, conv.bias, **kw) + scale * fn(fn(x, a, None, **kw), b, groups=conv.groups)
+
+
+CASES = {
+    "plain3x3": (nn.Conv2d, dict(in_channels=6, out_channels=8, kernel_size=3, padding=1), 4),
+    "grouped": (nn.Conv2d, dict(in_channels=6, out_channels=9, kernel_size=3, padding=1, groups=3), 6),
+    "dilated_strided": (nn.Conv2d, dict(in_channels=4, out_channels=8, kernel_size=3, stride=2, padding=2, dilation=2), 4),
+    "circular_padded": (nn.Conv2d, dict(in_channels=4, out_channels=5, kernel_size=3, padding=1, padding_mode="circular"), 2),
+    "reflect_grouped_strided": (
+        nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(2, 1), padding=(1, 1),
+                        padding_mode="reflect", groups=2, bias=False), 4),
+    "depthwise": (nn.Conv2d, dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4), 4),
+    "pointwise": (nn.Conv2d, dict(in_channels=6, out_channels=8, kernel_size=1), 2),
+    "conv1d_dilated": (nn.Conv1d, dict(in_channels=4, out_channels=6, kernel_size=3, padding=2, dilation=2), 2),
+    "conv3d_grouped": (nn.Conv3d, dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=2), 2),
+}
+
+
+def _adapted(kind: str) -> tuple[nn.Module, LoRAConv]:
+    cls, kwargs, r = CASES[kind]
+    torch.manual_seed(0)
+    model = nn.Sequential(cls(**kwargs))
+    inject(model, LoRA(r=r, alpha=3.0, target_modules=["0"]))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B = 0 at init would hide errors in every gradient but B's
+    return model, layer
+
+
+def _input(layer: LoRAConv) -> torch.Tensor:
+    spatial = {1: (11,), 2: (9, 8), 3: (5, 6, 4)}[layer.base_layer.weight.dim() - 2]
+    return torch.randn(4, layer.base_layer.in_channels, *spatial)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("kind", list(CASES))
+def test_fused_conv_matches_three_convolution_formula_in_output_and_gradients(
+    kind: str, dtype: torch.dtype, tol: float
+) -> None:
+    # fp64 shows the algebra is exact; fp32 differs only by summation order (sums over N·L positions)
+    model, layer = _adapted(kind)
+    model.to(dtype)
+    x = _input(layer).to(dtype).requires_grad_()
+    out = layer(x)
+    assert out.grad_fn is not None and "FusedLoRAConv" in type(out.grad_fn).__name__  # the fused path ran
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, layer.lora_A, layer.lora_B], grad_out)
+
+    a = layer.lora_A.detach().clone().requires_grad_()
+    b = layer.lora_B.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    expected = _reference(layer.base_layer, a, b, layer.scale, x_ref)
+    want = torch.autograd.grad(expected, [x_ref, a, b], grad_out)
+
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    for name, g, w in zip(["input", "lora_A", "lora_B"], got, want):
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["grouped", "circular_padded", "conv3d_grouped"])
+def test_unmerged_inference_folds_the_update_into_one_convolution(kind: str) -> None:
+    _, layer = _adapted(kind)
+    x = _input(layer)
+    with torch.no_grad():
+        out = layer(x)
+        expected = _reference(layer.base_layer, layer.lora_A, layer.lora_B, layer.scale, x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_trainable_bias_gets_its_gradient_through_the_fused_path() -> None:
+    torch.manual_seed(0)
+    model = inject(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), LoRA(r=2, target_modules=["0"], bias="lora_only"))
+    layer = model[0]
+    x = torch.randn(2, 3, 5, 5)
+    out = layer(x)
+    (grad_bias,) = torch.autograd.grad(out.sum(), [layer.base_layer.bias])
+    torch.testing.assert_close(grad_bias, torch.full((4,), 2 * 25.0))  # N = 2 is enough positions for a 4x3x3 conv  # d(sum)/d(bias_c) = N·H·W
+
+
+def test_dropout_and_switch_take_the_plain_path_with_the_same_result() -> None:
+    torch.manual_seed(0)
+    model = inject(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), LoRA(r=2, target_modules=["0"], dropout=0.5))
+    layer = model[0]
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    assert fused_conv.fused_lora_conv(layer, x) is None  # training-mode dropout feeds A another input
+    layer.eval()
+    assert fused_conv.fused_lora_conv(layer, x) is not None  # eval: dropout is the identity
+    fused_conv.ENABLED = False
+    try:
+        assert fused_conv.fused_lora_conv(layer, x) is None
+    finally:
+        fused_conv.ENABLED = True
+
+
+def test_fused_conv_under_bf16_autocast_matches_the_formula_in_bf16() -> None:
+    _, layer = _adapted("grouped")
+    x = _input(layer).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        expected = _reference(layer.base_layer, layer.lora_A, layer.lora_B, layer.scale, x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=0.1, rtol=0.05)  # bf16 has 8 mantissa bits
+    out.float().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.dtype == torch.float32
+
+
+def test_layers_with_few_output_positions_take_the_plain_path_with_the_same_result() -> None:
+    torch.manual_seed(0)
+    model = inject(nn.Sequential(nn.Conv2d(8, 64, 3, padding=1)), LoRA(r=4, target_modules=["0"]))
+    layer = model[0]
+    x = torch.randn(1, 8, 4, 4, requires_grad=True)  # 16 positions < 64 rows x 9 taps: a weight copy costs more
+    assert fused_conv.fused_lora_conv(layer, x) is None
+    expected = _reference(layer.base_layer, layer.lora_A, layer.lora_B, layer.scale, x)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_folded_gpu_path_matches_the_formula_in_output_and_adapter_gradients(kind: str) -> None:
+    model, layer = _adapted(kind)
+    model.double()
+    x = _input(layer).double().requires_grad_(True)
+    expected = _reference(layer.base_layer, layer.lora_A, layer.lora_B, layer.scale, x)
+    want = torch.autograd.grad(expected.square().sum(), [x, layer.lora_A, layer.lora_B])
+    folded = layer.folded_forward(x)
+    got = torch.autograd.grad(folded.square().sum(), [x, layer.lora_A, layer.lora_B])
+    torch.testing.assert_close(folded, expected, rtol=1e-8, atol=1e-8)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-8)

