@@ -15,8 +15,8 @@ starts from the same pretrained weights and the same head init:
 * prompt tuning:   ``PromptTuning(num_tokens=10, init="vocab", trainable_modules=["classifier"])``;
 * full finetuning: every weight trains.
 
-Writes ``examples/results/text_minilm.md`` and ``.png``. Run ``python examples/text_minilm.py`` (about 5
-minutes on 2 CPU cores) or ``--quick`` (a smoke run in about 30 s; results go to a temporary folder).
+Writes ``examples/results/text_minilm.md`` and ``.png``. Run ``python examples/text_minilm.py`` (about 10
+minutes on 2 busy CPU cores) or ``--quick`` (a smoke run in about 30 s; results go to a temporary folder).
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ class Adapter(nn.Module):
     """
 
     mergeable: ClassVar[bool] = False
+    #: Whether the adapter can be an FSDP1 wrap unit of its own (its tensors are used only inside its forward).
+    fsdp_unit: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,6 +96,13 @@ class Adapter(nn.Module):
             if base is None or name == "base_layer":
                 raise
             return getattr(base, name)
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """The module under any chain of adapters wrapping it (a LoRA on an embedding, a prefix on an attention)."""
+    while isinstance(module, Adapter):
+        module = module.unwrap()
+    return module
 
 
 @runtime_checkable
@@ -202,7 +211,7 @@ def inject(model: nn.Module, *methods: Method) -> nn.Module:
         for _, adapter in adapters(model):
             if id(adapter) in existing:
                 continue
-            if "base_layer" in adapter._modules:
+            if "base_layer" in adapter._modules and adapter.fsdp_unit:
                 adapter._modules["base_layer"].__dict__["_peft_is_base"] = True  # for fsdp_auto_wrap_policy
             if dtype != "auto":
                 adapter.pin_dtype(getattr(torch, dtype))

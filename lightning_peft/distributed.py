@@ -4,6 +4,8 @@ FSDP1 flattens every wrap unit into one tensor, so a unit must be uniformly trai
 dtype); a unit that mixes them also keeps gradient memory for its frozen weights. With
 :func:`fsdp_auto_wrap_policy` every adapter, every layer an adapter wraps and every ``trainable_modules`` module
 is its own unit, next to the transformer blocks you name. (FSDP2 ``fully_shard`` accepts mixed units.)
+Token prompts are the exception: the prompt is read by hooks on the whole model, outside the adapter's own
+forward, so it stays in the root unit next to frozen embeddings: use ``FSDPStrategy(use_orig_params=True)``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ def fsdp_auto_wrap_policy(*layer_classes: type[nn.Module]) -> object:
     from torch.distributed.fsdp.wrap import CustomPolicy
 
     def is_unit(module: nn.Module) -> bool:
-        if isinstance(module, (Adapter, *layer_classes)):
+        if isinstance(module, Adapter):
+            return module.fsdp_unit
+        if isinstance(module, layer_classes):
             return True
         if module.__dict__.get("_peft_is_base", False):  # the frozen layer inside an adapter
             return True

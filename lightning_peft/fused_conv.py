@@ -18,19 +18,24 @@ Outputs and gradients equal the three-convolution path up to float rounding (tes
 Without gradients (inference, unmerged) the update is folded into the weight: one convolution of ``out``
 channels, so unmerged inference costs what the base layer costs.
 
-The path applies on CPU (on CUDA the plain path measured faster) to ``nn.Conv1d/2d/3d`` with any stride, dilation, groups and ``padding_mode`` (non-zero
-modes pad first) when dropout is off and the base weight is frozen; :func:`fused_lora_conv` returns ``None``
-otherwise and the caller runs the plain path. Set ``lightning_peft.fused_conv.ENABLED = False`` to compare.
+The path applies on CPU (on CUDA the plain path measured faster) to ``nn.Conv1d/2d/3d`` with any stride, dilation,
+groups and ``padding_mode`` (non-zero modes pad first) when dropout is off and the base weight is frozen;
+:func:`fused_lora_conv` returns ``None`` otherwise and the caller runs the plain path. Set
+``lightning_peft.fused_conv.ENABLED = False`` to compare.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+if TYPE_CHECKING:
+    from lightning_peft.lora import LoRAConv
 
 ENABLED = True
 """Switch for the fused path (benchmarks and tests compare it with the plain three-convolution path)."""
@@ -49,7 +54,7 @@ class _FusedLoRAConv(torch.autograd.Function):
     """``conv(x, W, bias) + scale · conv1x1(conv(x, A), B)`` with one forward and one transposed convolution."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
         lora_b: torch.Tensor, scale: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
     ) -> torch.Tensor:
@@ -107,14 +112,14 @@ class _FusedLoRAConv(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b_out, None, None, None, None, None
 
 
-def _numeric_padding(conv: nn.Module) -> list[int] | None:
+def _numeric_padding(conv: _ConvNd) -> list[int] | None:
     padding = conv.padding
     if isinstance(padding, str):
         return [0] * len(conv.kernel_size) if padding == "valid" else None  # "same": leave to the plain path
     return list(padding)
 
 
-def _pays(x: torch.Tensor, conv: nn.Module) -> bool:
+def _pays(x: torch.Tensor, conv: _ConvNd) -> bool:
     """Whether the output positions outnumber the weight's rows times its kernel size.
 
     Both fused computations copy a weight-sized tensor per call (``[W; A]`` in training, ``W + s·BA`` without
@@ -133,7 +138,7 @@ def _compute_dtype(x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.dtype 
     return x.dtype if len(dtypes) == 1 else None
 
 
-def fused_lora_conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def fused_lora_conv(layer: LoRAConv, x: torch.Tensor) -> torch.Tensor | None:
     """Run a LoRA convolution adapter on ``x`` by the fused path, or return ``None`` if it does not apply.
 
     Args:
@@ -141,8 +146,8 @@ def fused_lora_conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         x: The layer's input, ``(N, C, *spatial)``.
 
     Returns:
-        ``base(x) + scale · B A x``, or ``None`` when the plain path must run (not a CPU tensor, fused path switched off,
-        dropout active, a trainable base weight, ``padding="same"``, mixed dtypes, an unbatched input, or too
+        ``base(x) + scale · B A x``, or ``None`` when the plain path must run (not a CPU tensor, fused path switched
+        off, dropout active, a trainable base weight, ``padding="same"``, mixed dtypes, an unbatched input, or too
         few output positions for the weight-sized copy to pay, see :func:`_pays`).
     """
     base = layer.base_layer
@@ -150,7 +155,9 @@ def fused_lora_conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if not ENABLED or (layer.dropout.training and not isinstance(layer.dropout, nn.Identity)):
         return None
-    weight, bias, lora_a, lora_b = base.weight, base.bias, layer.lora_A, layer.lora_B
+    weight, bias = base.weight, base.bias
+    lora_a: torch.Tensor = layer.lora_A
+    lora_b: torch.Tensor = layer.lora_B
     padding = _numeric_padding(base)
     dtype = _compute_dtype(x, [weight, lora_a, lora_b] + ([] if bias is None else [bias]))
     if padding is None or dtype is None or weight.requires_grad or x.dim() != weight.dim() or not _pays(x, base):
@@ -158,8 +165,8 @@ def fused_lora_conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if base.padding_mode != "zeros":
         x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
         padding = [0] * len(padding)
-    cast = [t if t is None else t.to(dtype) for t in (x, weight, bias, lora_a, lora_b)]
-    x, weight, bias, lora_a, lora_b = cast
+    x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
     stride, dilation, groups = list(base.stride), list(base.dilation), base.groups
     if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
         folded = weight + layer.delta_weight().to(dtype)  # inference: one conv of out channels

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lightning_peft.core import Adapter, MethodConfig, init_seed, mark_trainable, replace_module
+from lightning_peft.core import Adapter, MethodConfig, innermost, init_seed, mark_trainable, replace_module
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.fused_conv import fused_lora_conv
 from lightning_peft.targets import Targets, matches, select_modules, transformers_conv1d_type
@@ -382,24 +382,30 @@ class LoRAMultiheadAttention(LoRALayer):
     """
 
     def __init__(self, base: nn.Module, r: int, *args: Any, **kwargs: Any) -> None:
-        if not base._qkv_same_embed_dim:
+        mha = innermost(base)  # base may be another adapter around the attention (a prefix)
+        if not mha._qkv_same_embed_dim:
             raise ValueError(
                 "LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim (a packed in_proj_weight); got "
-                f"embed_dim={base.embed_dim}, kdim={base.kdim}, vdim={base.vdim}. Exclude it with exclude_modules."
+                f"embed_dim={mha.embed_dim}, kdim={mha.kdim}, vdim={mha.vdim}. Exclude it with exclude_modules."
             )
         super().__init__(base, r, *args, **kwargs)
         if not isinstance(self.dropout, nn.Identity):
             warnings.warn("LoRA dropout does not apply to nn.MultiheadAttention adapters.", PEFTWarning, stacklevel=2)
 
+    @property
+    def mha(self) -> nn.MultiheadAttention:
+        """The attention module itself, under any adapter wrapping it."""
+        return innermost(self.base_layer)  # type: ignore[return-value]
+
     def _make_factors(self) -> None:
         super()._make_factors()
-        out = self.base_layer.out_proj.weight
+        out = self.mha.out_proj.weight
         self.lora_out_A = _factor((self.r, out.shape[1]), out)
         self.lora_out_B = _factor((out.shape[0], self.r), out)
 
     @property
     def base_weight(self) -> torch.Tensor:
-        return self.base_layer.in_proj_weight
+        return self.mha.in_proj_weight
 
     def a_shape(self) -> tuple[int, ...]:
         return (self.r, self.base_weight.shape[1])
@@ -409,26 +415,26 @@ class LoRAMultiheadAttention(LoRALayer):
 
     def out_delta(self) -> torch.Tensor:
         """``scale · B_out A_out``, the update of ``out_proj.weight``."""
-        return (self.lora_out_B @ self.lora_out_A * self.scale).to(self.base_layer.out_proj.weight.dtype)
+        return (self.lora_out_B @ self.lora_out_A * self.scale).to(self.mha.out_proj.weight.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.merged or not self.enabled:
             return self.base_layer(*args, **kwargs)
-        mha = self.base_layer
-        folded = {"in_proj_weight": mha.in_proj_weight + self.delta_weight(),
-                  "out_proj.weight": mha.out_proj.weight + self.out_delta()}
-        return functional_call(mha, folded, args, kwargs)
+        mha, path = self.mha, "base_layer." * _adapter_depth(self.base_layer)  # path from base_layer to mha
+        folded = {f"{path}in_proj_weight": mha.in_proj_weight + self.delta_weight(),
+                  f"{path}out_proj.weight": mha.out_proj.weight + self.out_delta()}
+        return functional_call(self.base_layer, folded, args, kwargs)
 
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.base_layer.out_proj.weight.add_(self.out_delta())
+            self.mha.out_proj.weight.add_(self.out_delta())
             super().merge()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base_layer.out_proj.weight.sub_(self.out_delta())
+            self.mha.out_proj.weight.sub_(self.out_delta())
             super().unmerge()
 
     @torch.no_grad()
@@ -437,6 +443,13 @@ class LoRAMultiheadAttention(LoRALayer):
         if not self.lora_out_A.is_meta and not self.base_weight.is_meta:
             init = "gaussian" if self.init == "gaussian" else "default"
             _init_pair(self.lora_out_A, self.lora_out_B, init, self.r, self.seed + 1)
+
+
+def _adapter_depth(module: nn.Module) -> int:
+    depth = 0
+    while isinstance(module, Adapter):
+        module, depth = module.unwrap(), depth + 1
+    return depth
 
 
 _REGISTRY: list[tuple[type[nn.Module], type[LoRALayer]]] = [
@@ -535,7 +548,7 @@ class LoRAConfig(MethodConfig):
         for name, module in _outermost(_lift_attention_projections(model, selected)):
             r = _pattern_value(self.rank_pattern, name, module, self.r)
             alpha = _pattern_value(self.alpha_pattern, name, module, self.alpha)
-            adapter_cls = lora_layer_for(module)
+            adapter_cls = lora_layer_for(innermost(module))
             try:
                 adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, init_seed(self.seed, name))
             except ValueError as err:  # name the layer, and put its name into the suggested fix
@@ -569,15 +582,21 @@ def _lift_attention_projections(
     model: nn.Module, selected: list[tuple[str, nn.Module]]
 ) -> list[tuple[str, nn.Module]]:
     # nn.MultiheadAttention reads out_proj.weight directly, so a LoRA on out_proj alone would be skipped:
-    # adapt the whole attention module instead (its adapter covers in_proj and out_proj).
+    # adapt the whole attention module instead (its adapter covers in_proj and out_proj). An attention already
+    # wrapped by another adapter (a prefix, which owns the forward) is adapted from outside that wrapper.
     lifted: dict[str, nn.Module] = {}
     for name, module in selected:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
-            lifted[parent_name] = parent
-        else:
-            lifted[name] = module
+            name, module = parent_name, parent
+        while isinstance(module, nn.MultiheadAttention) or isinstance(innermost(module), nn.MultiheadAttention):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if not (isinstance(parent, Adapter) and child == "base_layer"):
+                break
+            name, module = parent_name, parent
+        lifted[name] = module
     return list(lifted.items())
 
 

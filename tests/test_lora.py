@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_peft import fused_conv
 from lightning_peft.core import adapter_tensors, disable_adapters, inject, merge, merge_and_unload, unmerge
-from lightning_peft.lora import LoRAConfig, LoRALayer
+from lightning_peft.lora import LoRAConfig, LoRALayer, LoRAMultiheadAttention
 
 
 class Attention(nn.Module):
@@ -404,3 +404,26 @@ def test_multihead_attention_warns_that_dropout_does_not_apply() -> None:
 
     with pytest.warns(PEFTWarning, match="LoRA dropout does not apply to nn.MultiheadAttention"):
         inject(Attention(batch_first=True), LoRAConfig(r=2, target_modules=["attn"], dropout=0.1))
+
+
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_lora_and_prefix_compose_on_one_multihead_attention_in_either_order(lora_first: bool) -> None:
+    from lightning_peft import PrefixTuningConfig, merge
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+    lora, prefix = LoRAConfig(r=2, target_modules=["self_attn"]), PrefixTuningConfig(num_tokens=3)
+    if lora_first:
+        inject(model, lora, prefix)
+    else:
+        inject(model, prefix, LoRAConfig(r=2, target_modules=["self_attn.base_layer"]))
+    attention = model.layers[0].self_attn
+    assert isinstance(attention, LoRAMultiheadAttention)  # LoRA always wraps the prefix, which owns the forward
+    with torch.no_grad():
+        attention.lora_B.normal_()
+        attention.lora_out_B.normal_()
+    x = torch.randn(2, 5, 16)
+    adapted = model(x)
+    merge(model)  # the LoRA updates into the weights; the prefix keeps working on the merged attention
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +53,11 @@ class PrefixEncoder(nn.Module):
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.seed = seed
-        kw = {"device": device, "dtype": dtype}
-        self.embedding = nn.Parameter(torch.empty(num_tokens, hidden_size, **kw))
-        self.weight_in = nn.Parameter(torch.empty(hidden_size, hidden_size, **kw))
-        self.bias_in = nn.Parameter(torch.empty(hidden_size, **kw))
-        self.weight_out = nn.Parameter(torch.empty(out_features, hidden_size, **kw))
-        self.bias_out = nn.Parameter(torch.empty(out_features, **kw))
+        self.embedding = nn.Parameter(torch.empty(num_tokens, hidden_size, device=device, dtype=dtype))
+        self.weight_in = nn.Parameter(torch.empty(hidden_size, hidden_size, device=device, dtype=dtype))
+        self.bias_in = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        self.weight_out = nn.Parameter(torch.empty(out_features, hidden_size, device=device, dtype=dtype))
+        self.bias_out = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -106,11 +105,15 @@ class PrefixAttention(Adapter):
         self._encoder: PrefixEncoder | None = None  # shared, registered on one layer only (see use_encoder)
         self._rows = (0, 0)
         ref = next(iter(base.parameters()), None)
-        kw = {"device": ref.device if ref is not None else None,
-              "dtype": ref.dtype if ref is not None and ref.is_floating_point() else torch.float32}
-        self.prefix_keys = nn.Parameter(torch.empty(shape.kv_heads, num_tokens, shape.key_dim, **kw))
-        self.prefix_values = nn.Parameter(torch.empty(shape.kv_heads, num_tokens, shape.value_dim, **kw))
-        self.prefix_gate = nn.Parameter(torch.zeros(1, **kw)) if gate else None
+        device = ref.device if ref is not None else None
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        self.prefix_keys = nn.Parameter(
+            torch.empty(shape.kv_heads, num_tokens, shape.key_dim, device=device, dtype=dtype)
+        )
+        self.prefix_values = nn.Parameter(
+            torch.empty(shape.kv_heads, num_tokens, shape.value_dim, device=device, dtype=dtype)
+        )
+        self.prefix_gate = nn.Parameter(torch.zeros(1, device=device, dtype=dtype)) if gate else None
         self.reset_parameters()
 
     @property
@@ -173,6 +176,14 @@ class PrefixAttention(Adapter):
         s = self.shape
         mode = "reparameterized" if self.__dict__.get("_encoder") is not None else "plain"
         return f"num_tokens={self.num_tokens}, kv_heads={s.kv_heads}, key_dim={s.key_dim}, {mode}, gate={self.gated}"
+
+
+@overload
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype, *, keep_true: bool) -> torch.Tensor: ...
+
+
+@overload
+def additive_mask(mask: None, dtype: torch.dtype, *, keep_true: bool) -> None: ...
 
 
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, *, keep_true: bool) -> torch.Tensor | None:

@@ -27,6 +27,7 @@ class MultiheadPrefixAttention(PrefixAttention):
     """``nn.MultiheadAttention`` with a prefix; the forward takes the same arguments as the module's."""
 
     family = "nn.MultiheadAttention"
+    base_layer: nn.MultiheadAttention
 
     def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(base, *args, **kwargs)
@@ -51,7 +52,7 @@ class MultiheadPrefixAttention(PrefixAttention):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         q, k, v = self._project(query, key, value)  # (b, h, L, d), (b, h, S, d)
         bias = self._bias(q, k.shape[-2], key_padding_mask, attn_mask, is_causal)
-        if mha.bias_k is not None:  # add_bias_kv: one learned key/value after the tokens
+        if mha.bias_k is not None and mha.bias_v is not None:  # add_bias_kv: one learned key/value after the tokens
             k = torch.cat([k, self._heads(mha.bias_k.expand(1, q.shape[0], -1))], dim=-2)
             v = torch.cat([v, self._heads(mha.bias_v.expand(1, q.shape[0], -1))], dim=-2)
             bias = F.pad(bias, (0, 1)) if bias is not None else None
@@ -85,7 +86,9 @@ class MultiheadPrefixAttention(PrefixAttention):
             weights = mha.in_proj_weight.chunk(3)
         else:
             weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
-        return tuple(self._heads(F.linear(x, w, b)) for x, w, b in zip((query, key, value), weights, biases))  # type: ignore[return-value]
+        (w_q, w_k, w_v), (b_q, b_k, b_v) = weights, biases
+        return (self._heads(F.linear(query, w_q, b_q)), self._heads(F.linear(key, w_k, b_k)),
+                self._heads(F.linear(value, w_v, b_v)))
 
     def _bias(self, q: torch.Tensor, kv_len: int, key_padding_mask: torch.Tensor | None,
               attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor | None:

@@ -7,17 +7,22 @@ attention, scale norm, output gate, projection, dropouts) with the prefix prepen
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lightning_peft.attention.base import PrefixAttention, PrefixShape, additive_mask, causal_bias, prefixed_attention
 
+if TYPE_CHECKING:
+    from timm.layers.attention import Attention
+
 
 class TimmPrefixAttention(PrefixAttention):
     """timm ``Attention`` with a prefix; takes timm's ``(x, attn_mask=None, is_causal=False)``."""
 
     family = "timm Attention"
+    base_layer: Attention
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         attn = self.base_layer
@@ -39,7 +44,7 @@ class TimmPrefixAttention(PrefixAttention):
         return attn.proj_drop(attn.proj(out))
 
 
-def timm_shape(module: nn.Module) -> PrefixShape:
+def timm_shape(module: Attention) -> PrefixShape:
     """Heads and head width of a timm ``Attention``."""
     return PrefixShape(module.num_heads, module.head_dim, module.head_dim)
 

@@ -16,12 +16,15 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lightning_peft.attention.base import PrefixAttention, PrefixShape, causal_bias, pad_columns
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _NAME = "ALL_ATTENTION_FUNCTIONS"
 _ADAPTER = "_peft_prefix_adapter"  # back-reference from the attention module to its adapter
@@ -72,7 +75,7 @@ def _forward_globals(cls: type[nn.Module]) -> dict[str, Any] | None:
     code = getattr(forward, "__code__", None)
     if code is None or _NAME not in code.co_names:
         return None
-    return forward.__globals__  # type: ignore[no-any-return]
+    return forward.__globals__
 
 
 def calls_attention_interface(module: nn.Module) -> bool:
@@ -144,7 +147,7 @@ def _check_shape(adapter: PrefixAttention, key: torch.Tensor, value: torch.Tenso
 
 def transformers_shape(module: nn.Module) -> PrefixShape:
     """Key/value heads and head width of a transformers attention module, read from its attributes."""
-    config = module.config
+    config: PretrainedConfig = module.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = _first_attr([module], ("num_heads", "num_attention_heads", "n_heads", "n_head"))
     if heads is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_peft.core import Adapter
+from lightning_peft.core import Adapter, innermost
 
 
 class PromptAdapter(Adapter):
@@ -36,9 +36,3 @@ def is_prompted(model: nn.Module) -> list[str]:
     """Names of the prompt adapters already in ``model``."""
     return [name for name, module in model.named_modules() if isinstance(module, PromptAdapter)]
 
-
-def innermost(module: nn.Module) -> nn.Module:
-    """The module under any chain of adapters wrapping it (a LoRA on an embedding, say)."""
-    while isinstance(module, Adapter):
-        module = module.unwrap()
-    return module

@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import ClassVar, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -64,6 +64,8 @@ class TokenPrompt(PromptAdapter):
         prepend_output: Prepend the prompt to this embedding's output (models of your own); transformers
             models leave it off and prompt through hooks on the model instead.
     """
+
+    fsdp_unit: ClassVar[bool] = False  # the model hooks read the prompt outside this module's forward
 
     def __init__(
         self, embedding: nn.Module, num_tokens: int, init: str = "random", init_ids: list[int] | None = None,
