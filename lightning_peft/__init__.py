@@ -19,7 +19,14 @@ from lightning_peft.core import (
 from lightning_peft.distributed import fsdp_auto_wrap_policy
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, PEFTWarning, TargetNotFoundError
 from lightning_peft.lora import LoRAConfig, register_lora_layer
-from lightning_peft.named import active_adapter, add_adapter, delete_adapter, disable_adapter, list_adapters, set_adapter
+from lightning_peft.named import (
+    active_adapter,
+    add_adapter,
+    delete_adapter,
+    disable_adapter,
+    list_adapters,
+    set_adapter,
+)
 from lightning_peft.prefix import PrefixTuningConfig, fold_prefix
 from lightning_peft.prompt import PromptTuningConfig
 from lightning_peft.state import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
@@ -32,8 +39,8 @@ __version__ = "0.1.0"
 
 # The Lightning glue loads on first use: importing lightning (and through torchmetrics, transformers and
 # torchvision) costs seconds, and plain-PyTorch users of the core never need it.
-_GLUE = {"LoRA": "lightning_peft.callbacks", "PrefixTuning": "lightning_peft.callbacks", "PEFTMixin": "lightning_peft.mixin",
-         "PromptTuning": "lightning_peft.callbacks"}
+_GLUE = {"LoRA": "lightning_peft.callbacks", "PrefixTuning": "lightning_peft.callbacks",
+         "PEFTMixin": "lightning_peft.mixin", "PromptTuning": "lightning_peft.callbacks"}
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -49,7 +50,8 @@ def prepare_module(pl_module: pl.LightningModule, methods: list[Method]) -> None
         return
     inject(pl_module, *todo)
     pl_module.strict_loading = False  # checkpoints hold adapter tensors only; check_checkpoint checks them
-    rank_zero_info(f"lightning_peft: {', '.join(type(m).__name__ for m in todo)} injected; {trainable_summary(pl_module)}")
+    names = ", ".join(type(m).__name__ for m in todo)
+    rank_zero_info(f"lightning_peft: {names} injected; {trainable_summary(pl_module)}")
 
 
 def keep_adapter_tensors(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -81,7 +83,9 @@ def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) 
     check_adapter_state(pl_module, checkpoint["state_dict"])
     now = [method.to_dict() for method in applied_methods(pl_module)]
     if meta.get("methods") != now:
-        rank_zero_warn(f"lightning_peft: the checkpoint was saved with methods {meta.get('methods')}, the model has {now}.")
+        rank_zero_warn(
+            f"lightning_peft: the checkpoint was saved with methods {meta.get('methods')}, the model has {now}."
+        )
     if getattr(pl_module, "_trainer", None) is None:
         state = checkpoint["state_dict"]
         for name, tensor in pl_module.state_dict().items():
@@ -102,10 +106,8 @@ def overrides_hook(pl_module: pl.LightningModule, hook: str) -> bool:
     Looks the LightningModule base up in the class's MRO, so modules of ``lightning.pytorch`` and of
     ``pytorch_lightning`` both work (Lightning's own ``is_overridden`` only knows its namespace).
     """
-    base = next(
-        (c for c in type(pl_module).__mro__ if c.__name__ == "LightningModule" and c.__module__.endswith("core.module")),
-        None,
-    )
+    mro = type(pl_module).__mro__
+    base = next((c for c in mro if c.__name__ == "LightningModule" and c.__module__.endswith("core.module")), None)
     return base is not None and is_overridden(hook, pl_module, parent=base)
 
 
@@ -118,7 +120,8 @@ class _RunAfter:
     """
 
     def __init__(self, module: pl.LightningModule, hook: str) -> None:
-        self.module, self.hook, self.steps = module, hook, []
+        self.module, self.hook = module, hook
+        self.steps: list[Callable[..., None]] = []
         self.inner = module.__dict__.get(hook)  # an instance-level hook someone set before us, if any
         functools.update_wrapper(self, getattr(type(module), hook))
 
@@ -130,7 +133,7 @@ class _RunAfter:
         return result
 
 
-def run_after(module: pl.LightningModule, hook: str, step: Any) -> None:
+def run_after(module: pl.LightningModule, hook: str, step: Callable[..., None]) -> None:
     """Make ``module.<hook>(...)`` also run ``step(module, ...)`` afterwards (once, however often this is called)."""
     current = module.__dict__.get(hook)
     if not isinstance(current, _RunAfter):
@@ -167,7 +170,7 @@ class _MethodCallback(*_callback_bases()):  # type: ignore[misc]
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**{k: repr(v) for k, v in self.to_dict().items()})  # type: ignore[attr-defined]
+        return self._generate_state_key(**{k: repr(v) for k, v in self.to_dict().items()})
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -178,19 +181,19 @@ class _MethodCallback(*_callback_bases()):  # type: ignore[misc]
             run_after(pl_module, "on_load_checkpoint", check_checkpoint)
         if overrides_hook(pl_module, "configure_model"):  # layers may be built there: inject right after it
             pending = pl_module.__dict__.setdefault(_PENDING, [])
-            if not any(same_method(self, m) for m in pending):  # type: ignore[arg-type]
+            if not any(same_method(self, m) for m in pending):
                 pending.append(self)
             run_after(pl_module, "configure_model", _inject_pending)
         else:
-            prepare_module(pl_module, [self])  # type: ignore[list-item]
+            prepare_module(pl_module, [self])
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.to_dict()}  # type: ignore[attr-defined]
+        return {"config": self.to_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved, now = state_dict.get("config", {}), self.to_dict()  # type: ignore[attr-defined]
+        saved, now = state_dict.get("config", {}), self.to_dict()
         changed = {k: (saved[k], now.get(k)) for k in saved if saved[k] != now.get(k)}
         if changed:
             rank_zero_warn(f"lightning_peft: resuming {type(self).__name__} with other arguments than saved: {changed}")

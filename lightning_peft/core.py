@@ -22,6 +22,9 @@ from torch import nn
 _SAVED_TENSORS = "_peft_saved_tensors"  # attribute on a base module: local tensor names to train and save
 _METHODS = "_peft_methods"  # attribute on the root passed to inject: the method configs applied, in order
 
+#: What frozen BatchNorm layers do with their running statistics (every method's ``batchnorm`` argument).
+BatchNormMode = Literal["frozen", "update"]
+
 
 class Adapter(nn.Module):
     """Base class of every module lightning_peft adds to a model.
@@ -111,7 +114,8 @@ class Method(Protocol):
 
     def attach(self, model: nn.Module) -> None: ...
 
-    batchnorm: str
+    @property
+    def batchnorm(self) -> BatchNormMode: ...  # read-only here, so a config's ``Literal`` field satisfies it
 
     def trainable_rules(self) -> list[str]: ...
 
@@ -138,7 +142,9 @@ class MethodConfig:
         fields = dict(config)
         name = fields.pop("method", None)
         if name not in cls.registry:
-            raise ValueError(f"saved method {name!r} is unknown to this lightning_peft; it knows {sorted(cls.registry)}.")
+            raise ValueError(
+                f"saved method {name!r} is unknown to this lightning_peft; it knows {sorted(cls.registry)}."
+            )
         return cls.registry[name](**fields)
 
     def attach(self, model: nn.Module) -> None:
@@ -229,7 +235,7 @@ def inject(model: nn.Module, *methods: Method) -> nn.Module:
     return model
 
 
-def _configure_batchnorm(model: nn.Module, mode: str) -> None:
+def _configure_batchnorm(model: nn.Module, mode: BatchNormMode) -> None:
     """Frozen BatchNorm layers keep their statistics (``"frozen"``) or update and save them (``"update"``)."""
     for module in model.modules():
         if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.weight is not None and (
@@ -239,13 +245,13 @@ def _configure_batchnorm(model: nn.Module, mode: str) -> None:
         if mode == "update":
             mark_trainable(module, {"running_mean", "running_var", "num_batches_tracked"})
         elif not module.__dict__.get("_peft_frozen_stats"):
-            module._peft_frozen_stats = True
+            module.__dict__["_peft_frozen_stats"] = True
             add_peft_hook(module, module.register_forward_pre_hook(_use_running_stats))
             add_peft_hook(module, module.register_forward_hook(_restore_mode))
 
 
 def _use_running_stats(module: nn.Module, args: Any) -> None:
-    module._peft_was_training = module.training
+    module.__dict__["_peft_was_training"] = module.training
     module.training = False  # normalise with running statistics and leave them unchanged
 
 
@@ -287,7 +293,7 @@ def adapter_tensors(model: nn.Module, include_buffers: bool = True) -> Iterator[
             for local, tensor in module.adapter_tensors():
                 if include_buffers or isinstance(tensor, nn.Parameter):
                     yield prefix + local, tensor
-        marked = getattr(module, _SAVED_TENSORS, frozenset())
+        marked: frozenset[str] = getattr(module, _SAVED_TENSORS, frozenset())
         for local, param in module.named_parameters(recurse=False):
             if local in marked:
                 yield prefix + local, param
@@ -408,8 +414,8 @@ def enable_input_grads(model: nn.Module, module: str | None = None) -> nn.Module
     """
     if module is not None:
         layer = model.get_submodule(module)
-    elif callable(getattr(model, "get_input_embeddings", None)):
-        layer = model.get_input_embeddings()
+    elif callable(get_input_embeddings := getattr(model, "get_input_embeddings", None)):
+        layer = get_input_embeddings()
     else:
         raise ValueError(
             f"{type(model).__name__} has no get_input_embeddings(); pass module= the name of the layer whose output "

@@ -26,13 +26,13 @@ import json
 import pickle
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_peft.core import MethodConfig, inject
+from lightning_peft.core import Method, MethodConfig, inject
 from lightning_peft.state import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, load_adapter_state_dict, save_adapter
 
 CHECKPOINT_KEY = "lightning_peft"  # as lightning_peft.callbacks writes it (not imported: no lightning needed here)
@@ -47,7 +47,7 @@ def read_checkpoint(path: str | Path, allow_globals: list[str] | None = None) ->
     trusted = [_import_global(name) for name in allow_globals or []]
     try:
         with torch.serialization.safe_globals(trusted):
-            return torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         raise ValueError(
@@ -62,7 +62,9 @@ def _import_global(name: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def adapter_from_checkpoint(checkpoint: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def adapter_from_checkpoint(
+    checkpoint: dict[str, Any], prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The adapter tensors and metadata of a Lightning checkpoint, with ``prefix`` stripped from every name.
 
     Raises:
@@ -118,7 +120,8 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, format: Literal["na
             "--format peft needs the base model (--base PATH_OR_NAME): PEFT's layout depends on the layer types and "
             "the model config, which a checkpoint does not hold."
         )
-    model = inject(load_base(base), *[MethodConfig.from_dict(m) for m in meta["methods"]])
+    methods = [cast(Method, MethodConfig.from_dict(m)) for m in meta["methods"]]  # registered configs
+    model = inject(load_base(base), *methods)
     load_adapter_state_dict(model, state)
     return save_adapter(model, out_dir, format=format)
 
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="adapter directory to write")
     parser.add_argument("--format", choices=["native", "peft"], default="native")
     parser.add_argument("--base", default=None, help="transformers base model (directory or name); 'none' for none")
-    parser.add_argument("--prefix", default="", help="attribute path of the base model in the LightningModule, e.g. 'model.'")
+    parser.add_argument("--prefix", default="",
+                        help="attribute path of the base model in the LightningModule, e.g. 'model.'")
     parser.add_argument("--allow-global", action="append", default=[], dest="allow_globals", metavar="MODULE.CLASS",
                         help="trust this pickled class when loading the checkpoint (repeatable)")
     args = parser.parse_args(argv)

@@ -20,14 +20,15 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.modules.conv import _ConvNd
 
-from lightning_peft.core import Adapter, MethodConfig, innermost, init_seed, mark_trainable, replace_module
+from lightning_peft.core import Adapter, MethodConfig, init_seed, innermost, mark_trainable, replace_module
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.fused_conv import fused_lora_conv
 from lightning_peft.targets import Targets, matches, select_modules, transformers_conv1d_type
@@ -103,7 +104,7 @@ class LoRALayer(Adapter):
     # --- what a subclass defines -------------------------------------------------------------------------
     @property
     def base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return cast(torch.Tensor, self.base_layer.weight)
 
     @property
     def groups(self) -> int:
@@ -228,10 +229,10 @@ class LoRALinear(LoRALayer):
     """
 
     def a_shape(self) -> tuple[int, ...]:
-        return (self.r, self.base_layer.in_features)
+        return (self.r, cast(int, self.base_layer.in_features))
 
     def b_shape(self) -> tuple[int, ...]:
-        return (self.base_layer.out_features, self.r)
+        return (cast(int, self.base_layer.out_features), self.r)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.lora_A), self.lora_B)
@@ -247,21 +248,23 @@ class LoRALinear(LoRALayer):
         super().merge()
 
 
-def _is_quantized(layer: nn.Module) -> bool:
+def _is_quantized(layer: nn.Module) -> TypeGuard[nn.Linear]:  # bitsandbytes' layers subclass nn.Linear
     bnb = sys.modules.get("bitsandbytes")
     return bnb is not None and isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
-def _dequantized_linear(layer: nn.Module) -> nn.Linear:
+def _dequantized_linear(layer: nn.Linear) -> nn.Linear:
     import bitsandbytes as bnb
 
-    weight = layer.weight
+    weight: Any = layer.weight  # bitsandbytes' Params4bit or Int8Params (untyped)
     if isinstance(weight, bnb.nn.Params4bit):
         dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     else:  # 8-bit: row-wise int8 values and their scales
         dense = bnb.functional.int8_vectorwise_dequant(weight.CB if weight.CB is not None else weight.data, weight.SCB)
     dtype = getattr(layer, "compute_dtype", None) or (layer.bias.dtype if layer.bias is not None else torch.float32)
-    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=dense.device, dtype=dtype)
+    plain = nn.Linear(
+        layer.in_features, layer.out_features, bias=layer.bias is not None, device=dense.device, dtype=dtype
+    )
     plain.weight.data.copy_(dense.reshape(layer.out_features, layer.in_features))
     if layer.bias is not None:
         plain.bias.data.copy_(layer.bias.data)
@@ -291,7 +294,9 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 class LoRAConv(LoRALayer):
     """LoRA for ``nn.Conv1d/2d/3d``: A is a conv like the base one with ``r`` output channels, B a grouped 1x1 conv."""
 
-    def __init__(self, base: nn.Module, r: int, *args: Any, **kwargs: Any) -> None:
+    base_layer: _ConvNd
+
+    def __init__(self, base: _ConvNd, r: int, *args: Any, **kwargs: Any) -> None:
         if r % base.groups:
             fix = base.groups * max(1, round(r / base.groups))
             raise ValueError(
@@ -342,6 +347,8 @@ class LoRAConv(LoRALayer):
 
 class LoRAEmbedding(LoRALayer):
     """LoRA for ``nn.Embedding``: A is ``(r, num_embeddings)``, B is ``(dim, r)``; A starts at zero, B normal."""
+
+    base_layer: nn.Embedding
 
     def a_shape(self) -> tuple[int, ...]:
         return (self.r, self.base_weight.shape[0])
@@ -441,7 +448,7 @@ class LoRAMultiheadAttention(LoRALayer):
     def reset_parameters(self) -> None:
         super().reset_parameters()
         if not self.lora_out_A.is_meta and not self.base_weight.is_meta:
-            init = "gaussian" if self.init == "gaussian" else "default"
+            init: LoRAInit = "gaussian" if self.init == "gaussian" else "default"
             _init_pair(self.lora_out_A, self.lora_out_B, init, self.r, self.seed + 1)
 
 
@@ -549,8 +556,9 @@ class LoRAConfig(MethodConfig):
             r = _pattern_value(self.rank_pattern, name, module, self.r)
             alpha = _pattern_value(self.alpha_pattern, name, module, self.alpha)
             adapter_cls = lora_layer_for(innermost(module))
+            seed = init_seed(self.seed, name)
             try:
-                adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, init_seed(self.seed, name))
+                adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, seed)
             except ValueError as err:  # name the layer, and put its name into the suggested fix
                 raise ValueError(f"LoRA cannot adapt {name!r}: {str(err).replace(LAYER_NAME, repr(name))}") from None
             replace_module(model, name, adapter)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
 
 from lightning_peft.callbacks import check_checkpoint, keep_adapter_tensors, prepare_module
 from lightning_peft.core import Method
 
+if TYPE_CHECKING:  # type-checked as the LightningModule it is mixed into; at run time a plain mixin
+    from lightning.pytorch import LightningModule as _MixinBase
+else:
+    _MixinBase = object
 
-class PEFTMixin:
+
+class PEFTMixin(_MixinBase):
     """Give a LightningModule adapters from :meth:`configure_peft`, adapter-only checkpoints, and a
     ``load_from_checkpoint`` that rebuilds them.
 
@@ -44,30 +49,31 @@ class PEFTMixin:
         """Inject the methods of :meth:`configure_peft` now (idempotent; Lightning calls it via configure_model)."""
         if self.__dict__.get("_peft_configured"):
             return
-        prepare_module(self, list(self.configure_peft()))  # type: ignore[arg-type]
+        prepare_module(self, list(self.configure_peft()))
         self._peft_configured = True
 
+    @override
     def configure_model(self) -> None:
-        super().configure_model()  # type: ignore[misc]  # a base class may build layers here
+        super().configure_model()  # a base class may build layers here
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_save_checkpoint(checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_load_checkpoint(checkpoint)
 
 
 def _load_step(module: PEFTMixin, checkpoint: dict[str, Any]) -> None:
     module.apply_peft()
-    check_checkpoint(module, checkpoint)  # type: ignore[arg-type]
+    check_checkpoint(module, checkpoint)
 
 
 #: Hooks a subclass may define itself, and the PEFT step that must still run after them.
 _PEFT_STEPS: dict[str, Callable[..., None]] = {
     "configure_model": PEFTMixin.apply_peft,
-    "on_save_checkpoint": keep_adapter_tensors,  # type: ignore[dict-item]
+    "on_save_checkpoint": keep_adapter_tensors,
     "on_load_checkpoint": _load_step,
 }
 

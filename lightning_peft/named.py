@@ -29,7 +29,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_peft.core import _METHODS, _SAVED_TENSORS, Adapter, Method, adapters, inject, refresh_trainable, replace_module
+from lightning_peft.core import (
+    _METHODS,
+    _SAVED_TENSORS,
+    Adapter,
+    Method,
+    adapters,
+    inject,
+    refresh_trainable,
+    replace_module,
+)
 
 _REGISTRY = "_peft_named_adapters"  # attribute on the root module
 DEFAULT = "default"
@@ -263,7 +272,9 @@ def _keys(marks: list[tuple[nn.Module, frozenset[str]]]) -> set[tuple[int, str]]
     return {(id(module), local) for module, names in marks for local in names}
 
 
-def _ever_marked(registry: _Registry, key: tuple[int, str], marked_before: list[tuple[nn.Module, frozenset[str]]]) -> bool:
+def _ever_marked(
+    registry: _Registry, key: tuple[int, str], marked_before: list[tuple[nn.Module, frozenset[str]]]
+) -> bool:
     return key in _keys(marked_before) or any(key in _keys(e.marks) for e in registry.entries.values())
 
 

@@ -5,9 +5,9 @@ A PEFT directory holds ``adapter_config.json`` (with a ``peft_type``) and ``adap
 start with ``base_model.model.`` and follow PEFT's layer layout. The mapping, per method::
 
     ours                                   PEFT (after "base_model.model.")
-    LoRA     x.lora_A / x.lora_B              x.lora_A.weight / x.lora_B.weight           (Linear, Conv1D, Conv)
-             x.lora_A / x.lora_B              x.lora_embedding_A / x.lora_embedding_B     (Embedding)
-             x.lora_out_A / x.lora_out_B      x.base_layer.out_proj.lora_A.weight / ...   (MultiheadAttention, read only)
+    LoRA     x.lora_A / x.lora_B              x.lora_A.weight / x.lora_B.weight          (Linear, Conv1D, Conv)
+             x.lora_A / x.lora_B              x.lora_embedding_A / x.lora_embedding_B    (Embedding)
+             x.lora_out_A / x.lora_out_B      x.base_layer.out_proj.lora_A.weight / ...  (MultiheadAttention, read only)
              trainable_modules (whole)        modules_to_save
     prompt   emb.prompt (p, d)                prompt_embeddings (p, d)
     prefix   per layer l: prefix_keys,        prompt_embeddings (p, L·2·h·d):
@@ -18,8 +18,9 @@ name (anchored with ``^`` so no other module's suffix matches), so every layer k
 
 What PEFT cannot express is refused with a :class:`ValueError` naming the layer and the reason, instead of a file
 that would load wrong: LoRA on grouped, dilated or non-zero-padded convolutions, PiSSA-initialised layers (the
-base weights were changed), ``nn.MultiheadAttention`` (PEFT 0.21 adds its out_proj update twice), biases trained without their module, layer types only we know; prefix gates and
-prefixes PEFT's one-embedding layout cannot hold; patch and pixel prompts; more than one method per file.
+base weights were changed), ``nn.MultiheadAttention`` (PEFT 0.21 adds its out_proj update twice), biases trained
+without their module, layer types only we know; prefix gates and prefixes PEFT's one-embedding layout cannot hold;
+patch and pixel prompts; more than one method per file.
 A reparameterized prefix is written as the prefix its MLP produces now (PEFT saves its MLP's output too).
 """
 
@@ -243,7 +244,9 @@ def _task_type(model: nn.Module) -> str:
     return "CAUSAL_LM" if callable(can_generate) and can_generate() else "FEATURE_EXTRACTION"
 
 
-def _prompt_to_peft(model: nn.Module, found: list[tuple[str, Adapter]]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _prompt_to_peft(
+    model: nn.Module, found: list[tuple[str, Adapter]]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     host = _transformers_host(model, "prompt tuning")
     name, adapter = found[0]
     if len(found) > 1 or getattr(adapter, "prepend_output", False):
@@ -261,7 +264,9 @@ def _prompt_to_peft(model: nn.Module, found: list[tuple[str, Adapter]]) -> tuple
     return config, {"prompt_embeddings": prompt}
 
 
-def _prefix_to_peft(model: nn.Module, found: list[tuple[str, Adapter]]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _prefix_to_peft(
+    model: nn.Module, found: list[tuple[str, Adapter]]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     host = _transformers_host(model, "prefix tuning")
     layers = getattr(host.config, "num_hidden_layers", None)
     shapes = {a.shape for _, a in found}
@@ -404,6 +409,6 @@ def _load_prefix(model: nn.Module, config: dict[str, Any], state: dict[str, torc
         )
     layers = embedding.reshape(p, len(found), 2, heads, d).permute(1, 2, 3, 0, 4)  # (L, 2, h, p, d)
     ours = {}
-    for (name, _), pair in zip(found, layers):
+    for (name, _), pair in zip(found, layers, strict=True):  # layers has len(found) rows by construction
         ours[f"{name}.prefix_keys"], ours[f"{name}.prefix_values"] = pair[0], pair[1]
     return _copy_in(model, ours)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft.core import Adapter, MethodConfig, adapter_tensors, applied_methods, clean_name, inject
+from lightning_peft.core import Adapter, Method, MethodConfig, adapter_tensors, applied_methods, clean_name, inject
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError
 
 FORMAT_VERSION = 1
@@ -63,7 +63,11 @@ def check_base_shapes(model: nn.Module, saved: dict[str, list[int]], source: str
     current = base_shapes(model)
     missing = [n for n in saved if n not in current]
     extra = [n for n in current if n not in saved]
-    reshaped = [f"{n}: saved {saved[n]}, model {current[n]}" for n in saved if n in current and list(current[n]) != list(saved[n])]
+    reshaped = [
+        f"{n}: saved {saved[n]}, model {current[n]}"
+        for n in saved
+        if n in current and list(current[n]) != list(saved[n])
+    ]
     if missing or extra or reshaped:
         parts = []
         if reshaped:
@@ -173,5 +177,5 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         )
     check_base_shapes(model, meta["base_shapes"], str(directory))
     if not any(isinstance(m, Adapter) for m in model.modules()):
-        inject(model, *[MethodConfig.from_dict(m) for m in meta["methods"]])
+        inject(model, *[cast(Method, MethodConfig.from_dict(m)) for m in meta["methods"]])  # registered configs
     return load_adapter_state_dict(model, load_file(str(directory / WEIGHTS_NAME)))

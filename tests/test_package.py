@@ -86,3 +86,21 @@ def test_docstring_examples_run() -> None:
         failed += [module.__name__] * results.failed
     assert failed == [], f"doctest examples failed in {sorted(set(failed))}; run python -m doctest -v on them"
     assert attempted >= 10  # the public API's examples (inject, merge, save_adapter, ...) were found and run
+
+
+ROOT = PACKAGE.parent  # the repository root: pyproject.toml holds the mypy and ruff settings
+
+
+def test_package_type_checks_clean_with_mypy(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
+               "--cache-dir", str(tmp_path / "mypy_cache"), "-p", "lightning_peft"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"mypy reports errors in lightning_peft:\n{result.stdout}{result.stderr}"
+    assert "Success: no issues found" in result.stdout
+
+
+def test_package_lints_clean_with_ruff() -> None:
+    command = [sys.executable, "-m", "ruff", "check", "--no-cache", str(PACKAGE)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"ruff reports problems in lightning_peft:\n{result.stdout}{result.stderr}"
+    assert "All checks passed" in result.stdout

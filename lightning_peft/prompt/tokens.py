@@ -30,15 +30,17 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from typing import ClassVar, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
 
-from lightning_peft.core import add_peft_hook, init_seed, replace_module
-from lightning_peft.prompt.base import PromptAdapter, innermost
+from lightning_peft.core import add_peft_hook, init_seed, innermost, replace_module
+from lightning_peft.prompt.base import PromptAdapter
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from lightning_peft.prompt.config import PromptTuningConfig
 
 IGNORE_INDEX = -100  # the label value every transformers loss ignores
@@ -48,6 +50,8 @@ _DECODER_OUTPUT_KEYS = ("cross_attentions",)
 _SEQUENCE_LEVEL_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForNextSentencePrediction")
 #: Inputs aligned with the token sequence, cut together when truncating.
 _SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids", "labels")
+#: What a forward pre-hook returns to replace the call: no positional arguments, every input by keyword.
+_NewCall = tuple[tuple[()], dict[str, Any]]
 
 
 class TokenPrompt(PromptAdapter):
@@ -72,7 +76,7 @@ class TokenPrompt(PromptAdapter):
         seed: int = 0, prepend_output: bool = False,
     ) -> None:
         super().__init__(embedding, seed)
-        weight = innermost(embedding).weight
+        weight = cast(torch.Tensor, innermost(embedding).weight)
         self.num_tokens = num_tokens
         self.init = init
         self.init_ids = list(init_ids or [])
@@ -88,7 +92,7 @@ class TokenPrompt(PromptAdapter):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        weight = innermost(self.base_layer).weight
+        weight = cast(torch.Tensor, innermost(self.base_layer).weight)
         if self.prompt.is_meta or weight.is_meta:
             return  # materialised later by the strategy, which calls reset_parameters() again
         generator = self.generator()
@@ -113,7 +117,7 @@ class TokenPrompt(PromptAdapter):
         return torch.cat([prompt, embeds], dim=1)
 
     # --- hooks on a transformers decoder-only or encoder-only model -----------------------------------------
-    def model_pre_hook(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def model_pre_hook(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _NewCall | None:
         """Prefill: embed, prepend the prompt, extend the inputs. Decoding: shift masks and positions by ``p``."""
         self._real_length = None
         if not self.enabled:
@@ -141,7 +145,7 @@ class TokenPrompt(PromptAdapter):
         return strip_outputs(output, self.num_tokens, self.num_tokens + n, keys=None)
 
     # --- hooks on a transformers encoder-decoder --------------------------------------------------------------
-    def encoder_pre_hook(self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def encoder_pre_hook(self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _NewCall | None:
         """Prepend the prompt to the encoder input (also when ``generate()`` calls the encoder itself)."""
         if not self.enabled:
             return None
@@ -156,7 +160,7 @@ class TokenPrompt(PromptAdapter):
                       skip_mask=mask is not None and mask.shape[-1] == n + self.num_tokens)  # widened by the model
         return (), call
 
-    def seq2seq_pre_hook(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def seq2seq_pre_hook(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _NewCall | None:
         """Widen the encoder attention mask by ``p`` columns, so the decoder's cross-attention sees the prompt."""
         self._real_length = None
         if not self.enabled:
@@ -185,7 +189,7 @@ class TokenPrompt(PromptAdapter):
         return strip_outputs(output, self.num_tokens, self.num_tokens + n, keys=_encoder_side)
 
     # --- helpers ----------------------------------------------------------------------------------------------
-    def _embed(self, model: nn.Module, call: dict[str, Any]) -> torch.Tensor | None:
+    def _embed(self, model: PreTrainedModel, call: dict[str, Any]) -> torch.Tensor | None:
         if call.get("inputs_embeds") is None:
             ids = call.get("input_ids")
             if ids is None:
@@ -394,7 +398,7 @@ def _max_length(config: Any) -> int | None:
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
-def attach_to_transformers(model: nn.Module, host: nn.Module, config: PromptTuningConfig) -> TokenPrompt:
+def attach_to_transformers(model: nn.Module, host: PreTrainedModel, config: PromptTuningConfig) -> TokenPrompt:
     """Prompt one transformers model: wrap its input embedding and hook its forward (and its encoder's)."""
     embedding = host.get_input_embeddings()
     name = _module_name(model, embedding)

@@ -39,6 +39,7 @@ def main(out: Path, method: str) -> None:
         state = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     if rank == 0:
         torch.save(state, out / f"fsdp1-{method}.pt")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
