@@ -14,11 +14,13 @@ Everything here ships with Python, scikit-learn or the installed packages: nothi
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import math
 import random
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def comparison_args(doc: str, quick_help: str) -> tuple[argparse.Namespace, Path]:
+    """Parse ``--quick``, ``--seed`` and ``--out`` of a comparison example; returns the args and the results folder
+    (``examples/results``, or a temporary folder for a quick run)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; quick: a temp dir)")
+    args = parser.parse_args()
+    return args, args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS)
 
 
 def digits_transfer(

@@ -21,13 +21,10 @@ about 20 s: little data, 1 epoch, results written to a temporary folder unless `
 
 from __future__ import annotations
 
-import argparse
 import copy
-import tempfile
-from pathlib import Path
 
 import torch
-from common import RESULTS, Result, accuracy, digits_transfer, fit_classifier, write_results
+from common import Result, accuracy, comparison_args, digits_transfer, fit_classifier, write_results
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -57,12 +54,7 @@ def pretrain_backbone(source: TensorDataset, epochs: int, seed: int) -> nn.Modul
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small data, 1 epoch, far less accurate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; quick: a temp dir)")
-    args = parser.parse_args()
-    out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS)
+    args, out = comparison_args(__doc__ or "", "smoke run: small data, 1 epoch, far less accurate")
     pretrain_epochs, epochs = (1, 1) if args.quick else (4, 10)
 
     source, train, test = digits_transfer(size=32, labels_per_class=40, seed=args.seed)

@@ -21,18 +21,15 @@ minutes on 2 busy CPU cores) or ``--quick`` (a smoke run in about 30 s; results 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.resources
 import os
-import tempfile
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: the model ships in a package
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from common import RESULTS, Result, accuracy, docstring_topics, fit_classifier, write_results  # noqa: E402
+from common import Result, accuracy, comparison_args, docstring_topics, fit_classifier, write_results  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
@@ -88,12 +85,7 @@ def load_classifier(num_labels: int, seed: int) -> nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: few sentences, 2 steps per method")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; quick: a temp dir)")
-    args = parser.parse_args()
-    out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS)
+    args, out = comparison_args(__doc__ or "", "smoke run: few sentences, 2 steps per method")
     epochs, max_steps = (1, 2) if args.quick else (15, -1)
 
     from transformers import AutoTokenizer

@@ -18,13 +18,10 @@ Writes ``examples/results/vit_prompts_prefix.md`` and ``.png``. Run ``python exa
 
 from __future__ import annotations
 
-import argparse
 import copy
-import tempfile
-from pathlib import Path
 
 import torch
-from common import RESULTS, Result, accuracy, digits_transfer, fit_classifier, write_results
+from common import Result, accuracy, comparison_args, digits_transfer, fit_classifier, write_results
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -50,12 +47,7 @@ def small_vit(num_classes: int) -> nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small data, 1 epoch, far less accurate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; quick: a temp dir)")
-    args = parser.parse_args()
-    out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS)
+    args, out = comparison_args(__doc__ or "", "smoke run: small data, 1 epoch, far less accurate")
     pretrain_epochs, epochs = (1, 1) if args.quick else (30, 20)
 
     source, train, test = digits_transfer(size=16, labels_per_class=40, seed=args.seed)

@@ -217,6 +217,15 @@ def test_fsdp1_wrap_policy_gives_adapters_and_wrapped_layers_units_of_their_own(
     assert model.transformer.ln_f in units and model.transformer.h[0].attn.c_attn.base_layer in units
 
 
+def _torchrun(script: str, *args: str) -> None:
+    """Run ``tests/scripts/<script>`` on 2 CPU processes with torch.distributed.run (its launcher re-runs argv)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(__file__).parent / "scripts" / script), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def _single_process_reference(method: str, steps: int, batch_size: int) -> dict[str, torch.Tensor]:
     model = inject(tiny_gpt2(), METHODS[method]())
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
@@ -232,13 +241,7 @@ def _single_process_reference(method: str, steps: int, batch_size: int) -> dict[
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_fsdp1_with_the_wrap_policy_matches_one_process_on_cpu(tmp_path: Path, method: str) -> None:
-    script = Path(__file__).parent / "scripts" / "fsdp1_peft.py"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path),
-         method], capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _torchrun("fsdp1_peft.py", str(tmp_path), method)
     sharded = torch.load(tmp_path / f"fsdp1-{method}.pt", weights_only=True)
     # rank r read samples r, r+2, ... in batches of 4: the same 8 samples per step as one process in order
     reference = _single_process_reference(method, steps=3, batch_size=8)
@@ -250,14 +253,7 @@ def test_fsdp1_with_the_wrap_policy_matches_one_process_on_cpu(tmp_path: Path, m
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_fsdp2_model_parallel_strategy_trains_adapters_on_cpu(tmp_path: Path, method: str) -> None:
-    script = Path(__file__).parent / "scripts" / "fsdp2_peft.py"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path),
-         method],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _torchrun("fsdp2_peft.py", str(tmp_path), method)
     report = torch.load(tmp_path / "fsdp2.pt", weights_only=True)
     assert report["trained"] and report["frozen_unchanged"]
 
