@@ -45,10 +45,15 @@ def _stats(samples: list[float]) -> dict[str, float]:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, reps: int, device: str) -> dict[str, dict]:
-    """Milliseconds per call of each function: ``rounds`` rounds A B C ..., each the median of ``reps`` calls."""
+    """Milliseconds per call of each function: ``rounds`` rounds A B C, B C A, C A B ..., each the median of ``reps``
+    calls. The order rotates so that no contender always runs right after the same other one (a full finetuning
+    step frees gigabytes that the next contender's step faults back in)."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             times = []
             for _ in range(reps):
                 _sync(device)
