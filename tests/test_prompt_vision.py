@@ -14,7 +14,7 @@ torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
-from lightning_peft import PromptTuningConfig, inject, load_adapter, save_adapter  # noqa: E402
+from lightning_peft import PEFTWarning, PromptTuningConfig, inject, load_adapter, save_adapter  # noqa: E402
 from lightning_peft.prompt import PatchPrompt, PixelPrompt  # noqa: E402
 
 P, SIZE = 3, 32
@@ -202,8 +202,9 @@ def test_saved_deep_patch_prompts_load_into_a_fresh_vit(tmp_path) -> None:
 
 
 def test_pixel_prompt_errors_say_what_to_pass() -> None:
-    with pytest.raises(ValueError, match=r"need the image size.*ResNet declares none; pass image_size=224"):
-        inject(resnet(), PromptTuningConfig(kind="pixels"))
+    with pytest.warns(PEFTWarning, match=r"ResNet declares no input size: the pixel prompt is made for 224x224"):
+        assumed = inject(resnet(), PromptTuningConfig(kind="pixels", width=4))  # the issue's own spelling
+    assert assumed(torch.randn(1, 3, 224, 224)).shape == (1, 4)
     with pytest.raises(ValueError, match=r"border of width 16 leaves nothing inside a 32x32 image.*below 16"):
         inject(resnet(), PromptTuningConfig(kind="pixels", width=16, image_size=SIZE))
     with pytest.raises(ValueError, match=r"image_module='stem' is not a module of ResNet; its Conv2d layers are \['conv1'"):

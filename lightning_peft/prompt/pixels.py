@@ -17,12 +17,14 @@ the image (by default the model's first ``nn.Conv2d``), so it works for ResNets,
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lightning_peft.core import init_seed, replace_module
+from lightning_peft.errors import PEFTWarning
 from lightning_peft.prompt.base import PromptAdapter
 
 if TYPE_CHECKING:
@@ -88,6 +90,9 @@ class PixelPrompt(PromptAdapter):
         return self.base_layer(image, *args, **kwargs)
 
 
+DEFAULT_IMAGE_SIZE = 224  # the input size pixel prompts assume for models that declare none
+
+
 def declared_image_size(model: nn.Module) -> tuple[int, int] | None:
     """The input size a model declares (torchvision ``image_size``, timm ``img_size``, transformers config)."""
     for module in model.modules():
@@ -125,10 +130,12 @@ def attach_pixels(model: nn.Module, config: PromptTuningConfig) -> None:
             )
         name, module = candidates[0]
     size = config.image_size or declared_image_size(model)
-    if size is None:
-        raise ValueError(
-            f"pixel prompts need the image size, and {type(model).__name__} declares none; pass image_size=224 "
-            "(or [height, width]) to PromptTuning."
+    if size is None:  # Bahng et al. (2022) prompt 224x224 inputs; a border's parameters depend on the size
+        size = DEFAULT_IMAGE_SIZE
+        warnings.warn(
+            f"{type(model).__name__} declares no input size: the pixel prompt is made for {size}x{size} images (as in "
+            "Bahng et al. 2022). Pass image_size=[height, width] to PromptTuning for other sizes.",
+            PEFTWarning, stacklevel=2,
         )
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     channels = getattr(module, "in_channels", 3)
