@@ -167,6 +167,22 @@ def markdown_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def evaluate(method: str, net: nn.Module, loader: DataLoader, num_classes: int, seconds: float) -> Result:
+    """Test accuracy and parameter counts of one trained method, printed as one line."""
+    from lightning_peft import trainable_summary
+
+    counts = trainable_summary(net)
+    result = Result(method, accuracy(net, loader, num_classes), counts.trainable, counts.total, seconds)
+    print(f"{method:<28} accuracy {result.accuracy:.3f}  trainable {counts.trainable:,}  {seconds:.1f} s")
+    return result
+
+
+def report(name: str, title: str, results: list[Result], out_dir: Path) -> None:
+    """Write the table and plot of a comparison example (see :func:`write_results`) and print the table."""
+    table, plot = write_results(name, title, results, out_dir)
+    print(f"\n{table.read_text()}\nwrote {table} and {plot}")
+
+
 def write_results(name: str, title: str, results: list[Result], out_dir: Path = RESULTS) -> tuple[Path, Path]:
     """Write ``<name>.md`` (title + table) and ``<name>.png`` (accuracy vs trainable parameters) to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)

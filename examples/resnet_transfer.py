@@ -24,11 +24,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from common import Result, accuracy, comparison_args, digits_transfer, fit_classifier, write_results
+from common import accuracy, comparison_args, digits_transfer, evaluate, fit_classifier, report
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_peft import LoRA, PromptTuning, merge_and_unload, trainable_summary
+from lightning_peft import LoRA, PromptTuning, merge_and_unload
 
 METHODS = {  # name: (learning rate, callbacks factory, linear probe)
     "linear probe": (1e-2, lambda: [], True),
@@ -72,17 +72,14 @@ def main() -> None:
         net.fc = nn.Linear(net.fc.in_features, 5)  # a new head for digits 5-9, the same init for every method
         module, seconds = fit_classifier(net, train, epochs=epochs, lr=lr, seed=args.seed, callbacks=make_callbacks(),
                                          probe_head="fc" if probe else None)
-        counts = trainable_summary(module.net)
-        results.append(Result(method, accuracy(module.net, test_loader, 5), counts.trainable, counts.total, seconds))
-        print(f"{method:<28} accuracy {results[-1].accuracy:.3f}  trainable {counts.trainable:,}  {seconds:.1f} s")
+        results.append(evaluate(method, module.net, test_loader, 5, seconds))
         if method.startswith("LoRA r=8 all"):
             merged = merge_and_unload(copy.deepcopy(module.net))  # plain torchvision ResNet-18 again
             print(f"  merged into plain convs: accuracy {accuracy(merged, test_loader, 5):.3f}")
 
     title = (f"ResNet-18 pretrained on digits 0-4, adapted to digits 5-9 ({len(train)} train / {len(test)} test "
              f"images, {epochs} epochs{', quick run' if args.quick else ''})")
-    table, plot = write_results("resnet_transfer", title, results, out)
-    print(f"\n{table.read_text()}\nwrote {table} and {plot}")
+    report("resnet_transfer", title, results, out)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: the model shi
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from common import Result, accuracy, comparison_args, docstring_topics, fit_classifier, write_results  # noqa: E402
+from common import comparison_args, docstring_topics, evaluate, fit_classifier, report  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_peft import LoRA, PrefixTuning, PromptTuning, trainable_summary  # noqa: E402
+from lightning_peft import LoRA, PrefixTuning, PromptTuning  # noqa: E402
 
 MAX_LENGTH = 40  # tokens; the median sentence has about 15
 HEAD = ["classifier"]
@@ -105,15 +105,11 @@ def main() -> None:
         module, seconds = fit_classifier(net, train, epochs=epochs, lr=lr, seed=args.seed, batch_size=16,
                                          callbacks=make_callbacks(), probe_head="model.classifier" if probe else None,
                                          max_steps=max_steps)
-        counts = trainable_summary(module.net)
-        results.append(Result(method, accuracy(module.net, test_loader, len(classes)), counts.trainable, counts.total,
-                              seconds))
-        print(f"{method:<22} accuracy {results[-1].accuracy:.3f}  trainable {counts.trainable:,}  {seconds:.1f} s")
+        results.append(evaluate(method, module.net, test_loader, len(classes), seconds))
 
     title = (f"all-MiniLM-L6-v2 classifying stdlib docstrings into {len(classes)} areas ({len(train)} train / "
              f"{len(test)} test sentences, {epochs} epochs{', quick run' if args.quick else ''})")
-    table, plot = write_results("text_minilm", title, results, out)
-    print(f"\n{table.read_text()}\nwrote {table} and {plot}")
+    report("text_minilm", title, results, out)
 
 
 if __name__ == "__main__":

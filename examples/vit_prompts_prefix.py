@@ -21,11 +21,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from common import Result, accuracy, comparison_args, digits_transfer, fit_classifier, write_results
+from common import accuracy, comparison_args, digits_transfer, evaluate, fit_classifier, report
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_peft import LoRA, PrefixTuning, PromptTuning, trainable_summary
+from lightning_peft import LoRA, PrefixTuning, PromptTuning
 
 HEAD = ["heads"]
 METHODS = {  # name: (learning rate, callbacks factory, linear probe)
@@ -68,14 +68,11 @@ def main() -> None:
         net.heads.head = nn.Linear(net.hidden_dim, 5)  # a new head for digits 5-9, the same init for every method
         module, seconds = fit_classifier(net, train, epochs=epochs, lr=lr, seed=args.seed, callbacks=make_callbacks(),
                                          probe_head="heads" if probe else None)
-        counts = trainable_summary(module.net)
-        results.append(Result(method, accuracy(module.net, test_loader, 5), counts.trainable, counts.total, seconds))
-        print(f"{method:<20} accuracy {results[-1].accuracy:.3f}  trainable {counts.trainable:,}  {seconds:.1f} s")
+        results.append(evaluate(method, module.net, test_loader, 5, seconds))
 
     title = (f"ViT (4 blocks, width 64) pretrained on digits 0-4, adapted to digits 5-9 ({len(train)} train / "
              f"{len(test)} test images, {epochs} epochs{', quick run' if args.quick else ''})")
-    table, plot = write_results("vit_prompts_prefix", title, results, out)
-    print(f"\n{table.read_text()}\nwrote {table} and {plot}")
+    report("vit_prompts_prefix", title, results, out)
 
 
 if __name__ == "__main__":
