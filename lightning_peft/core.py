@@ -170,6 +170,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def check_choice(name: str, value: object, choices: Any) -> None:
+    """Raise ``ValueError`` naming the allowed values when ``value`` is not one of the ``Literal`` ``choices``."""
+    allowed = choices.__args__
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
 def init_seed(seed: int, name: str) -> int:
     """A deterministic per-adapter seed, so 1 and N processes (and resumed runs) start from the same weights."""
     return zlib.crc32(f"{seed}:{name}".encode())

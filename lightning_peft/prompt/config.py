@@ -7,8 +7,7 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
-from lightning_peft.core import MethodConfig
-from lightning_peft.lora import _check_choice
+from lightning_peft.core import MethodConfig, check_choice
 from lightning_peft.prompt.base import is_prompted
 from lightning_peft.prompt.patches import attach_patches, find_vits
 from lightning_peft.prompt.pixels import attach_pixels, image_inputs
@@ -88,13 +87,13 @@ class PromptTuningConfig(MethodConfig):
             raise ValueError(f"num_tokens must be a positive integer (prompt tokens); got {self.num_tokens!r}.")
         if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"width must be a positive number of pixels; got {self.width!r}.")
-        _check_choice("init", self.init, PromptInit)
-        _check_choice("batchnorm", self.batchnorm, Literal["frozen", "update"])
-        _check_choice("pixel_region", self.pixel_region, PixelRegion)
+        check_choice("init", self.init, PromptInit)
+        check_choice("batchnorm", self.batchnorm, Literal["frozen", "update"])
+        check_choice("pixel_region", self.pixel_region, PixelRegion)
         if self.kind is not None:
-            _check_choice("kind", self.kind, PromptKind)
+            check_choice("kind", self.kind, PromptKind)
         if self.truncation is not None:
-            _check_choice("truncation", self.truncation, Truncation)
+            check_choice("truncation", self.truncation, Truncation)
         if self.init == "text" and (not self.init_text or not self.tokenizer):
             missing = "init_text" if not self.init_text else "tokenizer"
             raise ValueError(
