@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_peft import LoRA, adapter_state_dict, fsdp_auto_wrap_policy, inject, merge, unmerge  # noqa: E402
+from lightning_peft import LoRA, PromptTuning, adapter_state_dict, fsdp_auto_wrap_policy, inject, merge, unmerge  # noqa: E402
 
 VOCAB, SEQ = 512, 64
 
@@ -152,6 +152,33 @@ def check_compile() -> str:
     return f"compiled vs eager max|diff| {diff:.2e}; merged vs eager {(merged - eager).abs().max().item():.2e}"
 
 
+def check_deepspeed(stage: int, method: L.Callback) -> str:
+    """ZeRO-2/3 on one GPU: the checkpoint DeepSpeed writes holds the adapter tensors only, with their full shapes."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise RuntimeError("deepspeed is not installed (carry its wheel: see README 'Scaling out')")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from lightning.pytorch.utilities.deepspeed import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        strategy = DeepSpeedStrategy(stage=stage, exclude_frozen_parameters=True)
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True)
+        module, _, seconds = fit(method, checkpoint, strategy=strategy, precision="bf16-mixed")
+        state = get_fp32_state_dict_from_zero_checkpoint(str(Path(tmp) / "last.ckpt"))
+        expected = {n: shape for n, shape in ((n, list(p.shape)) for n, p in _fresh_adapted(method).items())}
+        saved = {n: list(t.shape) for n, t in state.items()}
+    assert saved == expected, (sorted(saved)[:4], sorted(expected)[:4])
+    assert module.losses[-1] < module.losses[0], module.losses
+    return f"stage {stage}: {len(saved)} adapter tensors with full shapes, loss {module.losses[0]:.3f} -> {module.losses[-1]:.3f}, {seconds:.1f}s"
+
+
+def _fresh_adapted(method: L.Callback) -> dict[str, torch.Tensor]:
+    module = LM()
+    inject(module, type(method)(**{k: v for k, v in method.to_dict().items() if k != "method"}))
+    return adapter_state_dict(module)
+
+
 CHECKS: dict[str, Callable[[], str]] = {
     "bf16-true": lambda: check_precision("bf16-true"),
     "bf16-true+fp32-adapters": lambda: check_precision("bf16-true", adapter_dtype="float32"),
@@ -160,6 +187,8 @@ CHECKS: dict[str, Callable[[], str]] = {
     "fsdp1-1gpu": check_fsdp1,
     "qlora-nf4": check_qlora,
     "compile": check_compile,
+    "deepspeed-zero2-lora": lambda: check_deepspeed(2, lora()),
+    "deepspeed-zero3-prompt": lambda: check_deepspeed(3, PromptTuning(num_tokens=4, init="random")),
 }
 ONLY = [name for name in os.environ.get("GPU_CHECKS", "").split(",") if name]
 
