@@ -95,28 +95,19 @@ def _lora(targets: str | list[str]) -> Method:
     return Method("lora-qv" if isinstance(targets, list) else "lora-all", ours, peft, mergeable=True)
 
 
-def _prefix() -> Method:
+def _virtual_tokens(name: str, ours_config: str, peft_config: str) -> Method:
+    """Prefix or prompt tuning with ``VIRTUAL_TOKENS`` virtual tokens, ours and PEFT's (causal LMs)."""
+
     def ours(model: nn.Module) -> nn.Module:
-        return inject(model, lightning_peft.PrefixTuningConfig(num_tokens=VIRTUAL_TOKENS))
+        return inject(model, getattr(lightning_peft, ours_config)(num_tokens=VIRTUAL_TOKENS))
 
     def peft(model: nn.Module, ours_model: nn.Module) -> nn.Module:
-        from peft import PrefixTuningConfig, get_peft_model
+        import peft as hf_peft
 
-        return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS))
+        config = getattr(hf_peft, peft_config)(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS)
+        return hf_peft.get_peft_model(model, config)
 
-    return Method("prefix", ours, peft, mergeable=False)
-
-
-def _prompt() -> Method:
-    def ours(model: nn.Module) -> nn.Module:
-        return inject(model, lightning_peft.PromptTuningConfig(num_tokens=VIRTUAL_TOKENS))
-
-    def peft(model: nn.Module, ours_model: nn.Module) -> nn.Module:
-        from peft import PromptTuningConfig, get_peft_model
-
-        return get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS))
-
-    return Method("prompt", ours, peft, mergeable=False)
+    return Method(name, ours, peft, mergeable=False)
 
 
 def methods_for(bench: Bench, mode: str) -> list[Method]:
@@ -127,9 +118,9 @@ def methods_for(bench: Bench, mode: str) -> list[Method]:
         rows.append(_lora(bench.all_layers))
     if bench.causal_lm:
         if hasattr(lightning_peft, "PrefixTuningConfig"):
-            rows.append(_prefix())
+            rows.append(_virtual_tokens("prefix", "PrefixTuningConfig", "PrefixTuningConfig"))
         if hasattr(lightning_peft, "PromptTuningConfig"):
-            rows.append(_prompt())
+            rows.append(_virtual_tokens("prompt", "PromptTuningConfig", "PromptTuningConfig"))
     for row in rows:
         row.repeats = 1 if mode == "smoke" else 3
     return rows

@@ -21,7 +21,6 @@ running total of ``torch.profiler``'s memory events (allocator-level, determinis
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path

@@ -46,12 +46,13 @@ def comparison_args(doc: str, quick_help: str) -> tuple[argparse.Namespace, Path
 
 
 def digits_transfer(
-    size: int, labels_per_class: int = 40, seed: int = 0, channels: int = 3
+    size: int, labels_per_class: int = 40, seed: int = 0, channels: int = 3, quick: bool = False
 ) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     """``(source, target_train, target_test)`` from scikit-learn's digits, upsampled to ``size`` x ``size``.
 
     The source holds every image of digits 0-4 (labels 0-4); the target split holds digits 5-9 relabelled
     0-4, ``labels_per_class`` random images per class for training and all other images for testing.
+    ``quick`` keeps the first 300 source and 200 test images (smoke runs).
     """
     from sklearn.datasets import load_digits
 
@@ -70,11 +71,12 @@ def digits_transfer(
         test.append(idx[labels_per_class:])
     source = labels < 5
     train_idx, test_idx = torch.cat(train), torch.cat(test)
-    return (
-        TensorDataset(images[source], labels[source]),
-        TensorDataset(images[train_idx], labels[train_idx] - 5),
-        TensorDataset(images[test_idx], labels[test_idx] - 5),
-    )
+    source_set = TensorDataset(images[source], labels[source])
+    test_set = TensorDataset(images[test_idx], labels[test_idx] - 5)
+    if quick:
+        source_set = TensorDataset(*(t[:300] for t in source_set.tensors))
+        test_set = TensorDataset(*(t[:200] for t in test_set.tensors))
+    return source_set, TensorDataset(images[train_idx], labels[train_idx] - 5), test_set
 
 
 TOPICS: dict[str, list[str]] = {

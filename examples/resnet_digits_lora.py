@@ -23,36 +23,12 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
+from common import digits_transfer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_peft import LoRA, adapter_state_dict, merge_and_unload, trainable_summary
-
-
-def load_digits_32(seed: int) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
-    """(source: digits 0-4, target train: 5-9 with 40 labels per class, target test: the other 5-9 images)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
-    images = F.interpolate(images, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    images = (images - 0.3) / 0.4
-    labels = torch.tensor(digits.target)
-    source = labels < 5
-    generator = torch.Generator().manual_seed(seed)
-    train_idx, test_idx = [], []
-    for digit in range(5, 10):
-        idx = torch.nonzero(labels == digit).flatten()
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        train_idx.append(idx[:40])
-        test_idx.append(idx[40:])
-    train, test = torch.cat(train_idx), torch.cat(test_idx)
-    return (
-        TensorDataset(images[source], labels[source]),
-        TensorDataset(images[train], labels[train] - 5),
-        TensorDataset(images[test], labels[test] - 5),
-    )
 
 
 class Classifier(L.LightningModule):
@@ -128,7 +104,7 @@ def main() -> None:
 
     from torchvision.models import resnet18
 
-    source, train, test = load_digits_32(args.seed)
+    source, train, test = digits_transfer(size=32, labels_per_class=40, seed=args.seed)
     if args.quick:  # a smoke run: a third of the source images, 1 epoch each
         source = TensorDataset(*(t[:300] for t in source.tensors))
     print(f"data: {len(source)} source images (digits 0-4), {len(train)} target train / {len(test)} target test "

@@ -57,10 +57,7 @@ def main() -> None:
     args, out = comparison_args(__doc__ or "", "smoke run: small data, 1 epoch, far less accurate")
     pretrain_epochs, epochs = (1, 1) if args.quick else (4, 10)
 
-    source, train, test = digits_transfer(size=32, labels_per_class=40, seed=args.seed)
-    if args.quick:
-        source = TensorDataset(*(t[:300] for t in source.tensors))
-        test = TensorDataset(*(t[:200] for t in test.tensors))
+    source, train, test = digits_transfer(size=32, labels_per_class=40, seed=args.seed, quick=args.quick)
     print(f"source: {len(source)} images of digits 0-4; target: {len(train)} train / {len(test)} test images of 5-9")
     backbone = pretrain_backbone(source, pretrain_epochs, args.seed)
     test_loader = DataLoader(test, batch_size=256)

@@ -23,7 +23,7 @@ import copy
 import torch
 from common import accuracy, comparison_args, digits_transfer, evaluate, fit_classifier, report
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_peft import LoRA, PrefixTuning, PromptTuning
 
@@ -50,10 +50,7 @@ def main() -> None:
     args, out = comparison_args(__doc__ or "", "smoke run: small data, 1 epoch, far less accurate")
     pretrain_epochs, epochs = (1, 1) if args.quick else (30, 20)
 
-    source, train, test = digits_transfer(size=16, labels_per_class=40, seed=args.seed)
-    if args.quick:
-        source = TensorDataset(*(t[:300] for t in source.tensors))
-        test = TensorDataset(*(t[:200] for t in test.tensors))
+    source, train, test = digits_transfer(size=16, labels_per_class=40, seed=args.seed, quick=args.quick)
     torch.manual_seed(args.seed)
     module, seconds = fit_classifier(small_vit(5), source, epochs=pretrain_epochs, lr=1e-3, seed=args.seed)
     backbone = module.net

@@ -427,3 +427,6 @@ def test_lora_and_prefix_compose_on_one_multihead_attention_in_either_order(lora
     adapted = model(x)
     merge(model)  # the LoRA updates into the weights; the prefix keeps working on the merged attention
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+    prefix_adapter = attention.base_layer
+    prefix_adapter.enabled = False  # and the prefix was part of both outputs, not skipped in either
+    assert (model(x) - adapted).abs().max() > 1e-3

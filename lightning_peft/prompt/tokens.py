@@ -139,10 +139,13 @@ class TokenPrompt(PromptAdapter):
 
     def model_post_hook(self, model: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         """Cut the virtual positions out of the outputs (unless ``keep_virtual_outputs``)."""
+        return self._strip(output, keys=None)
+
+    def _strip(self, output: Any, keys: Callable[[str], bool] | None) -> Any:
         n, self._real_length = self._real_length, None
         if n is None or self.keep_virtual_outputs:
             return None
-        return strip_outputs(output, self.num_tokens, self.num_tokens + n, keys=None)
+        return strip_outputs(output, self.num_tokens, self.num_tokens + n, keys=keys)
 
     # --- hooks on a transformers encoder-decoder --------------------------------------------------------------
     def encoder_pre_hook(self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _NewCall | None:
@@ -183,10 +186,7 @@ class TokenPrompt(PromptAdapter):
 
     def seq2seq_post_hook(self, model: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         """Cut the virtual positions out of the encoder outputs the model returns."""
-        n, self._real_length = self._real_length, None
-        if n is None or self.keep_virtual_outputs:
-            return None
-        return strip_outputs(output, self.num_tokens, self.num_tokens + n, keys=_encoder_side)
+        return self._strip(output, keys=_encoder_side)
 
     # --- helpers ----------------------------------------------------------------------------------------------
     def _embed(self, model: PreTrainedModel, call: dict[str, Any]) -> torch.Tensor | None:
