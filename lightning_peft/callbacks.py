@@ -25,6 +25,7 @@ from lightning_peft.lora import LoRAConfig
 from lightning_peft.prefix import PrefixTuningConfig
 from lightning_peft.prompt import PromptTuningConfig
 from lightning_peft.state import adapter_tensors, check_adapter_state, check_base_shapes, checkpoint_metadata
+from lightning_peft.zero3 import is_partitioned
 
 CHECKPOINT_KEY = "lightning_peft"
 _PENDING = "_peft_pending"  # attribute on a LightningModule: methods to inject right after its configure_model
@@ -50,6 +51,10 @@ def prepare_module(pl_module: pl.LightningModule, methods: list[Method]) -> None
         return
     inject(pl_module, *todo)
     pl_module.strict_loading = False  # checkpoints hold adapter tensors only; check_checkpoint checks them
+    strategy = getattr(getattr(pl_module, "_trainer", None), "strategy", None)
+    if strategy is not None and hasattr(strategy, "exclude_frozen_parameters"):
+        # DeepSpeed writes module weights itself (our on_save_checkpoint step never sees them): only what trains
+        strategy.exclude_frozen_parameters = True
     names = ", ".join(type(m).__name__ for m in todo)
     rank_zero_info(f"lightning_peft: {names} injected; {trainable_summary(pl_module)}")
 
@@ -59,7 +64,9 @@ def keep_adapter_tensors(pl_module: pl.LightningModule, checkpoint: dict[str, An
     if not applied_methods(pl_module):
         return
     names = {name for name, _ in adapter_tensors(pl_module)}
-    checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(pl_module, checkpoint["state_dict"])  # global shapes (FSDP)
+    # FSDP's gathered state dict has the global shapes; ZeRO-3's holds empty partitions, its parameters know them
+    zero3 = any(is_partitioned(p) for p in pl_module.parameters())
+    checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(pl_module, None if zero3 else checkpoint["state_dict"])
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
 
 
@@ -80,12 +87,14 @@ def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) 
         return
     if not _is_fsdp1_wrapped(pl_module):  # FSDP1's flat shards hold no global shapes to compare
         check_base_shapes(pl_module, meta["base_shapes"])
-    check_adapter_state(pl_module, checkpoint["state_dict"])
     now = [method.to_dict() for method in applied_methods(pl_module)]
     if meta.get("methods") != now:
         rank_zero_warn(
             f"lightning_peft: the checkpoint was saved with methods {meta.get('methods')}, the model has {now}."
         )
+    if "state_dict" not in checkpoint:  # DeepSpeed restores the module from its own files and passes no weights
+        return
+    check_adapter_state(pl_module, checkpoint["state_dict"])
     if getattr(pl_module, "_trainer", None) is None:
         state = checkpoint["state_dict"]
         for name, tensor in pl_module.state_dict().items():

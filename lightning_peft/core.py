@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from lightning_peft.zero3 import global_shape
+
 _SAVED_TENSORS = "_peft_saved_tensors"  # attribute on a base module: local tensor names to train and save
 _METHODS = "_peft_methods"  # attribute on the root passed to inject: the method configs applied, in order
 
@@ -484,7 +486,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     params = {id(p): p for p in model.parameters()}
     owned = {id(t) for _, a in adapters(model) for _, t in a.adapter_tensors() if isinstance(t, nn.Parameter)}
     return TrainableSummary(
-        trainable=sum(p.numel() for p in params.values() if p.requires_grad),
-        total=sum(p.numel() for p in params.values()),
-        adapter=sum(p.numel() for i, p in params.items() if i in owned),
+        trainable=sum(global_shape(p).numel() for p in params.values() if p.requires_grad),
+        total=sum(global_shape(p).numel() for p in params.values()),
+        adapter=sum(global_shape(p).numel() for i, p in params.items() if i in owned),
     )

@@ -5,6 +5,9 @@
     lightning-peft-export CKPT OUT_DIR [--format native|peft] [--base HF_PATH] [--prefix model.]
     python -m lightning_peft.export CKPT OUT_DIR ...
 
+``CKPT`` is a ``.ckpt`` file, or the directory that Lightning's ``DeepSpeedStrategy`` writes in its place (ZeRO
+stage 1, 2 or 3; see :func:`read_deepspeed_checkpoint`).
+
 The checkpoint is read with ``torch.load(weights_only=True)``, so it never executes code: a checkpoint that pickled
 other objects (custom classes in ``hyper_parameters``) is refused with the names of those classes, and
 ``--allow-global module.Class`` trusts them explicitly. Adapter tensors are in ``checkpoint["state_dict"]`` under the
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import pickle
 import sys
 from pathlib import Path
@@ -41,10 +45,85 @@ CHECKPOINT_KEY = "lightning_peft"  # as lightning_peft.callbacks writes it (not 
 def read_checkpoint(path: str | Path, allow_globals: list[str] | None = None) -> dict[str, Any]:
     """Load a Lightning checkpoint with ``weights_only=True``; ``allow_globals`` names classes trusted on top.
 
+    A directory is read as a DeepSpeed checkpoint (:func:`read_deepspeed_checkpoint`).
+
     Raises:
         ValueError: The checkpoint pickles classes that are not allowed; the message lists them.
     """
-    trusted = [_import_global(name) for name in allow_globals or []]
+    if Path(path).is_dir():
+        return read_deepspeed_checkpoint(path, allow_globals)
+    return _load(path, [_import_global(name) for name in allow_globals or []])
+
+
+class _Unread:
+    """Stands in for a pickled object we do not need (DeepSpeed's loss scalers): built empty, its state dropped."""
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+# DeepSpeed pickles its ZeRO stage as an IntEnum (read as the int it is) and its loss scaler; neither needs DeepSpeed
+_DEEPSPEED_GLOBALS: list[Any] = [
+    (int, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+    (_Unread, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+    (_Unread, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+]
+
+
+def read_deepspeed_checkpoint(path: str | Path, allow_globals: list[str] | None = None) -> dict[str, Any]:
+    """A DeepSpeed checkpoint directory as a Lightning checkpoint: its client state with a full ``state_dict``.
+
+    Lightning's ``DeepSpeedStrategy`` writes such a directory where other strategies write a ``.ckpt`` file; with
+    lightning_peft adapters its module state holds the trained tensors only (``exclude_frozen_parameters``). Under
+    ZeRO-1/2 they are whole in ``mp_rank_00_model_states.pt``; under ZeRO-3 that file holds empty placeholders and
+    each rank's fp32 slices are in its ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt``, so they are put together
+    from all ranks' files. Every file is read with ``torch.load(weights_only=True)``.
+
+    Raises:
+        ValueError: ``path`` is not a DeepSpeed checkpoint directory.
+    """
+    root = Path(path)
+    latest = root / "latest"
+    folder = root / (latest.read_text().strip() if latest.is_file() else "checkpoint")
+    candidates = (folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    model_file = next((f for f in candidates if f.is_file()), None)
+    if model_file is None:
+        raise ValueError(
+            f"{root} is a directory but not a DeepSpeed checkpoint (no {folder.name}/mp_rank_00_model_states.pt or "
+            f"{folder.name}/zero_pp_rank_0_mp_rank_00_model_states.pt); pass a .ckpt file or such a directory."
+        )
+    trusted = [*_DEEPSPEED_GLOBALS, *(_import_global(name) for name in allow_globals or [])]
+    states = _load(model_file, trusted)
+    trained = {name: shape for group in states["param_shapes"] for name, shape in group.items()}
+    module = states["module"]
+    if any(module[name].numel() != math.prod(shape) for name, shape in trained.items()):  # ZeRO-3 placeholders
+        module = {**module, **_zero3_tensors(folder, states["param_shapes"], trusted)}
+    # the trained parameters, and buffers of their modules (a trainable BatchNorm's running statistics)
+    owners = {name.rpartition(".")[0] for name in trained}
+    buffers = {name for name in states.get("buffer_names", []) if name.rpartition(".")[0] in owners}
+    state = {name: module[name] for name in module if name in trained or name in buffers}
+    return {CHECKPOINT_KEY: states.get(CHECKPOINT_KEY), "state_dict": state}
+
+
+def _zero3_tensors(folder: Path, param_shapes: list[dict[str, Any]], trusted: list[Any]) -> dict[str, torch.Tensor]:
+    """Whole fp32 tensors from the ZeRO-3 optimizer files of every rank.
+
+    Each rank holds, for every trained parameter in order, a slice of ``ceil(numel / ranks)`` elements (the last
+    padded), concatenated over the parameter groups; parameter ``i`` is the ranks' slices joined, cut to size.
+    """
+    files = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=lambda f: int(f.name.split("_")[3]))
+    flats = [torch.cat(list(_load(f, trusted)["optimizer_state_dict"]["fp32_flat_groups"])) for f in files]
+    tensors, offset = {}, 0
+    for group in param_shapes:
+        for name, shape in group.items():
+            numel = math.prod(shape)
+            part = math.ceil(numel / len(flats))
+            tensors[name] = torch.cat([flat[offset:offset + part] for flat in flats])[:numel].view(shape).clone()
+            offset += part
+    return tensors
+
+
+def _load(path: str | Path, trusted: list[Any]) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(trusted):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -139,7 +218,8 @@ def load_base(name_or_path: str) -> nn.Module:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``lightning-peft-export --help``)."""
     parser = argparse.ArgumentParser(prog="lightning-peft-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) holding lightning_peft adapters")
+    parser.add_argument("checkpoint",
+                        help="Lightning checkpoint (.ckpt, or DeepSpeed's directory) holding lightning_peft adapters")
     parser.add_argument("out_dir", help="adapter directory to write")
     parser.add_argument("--format", choices=["native", "peft"], default="native")
     parser.add_argument("--base", default=None, help="transformers base model (directory or name); 'none' for none")

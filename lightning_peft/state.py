@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_peft.core import Adapter, Method, MethodConfig, adapter_tensors, applied_methods, clean_name, inject
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError
+from lightning_peft.zero3 import gathered, global_shape, is_partitioned
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -27,7 +28,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors an adapter checkpoint holds: adapter parameters and buffers, plus ``trainable_modules``.
 
-    Keys are the names in ``model.state_dict()``; the frozen base weights are left out.
+    Keys are the names in ``model.state_dict()``; the frozen base weights are left out. Under DeepSpeed ZeRO-3
+    the partitioned tensors are gathered, so call it on every rank; the result holds full copies.
 
     Example:
         >>> from lightning_peft import LoRA, inject
@@ -36,7 +38,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         >>> sorted(adapter_state_dict(model))
         ['0.lora_A', '0.lora_B', '1.bias', '1.weight']
     """
-    return {name: tensor.detach() for name, tensor in adapter_tensors(model)}
+    tensors = dict(adapter_tensors(model))
+    with gathered(tensors.values()) as partitioned:
+        if partitioned:  # the gathered data is released on exit
+            return {name: tensor.detach().clone() for name, tensor in tensors.items()}
+    return {name: tensor.detach() for name, tensor in tensors.items()}
 
 
 def base_shapes(model: nn.Module, state_dict: dict[str, Any] | None = None) -> dict[str, list[int]]:
@@ -44,12 +50,13 @@ def base_shapes(model: nn.Module, state_dict: dict[str, Any] | None = None) -> d
 
     Adapter-owned tensors are left out, so the fingerprint is the same before and after :func:`inject`. Pass the
     ``state_dict`` a strategy gathered (FSDP) to read global shapes from it instead of the model's local shards.
+    ZeRO-3 partitioned parameters report their full shapes.
     """
     owned = {clean_name(f"{n}.{local}") for n, m in model.named_modules() if isinstance(m, Adapter)
              for local, _ in m.adapter_tensors()}
     source = model.state_dict(keep_vars=True) if state_dict is None else state_dict
     return {
-        _BASE_LAYER.sub("", f".{name}")[1:]: list(tensor.shape)  # "a.base_layer.weight" -> "a.weight"
+        _BASE_LAYER.sub("", f".{name}")[1:]: list(global_shape(tensor))  # "a.base_layer.weight" -> "a.weight"
         for name, tensor in ((clean_name(n), t) for n, t in source.items())
         if name not in owned and isinstance(tensor, torch.Tensor)
     }
@@ -87,8 +94,8 @@ def check_adapter_state(model: nn.Module, state: dict[str, Any], source: str = "
     expected = {name: tensor for name, tensor in adapter_tensors(model)}
     missing = [n for n in expected if n not in state]
     reshaped = [
-        f"{n}: saved {list(state[n].shape)}, model {list(t.shape)}"
-        for n, t in expected.items() if n in state and tuple(state[n].shape) != tuple(t.shape)
+        f"{n}: saved {list(state[n].shape)}, model {list(global_shape(t))}"
+        for n, t in expected.items() if n in state and tuple(state[n].shape) != tuple(global_shape(t))
     ]
     if missing or reshaped:
         detail = []
@@ -103,7 +110,9 @@ def check_adapter_state(model: nn.Module, state: dict[str, Any], source: str = "
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
-    """Copy saved adapter tensors into an injected ``model``; with ``strict``, extra tensors are an error too."""
+    """Copy saved adapter tensors into an injected ``model``; with ``strict``, extra tensors are an error too.
+
+    Under DeepSpeed ZeRO-3 call it on every rank with the same ``state``: rank 0's copy is scattered to all."""
     check_adapter_state(model, state, "the adapter state")
     expected = dict(adapter_tensors(model))
     extra = [n for n in state if n not in expected]
@@ -112,7 +121,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], st
             f"the adapter state holds {len(extra)} tensors this model does not adapt ({', '.join(extra[:4])}); "
             "inject the methods it was saved with, or pass strict=False to skip them."
         )
-    with torch.no_grad():
+    with torch.no_grad(), gathered(expected.values(), modifier_rank=0):
         for name, tensor in expected.items():
             tensor.copy_(state[name])
     return model
@@ -132,7 +141,8 @@ def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "
 
     ``format="peft"`` writes Hugging Face PEFT's layout instead (``peft.PeftModel.from_pretrained(base, path)``
     loads it), and raises a ``ValueError`` for features PEFT has no equivalent for; see
-    :mod:`lightning_peft.peft_format`.
+    :mod:`lightning_peft.peft_format`. Under DeepSpeed ZeRO-3 call it on every rank: the partitioned tensors are
+    gathered collectively, and rank 0 writes.
 
     Example:
         >>> import tempfile
@@ -147,12 +157,26 @@ def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "
         return save_peft(model, path)
     if format != "native":
         raise ValueError(f"format={format!r} is not one of 'native', 'peft'.")
+    if not applied_methods(model) and any(isinstance(m, Adapter) for m in model.modules()):
+        raise ValueError(
+            f"save_adapter got a {type(model).__name__} holding adapters but no record of the methods that made them: "
+            "it is part of the model they were injected into (a LightningModule, with the callbacks or the mixin), "
+            "which records them. Save that root, and load into the same kind of root; or convert a Lightning "
+            "checkpoint with lightning-peft-export --prefix model. for the inner model."
+        )
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.contiguous().clone() for name, tensor in adapter_state_dict(model).items()}
+    if _is_nonzero_rank() and any(is_partitioned(t) for _, t in adapter_tensors(model)):
+        return directory  # ZeRO-3: every rank took part in the gather, rank 0 writes
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "lightning_peft"})
     (directory / CONFIG_NAME).write_text(json.dumps(checkpoint_metadata(model), indent=2))
     return directory
+
+
+def _is_nonzero_rank() -> bool:
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_rank() != 0
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:

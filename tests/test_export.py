@@ -84,6 +84,13 @@ def test_peft_export_without_a_base_and_a_wrong_prefix_fail_with_the_fix(trained
     assert "names start with ['model.']" in capsys.readouterr().err
 
 
+def test_a_directory_that_is_no_deepspeed_checkpoint_is_refused_with_what_was_looked_for(tmp_path: Path,
+                                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "run").mkdir()
+    assert main([str(tmp_path / "run"), str(tmp_path / "x")]) == 2
+    assert "not a DeepSpeed checkpoint (no checkpoint/mp_rank_00_model_states.pt" in capsys.readouterr().err
+
+
 class Opaque:
     """A class a weights-only load does not know."""
 

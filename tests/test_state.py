@@ -136,6 +136,13 @@ def test_missing_and_extra_tensors_raise_adapter_state_error(tmp_path: Path) -> 
         load_adapter(_base(), tmp_path)
 
 
+def test_saving_a_submodule_of_the_injected_root_is_refused_with_the_fix(tmp_path: Path) -> None:
+    root = inject(nn.ModuleDict({"net": _base()}), _config())  # as a LightningModule holds its model
+    with pytest.raises(ValueError, match=r"no record of the methods.*Save that root.*--prefix"):
+        save_adapter(root["net"], tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
 def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     save_adapter(_trained(), tmp_path)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())

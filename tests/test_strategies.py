@@ -1,5 +1,5 @@
-"""Every method under Lightning's strategies and precisions on CPU: DDP (2 processes, gloo), FSDP2,
-bf16, activation checkpointing, meta-device init and torch.compile."""
+"""Every method under Lightning's strategies and precisions on CPU: DDP (2 processes, gloo), FSDP1, FSDP2,
+DeepSpeed ZeRO-2/3, bf16, activation checkpointing, meta-device init and torch.compile."""
 
 from __future__ import annotations
 
@@ -14,7 +14,16 @@ import pytest
 import torch
 from strategy_models import CausalLM, tiny_gpt2, token_data
 
-from lightning_peft import LoRA, PrefixTuning, PromptTuning, adapter_state_dict, enable_input_grads, inject
+from lightning_peft import (
+    LoRA,
+    PrefixTuning,
+    PromptTuning,
+    adapter_state_dict,
+    enable_input_grads,
+    inject,
+    load_adapter,
+)
+from lightning_peft.export import export, read_checkpoint
 
 METHODS: dict[str, Callable[..., L.Callback]] = {
     "lora": lambda **kw: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"], **kw),
@@ -226,8 +235,12 @@ def _torchrun(script: str, *args: str) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def _single_process_reference(method: str, steps: int, batch_size: int) -> dict[str, torch.Tensor]:
-    model = inject(tiny_gpt2(), METHODS[method]())
+def _single_process_reference(method: str, steps: int, batch_size: int, in_module: bool = False) -> dict[str, torch.Tensor]:
+    """SGD on one process. ``in_module``: inject into a :class:`CausalLM` as a callback does (names ``model.*``,
+    which seed the adapters' init), rather than into the bare model."""
+    root = CausalLM() if in_module else tiny_gpt2()
+    inject(root, METHODS[method]())
+    model = root.model if in_module else root
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     tokens = token_data()
     for step in range(steps):
@@ -235,7 +248,7 @@ def _single_process_reference(method: str, steps: int, batch_size: int) -> dict[
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return adapter_state_dict(model)
+    return adapter_state_dict(root)
 
 
 @pytest.mark.slow
@@ -256,6 +269,61 @@ def test_fsdp2_model_parallel_strategy_trains_adapters_on_cpu(tmp_path: Path, me
     _torchrun("fsdp2_peft.py", str(tmp_path), method)
     report = torch.load(tmp_path / "fsdp2.pt", weights_only=True)
     assert report["trained"] and report["frozen_unchanged"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_deepspeed_zero_trains_like_one_process_saves_adapters_only_and_resumes(
+    tmp_path: Path, method: str, stage: int
+) -> None:
+    # Lightning's DeepSpeedStrategy on 2 CPU processes, its CUDA-only checks lifted (tests/scripts/deepspeed_peft.py)
+    _torchrun("deepspeed_peft.py", str(tmp_path), method, str(stage))
+
+    def load(name: str) -> dict:
+        return torch.load(tmp_path / f"{name}.pt", weights_only=True)
+
+    initial = adapter_state_dict(inject(CausalLM(), METHODS[method]()))
+    reference = _single_process_reference(method, steps=4, batch_size=8, in_module=True)
+    one, info = load("one"), load("one-info")
+    assert one.keys() == reference.keys() == initial.keys() and one
+    for name, tensor in load("one-start").items():  # seeded by name: every rank starts where one process starts
+        torch.testing.assert_close(tensor, initial[name], rtol=0, atol=0)
+    for name in reference:  # 2 ranks with batch 4 step like 1 process with batch 8
+        torch.testing.assert_close(one[name], reference[name], rtol=1e-5, atol=1e-6)
+    assert info["exclude_frozen_parameters"], "the callback makes DeepSpeed save what trains, only"
+    if stage == 3:  # persistence threshold 0: the adapters themselves were partitioned, prompts included
+        assert set(one) <= set(info["partitioned"])
+
+    # DeepSpeed's checkpoint directory holds the trained tensors; under ZeRO-3 the exporter joins the ranks' slices
+    checkpoint = read_checkpoint(tmp_path / "one" / "last.ckpt")
+    assert checkpoint["state_dict"].keys() == one.keys()
+    exported = export(tmp_path / "one" / "last.ckpt", tmp_path / "exported", prefix="model.")
+    exported_state = adapter_state_dict(load_adapter(tiny_gpt2(), exported))
+    saved_state = adapter_state_dict(load_adapter(CausalLM(), tmp_path / "adapter"))  # save_adapter on every rank
+    for name in one:
+        assert torch.equal(checkpoint["state_dict"][name], one[name]), name
+        assert torch.equal(exported_state[name.removeprefix("model.")], one[name]), name
+        assert torch.equal(saved_state[name], one[name]), name
+
+    straight, resumed = load("straight"), load("resumed")
+    for name in straight:  # resuming from the adapter-only checkpoint continues bitwise
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0)
+    assert any(not torch.equal(straight[n], one[n]) for n in one), "the second epoch trained nothing"
+
+    # built in configure_model: under ZeRO-3 inside deepspeed.zero.Init, so injected next to partitioned weights
+    built, built_start, built_info = load("built"), load("built-start"), load("built-info")
+    for name, tensor in built_start.items():
+        if method == "prompt":  # a random prompt is a seeded normal scaled by the token embedding's std
+            expected = initial[name] / info["embedding_std"] * built_info["embedding_std"]
+            torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-7)
+        else:
+            torch.testing.assert_close(tensor, initial[name], rtol=0, atol=0)
+    assert {n: t.shape for n, t in built.items()} == {n: t.shape for n, t in one.items()}
+    assert all(torch.isfinite(t).all() for t in built.values())
+    assert any(not torch.equal(built[n], built_start[n]) for n in built), "the configure_model run trained nothing"
+    if stage == 3:
+        assert set(built) <= set(built_info["partitioned"])
 
 
 def test_injecting_into_a_1b_parameter_meta_model_allocates_no_base_weights() -> None:

@@ -30,6 +30,7 @@ from torch.nn.modules.conv import _ConvNd
 from lightning_peft.core import Adapter, innermost
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.fused_conv import fused_lora_conv
+from lightning_peft.zero3 import global_shape, is_partitioned
 
 LoRAInit = Literal["default", "gaussian", "pissa"]
 LAYER_NAME = "<layer name>"  # placeholder in adapter errors; LoRAConfig.attach puts the real name in
@@ -87,10 +88,11 @@ class LoRALayer(Adapter):
                 f"init='pissa' needs an ungrouped layer; {type(base).__name__} has groups={self.groups}. "
                 "Leave it out with exclude_modules, or use init='default'."
             )
-        if init == "pissa" and self.base_weight.is_meta:
+        if init == "pissa" and (self.base_weight.is_meta or is_partitioned(self.base_weight)):
+            where = "on the meta device" if self.base_weight.is_meta else "partitioned by DeepSpeed ZeRO-3"
             raise ValueError(
-                f"init='pissa' splits the real weights, but this {type(base).__name__}'s are on the meta device. "
-                "Inject after the pretrained weights are loaded, or use init='default'."
+                f"init='pissa' splits the real weights, but this {type(base).__name__}'s are {where}. "
+                "Inject after the pretrained weights are loaded (outside deepspeed.zero.Init), or use init='default'."
             )
         self._make_factors()
         self.reset_parameters()
@@ -103,6 +105,11 @@ class LoRALayer(Adapter):
     @property
     def base_weight(self) -> torch.Tensor:
         return cast(torch.Tensor, self.base_layer.weight)
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        """The base weight's full shape (also while DeepSpeed ZeRO-3 holds only a partition of it)."""
+        return global_shape(self.base_weight)
 
     @property
     def groups(self) -> int:
@@ -274,10 +281,10 @@ class LoRAConv1D(LoRALinear):
     """LoRA for transformers' ``Conv1D`` (GPT-2), whose weight is stored ``(in, out)``."""
 
     def a_shape(self) -> tuple[int, ...]:
-        return (self.r, self.base_weight.shape[0])
+        return (self.r, self.weight_shape[0])
 
     def b_shape(self) -> tuple[int, ...]:
-        return (self.base_weight.shape[1], self.r)
+        return (self.weight_shape[1], self.r)
 
     def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T
@@ -325,12 +332,12 @@ class LoRAConv(LoRALayer):
         return self.base_layer._conv_forward(x, self.base_weight + self.delta_weight(), self.base_layer.bias)
 
     def a_shape(self) -> tuple[int, ...]:
-        w = self.base_weight
-        return (self.r, w.shape[1], *w.shape[2:])
+        shape = self.weight_shape
+        return (self.r, shape[1], *shape[2:])
 
     def b_shape(self) -> tuple[int, ...]:
-        w = self.base_weight
-        return (w.shape[0], self.r // self.groups, *([1] * (w.dim() - 2)))
+        shape = self.weight_shape
+        return (shape[0], self.r // self.groups, *([1] * (len(shape) - 2)))
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.base_layer._conv_forward(x, self.lora_A, None)  # base stride/padding/dilation/mode/groups
@@ -349,10 +356,10 @@ class LoRAEmbedding(LoRALayer):
     base_layer: nn.Embedding
 
     def a_shape(self) -> tuple[int, ...]:
-        return (self.r, self.base_weight.shape[0])
+        return (self.r, self.weight_shape[0])
 
     def b_shape(self) -> tuple[int, ...]:
-        return (self.base_weight.shape[1], self.r)
+        return (self.weight_shape[1], self.r)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         emb = self.base_layer
@@ -405,18 +412,19 @@ class LoRAMultiheadAttention(LoRALayer):
     def _make_factors(self) -> None:
         super()._make_factors()
         out = self.mha.out_proj.weight
-        self.lora_out_A = _factor((self.r, out.shape[1]), out)
-        self.lora_out_B = _factor((out.shape[0], self.r), out)
+        out_shape = global_shape(out)
+        self.lora_out_A = _factor((self.r, out_shape[1]), out)
+        self.lora_out_B = _factor((out_shape[0], self.r), out)
 
     @property
     def base_weight(self) -> torch.Tensor:
         return self.mha.in_proj_weight
 
     def a_shape(self) -> tuple[int, ...]:
-        return (self.r, self.base_weight.shape[1])
+        return (self.r, self.weight_shape[1])
 
     def b_shape(self) -> tuple[int, ...]:
-        return (self.base_weight.shape[0], self.r)
+        return (self.weight_shape[0], self.r)
 
     def out_delta(self) -> torch.Tensor:
         """``scale · B_out A_out``, the update of ``out_proj.weight``."""

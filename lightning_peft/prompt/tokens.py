@@ -37,6 +37,7 @@ from torch import nn
 
 from lightning_peft.core import add_peft_hook, init_seed, innermost, replace_module
 from lightning_peft.prompt.base import PromptAdapter
+from lightning_peft.zero3 import gathered, global_shape
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -87,7 +88,7 @@ class TokenPrompt(PromptAdapter):
         self.max_length: int | None = None
         self.truncation: str | None = None
         self._real_length: int | None = None  # set by the pre-hook for the post-hook of the same call
-        self.prompt = self.new_parameter(num_tokens, weight.shape[1], like=weight)
+        self.prompt = self.new_parameter(num_tokens, global_shape(weight)[1], like=weight)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -96,16 +97,17 @@ class TokenPrompt(PromptAdapter):
         if self.prompt.is_meta or weight.is_meta:
             return  # materialised later by the strategy, which calls reset_parameters() again
         generator = self.generator()
-        if self.init == "random":
-            std = weight.detach().float().std().item()
-            values = torch.randn(self.prompt.shape, generator=generator) * std
-        else:
-            vocab = weight.shape[0]
-            ids = torch.randint(vocab, (self.num_tokens,), generator=generator) if self.init == "vocab" else (
-                torch.tensor(self.init_ids * math.ceil(self.num_tokens / len(self.init_ids)))[: self.num_tokens]
-            )
-            values = self.base_layer(ids.to(weight.device))
-        self.prompt.copy_(values)
+        with gathered([weight, self.prompt], modifier_rank=0):  # whole under DeepSpeed ZeRO-3, else as they are
+            if self.init == "random":
+                std = weight.detach().float().std().item()
+                values = torch.randn(self.prompt.shape, generator=generator) * std
+            else:
+                vocab = weight.shape[0]
+                ids = torch.randint(vocab, (self.num_tokens,), generator=generator) if self.init == "vocab" else (
+                    torch.tensor(self.init_ids * math.ceil(self.num_tokens / len(self.init_ids)))[: self.num_tokens]
+                )
+                values = self.base_layer(ids.to(weight.device))
+            self.prompt.copy_(values)
 
     def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         embeds = self.base_layer(input, *args, **kwargs)
