@@ -1,5 +1,5 @@
-"""Every method under Lightning's strategies and precisions on CPU: DDP (2 processes, gloo), FSDP1, FSDP2,
-DeepSpeed ZeRO-2/3, bf16, activation checkpointing, meta-device init and torch.compile."""
+"""Every method under Lightning's strategies and precisions on CPU: DDP (2 processes, gloo; also as 2 nodes),
+FSDP1, FSDP2, DeepSpeed ZeRO-2/3, bf16, activation checkpointing, meta-device init and torch.compile."""
 
 from __future__ import annotations
 
@@ -226,6 +226,42 @@ def test_fsdp1_wrap_policy_gives_adapters_and_wrapped_layers_units_of_their_own(
     assert model.transformer.ln_f in units and model.transformer.h[0].attn.c_attn.base_layer in units
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_ddp_across_two_nodes_matches_one_process_with_double_batch(
+    tmp_path: Path, clean_env: None, method: str
+) -> None:
+    # two torchrun agents, one per "node", meet on localhost as a cluster's nodes meet at MASTER_ADDR
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    port = str(_free_port())
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                          "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                          str(Path(__file__).parent / "scripts" / "multinode_ddp.py"), str(tmp_path), method],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), logs[0][-3000:] + logs[1][-3000:]
+    ranks = [torch.load(tmp_path / f"node{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks == [{"node_rank": r, "global_rank": r, "world_size": 2} for r in (0, 1)]
+    multinode = torch.load(tmp_path / "multinode.pt", weights_only=True)
+    single = _fit(tmp_path, method, "single", devices=1, batch_size=8, epochs=1)
+    assert multinode.keys() == single.keys() and single
+    for name in single:
+        torch.testing.assert_close(multinode[name], single[name], rtol=1e-5, atol=1e-6)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(saved["state_dict"]) == set(single), "the checkpoint must hold exactly the adapter tensors"
+
+
 def _torchrun(script: str, *args: str) -> None:
     """Run ``tests/scripts/<script>`` on 2 CPU processes with torch.distributed.run (its launcher re-runs argv)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
@@ -235,7 +271,9 @@ def _torchrun(script: str, *args: str) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def _single_process_reference(method: str, steps: int, batch_size: int, in_module: bool = False) -> dict[str, torch.Tensor]:
+def _single_process_reference(
+    method: str, steps: int, batch_size: int, in_module: bool = False
+) -> dict[str, torch.Tensor]:
     """SGD on one process. ``in_module``: inject into a :class:`CausalLM` as a callback does (names ``model.*``,
     which seed the adapters' init), rather than into the bare model."""
     root = CausalLM() if in_module else tiny_gpt2()
