@@ -330,6 +330,7 @@ def test_deepspeed_zero_trains_like_one_process_saves_adapters_only_and_resumes(
     for name in reference:  # 2 ranks with batch 4 step like 1 process with batch 8
         torch.testing.assert_close(one[name], reference[name], rtol=1e-5, atol=1e-6)
     assert info["exclude_frozen_parameters"], "the callback makes DeepSpeed save what trains, only"
+    assert info["reloaded"], "load_adapter_state_dict must write into every rank's partitions"
     if stage == 3:  # persistence threshold 0: the adapters themselves were partitioned, prompts included
         assert set(one) <= set(info["partitioned"])
 

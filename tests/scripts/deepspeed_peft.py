@@ -7,7 +7,7 @@ partitioning, checkpoint save and resume) is the strategy's own code. ZeRO-3 run
 ``stage3_param_persistence_threshold=0``, so even the smallest adapter tensor is partitioned.
 
 Runs, each rank reading every other sample (the same 8 samples per step as one process with batch 8):
-``one``: 1 epoch with a checkpoint, then ``save_adapter`` on every rank; ``straight``: 2 epochs; ``resumed``: 2
+``one``: 1 epoch with a checkpoint, then ``save_adapter`` and ``load_adapter_state_dict`` on every rank; ``straight``: 2 epochs; ``resumed``: 2
 epochs from the checkpoint of ``one``; ``built``: 1 epoch of a model built in ``configure_model`` (under ZeRO-3
 inside ``deepspeed.zero.Init``, so base weights are partitioned before the adapters are injected).
 Rank 0 writes each run's gathered adapter tensors at the start and end of training to ``OUT/<run>-start.pt`` and
@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from strategy_models import CausalLM, tiny_gpt2
 
-from lightning_peft import adapter_state_dict, save_adapter
+from lightning_peft import adapter_state_dict, load_adapter_state_dict, save_adapter
 from lightning_peft.zero3 import gathered
 
 # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU when a compiler is present; gloo alone is enough here
@@ -94,12 +94,16 @@ def fit(out: Path, run: str, method: str, stage: int, *, epochs: int, module: Ca
     module = module or CausalLM(batch_size=4)
     trainer.fit(module, ckpt_path=ckpt_path)
     state = adapter_state_dict(module)  # every rank: ZeRO-3 gathers the partitions collectively
+    reloaded = True
     if run == "one":
         save_adapter(module, out / "adapter")
+        shifted = {name: tensor + 1 for name, tensor in state.items()}
+        load_adapter_state_dict(module, shifted)  # every rank: rank 0's copy is scattered into the partitions
+        reloaded = all(torch.equal(t, shifted[n]) for n, t in adapter_state_dict(module).items())
     if trainer.global_rank == 0:
         torch.save(state, out / f"{run}.pt")
         torch.save(snapshot.start, out / f"{run}-start.pt")
-        torch.save({"exclude_frozen_parameters": strategy.exclude_frozen_parameters,
+        torch.save({"exclude_frozen_parameters": strategy.exclude_frozen_parameters, "reloaded": reloaded,
                     "embedding_std": snapshot.embedding_std,
                     "partitioned": [n for n, p in module.named_parameters() if p.numel() == 0]}, out / f"{run}-info.pt")
     trainer.strategy.barrier()
