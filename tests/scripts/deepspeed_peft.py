@@ -7,9 +7,10 @@ partitioning, checkpoint save and resume) is the strategy's own code. ZeRO-3 run
 ``stage3_param_persistence_threshold=0``, so even the smallest adapter tensor is partitioned.
 
 Runs, each rank reading every other sample (the same 8 samples per step as one process with batch 8):
-``one``: 1 epoch with a checkpoint, then ``save_adapter`` and ``load_adapter_state_dict`` on every rank; ``straight``: 2 epochs; ``resumed``: 2
-epochs from the checkpoint of ``one``; ``built``: 1 epoch of a model built in ``configure_model`` (under ZeRO-3
-inside ``deepspeed.zero.Init``, so base weights are partitioned before the adapters are injected).
+``one``: 1 epoch with a checkpoint, then ``save_adapter`` and ``load_adapter_state_dict`` on every rank;
+``straight``: 2 epochs; ``resumed``: 2 epochs from the checkpoint of ``one``; ``built``: 1 epoch of a model built
+in ``configure_model`` (under ZeRO-3 inside ``deepspeed.zero.Init``, so base weights are partitioned before the
+adapters are injected).
 Rank 0 writes each run's gathered adapter tensors at the start and end of training to ``OUT/<run>-start.pt`` and
 ``OUT/<run>.pt``, with the token embedding's spread (a random prompt's scale) in ``OUT/<run>-info.pt``.
 Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 deepspeed_peft.py OUT METHOD STAGE``.
@@ -93,7 +94,7 @@ def fit(out: Path, run: str, method: str, stage: int, *, epochs: int, module: Ca
                         enable_model_summary=False, use_distributed_sampler=False)
     module = module or CausalLM(batch_size=4)
     trainer.fit(module, ckpt_path=ckpt_path)
-    state = adapter_state_dict(module)  # every rank: ZeRO-3 gathers the partitions collectively
+    state = {n: t.clone() for n, t in adapter_state_dict(module).items()}  # every rank: ZeRO-3 gathers collectively
     reloaded = True
     if run == "one":
         save_adapter(module, out / "adapter")
