@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_peft import LoRA, PromptTuning, adapter_state_dict, fsdp_auto_wrap_policy, inject, merge, unmerge  # noqa: E402
+from lightning_peft import LoRA, PrefixTuning, PromptTuning, adapter_state_dict, fsdp_auto_wrap_policy, inject, merge, unmerge  # noqa: E402
 
 VOCAB, SEQ = 512, 64
 
@@ -70,8 +70,16 @@ def lora(**kwargs: str) -> LoRA:
     return LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], **kwargs)
 
 
-def check_precision(precision: str, **lora_kwargs: str) -> str:
-    module, _, seconds = fit(lora(**lora_kwargs), precision=precision)
+def prefix() -> PrefixTuning:
+    return PrefixTuning(num_tokens=4)
+
+
+def prompt() -> PromptTuning:
+    return PromptTuning(num_tokens=4, init="random")
+
+
+def check_precision(precision: str, method: L.Callback | None = None, **lora_kwargs: str) -> str:
+    module, _, seconds = fit(method or lora(**lora_kwargs), precision=precision)
     tensors = adapter_state_dict(module)
     dtypes = sorted({str(t.dtype) for t in tensors.values()})
     assert module.losses[-1] < module.losses[0], module.losses
@@ -134,6 +142,20 @@ def check_qlora() -> str:
             f"warnings {merged['warnings']}, {seconds:.1f}s")
 
 
+def check_quantized_base(method: L.Callback) -> str:
+    """Prefix or prompt tuning on a base that BitsandbytesPrecision quantizes: its Linears become 4-bit, the
+    prefix/prompt tensors (no nn.Linear of their own) stay floating point and train."""
+    import bitsandbytes as bnb
+    from lightning.pytorch.plugins import BitsandbytesPrecision
+
+    module, _, seconds = fit(method, plugins=BitsandbytesPrecision("nf4-dq", dtype=torch.bfloat16))
+    quantized = sum(isinstance(m, bnb.nn.Linear4bit) for m in module.modules())
+    dtypes = sorted({str(t.dtype) for t in adapter_state_dict(module).values()})
+    assert quantized and all("float" in d for d in dtypes), (quantized, dtypes)
+    assert module.losses[-1] < module.losses[0], module.losses
+    return f"{quantized} 4-bit Linears, adapter dtypes {dtypes}, loss {module.losses[0]:.3f} -> {module.losses[-1]:.3f}, {seconds:.1f}s"
+
+
 def check_compile() -> str:
     model = inject(llama().cuda(), lora())
     with torch.no_grad():
@@ -187,9 +209,13 @@ CHECKS: dict[str, Callable[[], str]] = {
     "bf16-mixed": lambda: check_precision("bf16-mixed"),
     "fsdp1-1gpu": check_fsdp1,
     "qlora-nf4": check_qlora,
+    "16-mixed-prefix": lambda: check_precision("16-mixed", prefix()),
+    "16-mixed-prompt": lambda: check_precision("16-mixed", prompt()),
+    "nf4-base-prefix": lambda: check_quantized_base(prefix()),
+    "nf4-base-prompt": lambda: check_quantized_base(prompt()),
     "compile": check_compile,
     "deepspeed-zero2-lora": lambda: check_deepspeed(2, lora()),
-    "deepspeed-zero3-prompt": lambda: check_deepspeed(3, PromptTuning(num_tokens=4, init="random")),
+    "deepspeed-zero3-prompt": lambda: check_deepspeed(3, prompt()),
 }
 ONLY = [name for name in os.environ.get("GPU_CHECKS", "").split(",") if name]
 

@@ -99,6 +99,21 @@ def test_training_steps_in_bf16_stay_finite_and_train_adapters(tmp_path: Path, m
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
+def test_16_mixed_trains_float32_adapters_in_float16_compute_close_to_32_bit(tmp_path: Path, method: str) -> None:
+    # Lightning refuses precision="16-mixed" on CPU, yet its plugin (fp16 autocast + GradScaler) runs there as is
+    from lightning.pytorch.plugins import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    mixed = _fit(tmp_path, method, "mixed", devices=1, batch_size=8, epochs=1, plugins=[plugin])
+    full = _fit(tmp_path, method, "full", devices=1, batch_size=8, epochs=1)
+    assert all(t.dtype == torch.float32 for t in mixed.values()), "adapters keep fp32 master weights"
+    assert plugin.scaler.get_scale() >= 2.0**16, "no step was skipped for inf/nan gradients"
+    assert any(not torch.equal(mixed[n], full[n]) for n in full), "the forward did not run in float16"
+    for name in full:  # unscaled gradients: the same steps up to float16 rounding
+        torch.testing.assert_close(mixed[name], full[name], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_float32_adapters_on_a_bf16_true_base_stay_float32_and_train(tmp_path: Path, method: str) -> None:
     trained = _fit(tmp_path, method, "pinned", devices=1, batch_size=16, epochs=1, precision="bf16-true",
                    method_kwargs={"adapter_dtype": "float32"})
