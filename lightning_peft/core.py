@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from lightning_peft.zero3 import global_shape
+from lightning_peft.zero3 import global_shape, is_partitioned
 
 _SAVED_TENSORS = "_peft_saved_tensors"  # attribute on a base module: local tensor names to train and save
 _METHODS = "_peft_methods"  # attribute on the root passed to inject: the method configs applied, in order
@@ -333,6 +333,7 @@ def merge(model: nn.Module) -> nn.Module:
         >>> merge(model) is model
         True
     """
+    _require_whole_weights(model, "merge")
     for _, adapter in adapters(model):
         if adapter.mergeable and not adapter.merged:
             adapter.merge()
@@ -348,10 +349,20 @@ def unmerge(model: nn.Module) -> nn.Module:
         >>> unmerge(merge(model)) is model
         True
     """
+    _require_whole_weights(model, "unmerge")
     for _, adapter in adapters(model):
         if adapter.mergeable and adapter.merged:
             adapter.unmerge()
     return model
+
+
+def _require_whole_weights(model: nn.Module, action: str) -> None:
+    if any(is_partitioned(p) for p in model.parameters()):
+        raise ValueError(
+            f"{action} changes whole base weights, but DeepSpeed ZeRO-3 holds only this rank's partition of them. "
+            "Save the adapter (save_adapter on every rank, or lightning-peft-export of the checkpoint directory), "
+            f"load it into the model outside DeepSpeed, and {action} there."
+        )
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

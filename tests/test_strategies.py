@@ -22,6 +22,7 @@ from lightning_peft import (
     enable_input_grads,
     inject,
     load_adapter,
+    merge,
 )
 from lightning_peft.export import export, read_checkpoint
 
@@ -378,6 +379,13 @@ def test_deepspeed_zero_trains_like_one_process_saves_adapters_only_and_resumes(
     assert any(not torch.equal(built[n], built_start[n]) for n in built), "the configure_model run trained nothing"
     if stage == 3:
         assert set(built) <= set(built_info["partitioned"])
+
+
+def test_merging_zero3_partitioned_weights_is_refused_with_the_way_out() -> None:
+    model = inject(tiny_gpt2(), METHODS["lora"]())
+    model.transformer.wte.weight.ds_id = 0  # DeepSpeed marks every ZeRO-3 partitioned parameter so
+    with pytest.raises(ValueError, match=r"merge changes whole base weights.*ZeRO-3.*lightning-peft-export"):
+        merge(model)
 
 
 def test_injecting_into_a_1b_parameter_meta_model_allocates_no_base_weights() -> None:

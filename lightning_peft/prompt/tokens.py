@@ -97,7 +97,8 @@ class TokenPrompt(PromptAdapter):
         if self.prompt.is_meta or weight.is_meta:
             return  # materialised later by the strategy, which calls reset_parameters() again
         generator = self.generator()
-        with gathered([weight, self.prompt], modifier_rank=0):  # whole under DeepSpeed ZeRO-3, else as they are
+        # whole under DeepSpeed ZeRO-3 (read the embedding, write the prompt back to every rank), else as they are
+        with gathered([weight]), gathered([self.prompt], modifier_rank=0):
             if self.init == "random":
                 std = weight.detach().float().std().item()
                 values = torch.randn(self.prompt.shape, generator=generator) * std
