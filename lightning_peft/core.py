@@ -23,6 +23,7 @@ from lightning_peft.zero3 import global_shape, is_partitioned
 
 _SAVED_TENSORS = "_peft_saved_tensors"  # attribute on a base module: local tensor names to train and save
 _METHODS = "_peft_methods"  # attribute on the root passed to inject: the method configs applied, in order
+_ORIGIN = "_peft_origin"  # attribute on an adapter: (position in the root's methods, method, name in that root)
 
 #: What frozen BatchNorm layers do with their running statistics (every method's ``batchnorm`` argument).
 BatchNormMode = Literal["frozen", "update"]
@@ -223,9 +224,11 @@ def inject(model: nn.Module, *methods: Method) -> nn.Module:
         existing = {id(adapter) for _, adapter in adapters(model)}
         method.attach(model)
         dtype = getattr(method, "adapter_dtype", "auto")
-        for _, adapter in adapters(model):
+        position = len(model.__dict__.get(_METHODS, []))
+        for name, adapter in adapters(model):
             if id(adapter) in existing:
                 continue
+            adapter.__dict__[_ORIGIN] = (position, method, clean_name(name))
             if "base_layer" in adapter._modules and adapter.fsdp_unit:
                 adapter._modules["base_layer"].__dict__["_peft_is_base"] = True  # for fsdp_auto_wrap_policy
             if dtype != "auto":

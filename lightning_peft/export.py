@@ -37,7 +37,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_peft.core import Method, MethodConfig, inject
-from lightning_peft.state import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, load_adapter_state_dict, save_adapter
+from lightning_peft.state import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    load_adapter_state_dict,
+    relative_rules,
+    save_adapter,
+)
 
 CHECKPOINT_KEY = "lightning_peft"  # as lightning_peft.callbacks writes it (not imported: no lightning needed here)
 
@@ -159,19 +166,9 @@ def adapter_from_checkpoint(
     if not state:
         roots = sorted({k.split(".", 1)[0] + "." for k in checkpoint["state_dict"]})
         raise ValueError(f"no adapter tensor starts with prefix {prefix!r}; the checkpoint's names start with {roots}.")
-    methods = [_strip_rules(m, prefix) for m in meta["methods"]]
+    methods = [relative_rules(m, prefix) for m in meta["methods"]]
     shapes = {k[len(prefix):]: v for k, v in meta["base_shapes"].items() if k.startswith(prefix)}
     return state, {**meta, "methods": methods, "base_shapes": shapes}
-
-
-def _strip_rules(method: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Target rules written as full names from the LightningModule's root, made relative to the base model."""
-    out = dict(method)
-    for key in ("target_modules", "trainable_modules", "exclude_modules"):
-        rules = out.get(key)
-        if prefix and isinstance(rules, list):
-            out[key] = [r[len(prefix):] if isinstance(r, str) and r.startswith(prefix) else r for r in rules]
-    return out
 
 
 def export(checkpoint_path: str | Path, out_dir: str | Path, format: Literal["native", "peft"] = "native",

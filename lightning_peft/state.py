@@ -16,8 +16,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft.core import Adapter, Method, MethodConfig, adapter_tensors, applied_methods, clean_name, inject
-from lightning_peft.errors import AdapterStateError, BaseModelMismatchError
+from lightning_peft.core import (
+    _ORIGIN,
+    Adapter,
+    Method,
+    MethodConfig,
+    adapter_tensors,
+    adapters,
+    applied_methods,
+    clean_name,
+    inject,
+)
+from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, TargetNotFoundError
+from lightning_peft.targets import select_names
 from lightning_peft.zero3 import gathered, global_shape, is_partitioned
 
 FORMAT_VERSION = 1
@@ -127,11 +138,61 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], st
     return model
 
 
+def method_configs(model: nn.Module) -> list[dict[str, Any]]:
+    """The configurations of the methods that made the adapters of ``model``, in the order they were injected.
+
+    For the root passed to :func:`inject` (a LightningModule, with the callbacks or the mixin) these are the
+    recorded methods. For a module inside it (``lit_module.model``) they are the methods of the adapters it holds,
+    with target rules written as full names from the root made relative to it, so the saved adapter loads into
+    that module alone (a fresh ``transformers`` model, say).
+
+    Raises:
+        ValueError: ``model`` holds adapters whose origin is unknown (they were not made by :func:`inject`).
+    """
+    recorded = applied_methods(model)
+    if recorded:
+        return [method.to_dict() for method in recorded]
+    found: dict[int, dict[str, Any]] = {}
+    for local, adapter in adapters(model):
+        position, method, full = adapter.__dict__.get(_ORIGIN, (None, None, ""))
+        local = clean_name(local)
+        if not local:
+            raise ValueError(f"save the module holding this {type(adapter).__name__}, not the adapter itself.")
+        if method is None or not full.endswith(local) or (full != local and full[-len(local) - 1] != "."):
+            raise ValueError(
+                f"{type(model).__name__} holds a {type(adapter).__name__} at {local!r} that inject() did not make "
+                "here; save the model the methods were injected into."
+            )
+        found.setdefault(position, relative_rules(method.to_dict(), full[: len(full) - len(local)]))
+    return [_within(model, found[position]) for position in sorted(found)]
+
+
+def _within(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without its ``trainable_modules`` if they all lie outside ``model`` (a LightningModule's head)."""
+    if config.get("trainable_modules"):
+        try:
+            select_names(model, config["trainable_modules"])
+        except TargetNotFoundError:
+            return {**config, "trainable_modules": None}
+    return config
+
+
+def relative_rules(method: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A method configuration whose rules (target, trainable, exclude) written as full names under ``prefix``
+    are made relative to the module at ``prefix`` (``"model."``)."""
+    out = dict(method)
+    for key in ("target_modules", "trainable_modules", "exclude_modules"):
+        rules = out.get(key)
+        if prefix and isinstance(rules, list):
+            out[key] = [r[len(prefix):] if isinstance(r, str) and r.startswith(prefix) else r for r in rules]
+    return out
+
+
 def checkpoint_metadata(model: nn.Module, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
     """What an adapter checkpoint records beside the tensors: format, method configurations, base shapes."""
     return {
         "format_version": FORMAT_VERSION,
-        "methods": [method.to_dict() for method in applied_methods(model)],
+        "methods": method_configs(model),
         "base_shapes": base_shapes(model, state_dict),
     }
 
@@ -157,13 +218,6 @@ def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "
         return save_peft(model, path)
     if format != "native":
         raise ValueError(f"format={format!r} is not one of 'native', 'peft'.")
-    if not applied_methods(model) and any(isinstance(m, Adapter) for m in model.modules()):
-        raise ValueError(
-            f"save_adapter got a {type(model).__name__} holding adapters but no record of the methods that made them: "
-            "it is part of the model they were injected into (a LightningModule, with the callbacks or the mixin), "
-            "which records them. Save that root, and load into the same kind of root; or convert a Lightning "
-            "checkpoint with lightning-peft-export --prefix model. for the inner model."
-        )
     directory = Path(path)
     tensors = {name: tensor.contiguous().clone() for name, tensor in adapter_state_dict(model).items()}
     if _is_nonzero_rank() and any(is_partitioned(t) for _, t in adapter_tensors(model)):

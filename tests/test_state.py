@@ -136,11 +136,27 @@ def test_missing_and_extra_tensors_raise_adapter_state_error(tmp_path: Path) -> 
         load_adapter(_base(), tmp_path)
 
 
-def test_saving_a_submodule_of_the_injected_root_is_refused_with_the_fix(tmp_path: Path) -> None:
-    root = inject(nn.ModuleDict({"net": _base()}), _config())  # as a LightningModule holds its model
-    with pytest.raises(ValueError, match=r"no record of the methods.*Save that root.*--prefix"):
-        save_adapter(root["net"], tmp_path)
-    assert not (tmp_path / "adapter_model.safetensors").exists()
+def test_a_module_inside_the_injected_root_saves_an_adapter_that_loads_into_it_alone(tmp_path: Path) -> None:
+    # as a LightningModule holds its model: rules written from the root, a trainable layer outside the saved module
+    root = nn.ModuleDict({"net": _base(), "extra": nn.Linear(3, 3)})
+    inject(root, _config(target_modules=["net.emb", "conv", "net.lin"], trainable_modules=["net.head", "extra"]))
+    with torch.no_grad():
+        for tensor in adapter_state_dict(root).values():
+            if tensor.is_floating_point():
+                tensor.add_(0.1)  # away from the identity start
+    expected = root["net"].eval()(IDS)
+    save_adapter(root["net"], tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["methods"]
+    assert [(m["target_modules"], m["trainable_modules"]) for m in saved] == [(["emb", "conv", "lin"], ["head", "extra"])]
+    assert not any(name.startswith(("net.", "extra.")) for name in load_file(str(tmp_path / "adapter_model.safetensors")))
+    torch.testing.assert_close(load_adapter(_base(), tmp_path).eval()(IDS), expected, rtol=0, atol=0)
+    other = inject(nn.ModuleDict({"net": _base(), "extra": nn.Linear(3, 3)}), _config(trainable_modules=["extra"]))
+    save_adapter(other["net"], tmp_path / "only-outside")  # no trainable module inside: the rule is left out
+    saved = json.loads((tmp_path / "only-outside" / "adapter_config.json").read_text())["methods"]
+    assert saved[0]["trainable_modules"] is None
+    load_adapter(_base(), tmp_path / "only-outside")
+    with pytest.raises(ValueError, match="not the adapter itself"):
+        save_adapter(root["net"].emb, tmp_path / "emb")
 
 
 def test_newer_format_version_is_refused(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from lightning_peft import (
     inject,
     load_adapter,
     merge,
+    save_adapter,
 )
 from lightning_peft.export import export, read_checkpoint
 
@@ -355,11 +356,11 @@ def test_deepspeed_zero_trains_like_one_process_saves_adapters_only_and_resumes(
     assert checkpoint["state_dict"].keys() == one.keys()
     exported = export(tmp_path / "one" / "last.ckpt", tmp_path / "exported", prefix="model.")
     exported_state = adapter_state_dict(load_adapter(tiny_gpt2(), exported))
-    saved_state = adapter_state_dict(load_adapter(CausalLM(), tmp_path / "adapter"))  # save_adapter on every rank
+    saved_state = adapter_state_dict(load_adapter(tiny_gpt2(), tmp_path / "adapter"))  # save_adapter on every rank
     for name in one:
         assert torch.equal(checkpoint["state_dict"][name], one[name]), name
         assert torch.equal(exported_state[name.removeprefix("model.")], one[name]), name
-        assert torch.equal(saved_state[name], one[name]), name
+        assert torch.equal(saved_state[name.removeprefix("model.")], one[name]), name
 
     straight, resumed = load("straight"), load("resumed")
     for name in straight:  # resuming from the adapter-only checkpoint continues bitwise
@@ -379,6 +380,19 @@ def test_deepspeed_zero_trains_like_one_process_saves_adapters_only_and_resumes(
     assert any(not torch.equal(built[n], built_start[n]) for n in built), "the configure_model run trained nothing"
     if stage == 3:
         assert set(built) <= set(built_info["partitioned"])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_model_inside_a_lightning_module_saves_an_adapter_for_a_fresh_base(tmp_path: Path, method: str) -> None:
+    module = inject(CausalLM(), METHODS[method]())  # what the callbacks do: the LightningModule is the root
+    with torch.no_grad():
+        for tensor in adapter_state_dict(module).values():
+            tensor.add_(0.05)  # away from the identity start
+    tokens = token_data()[:2]
+    expected = module.model.eval()(input_ids=tokens).logits
+    save_adapter(module.model, tmp_path)
+    fresh = load_adapter(tiny_gpt2().eval(), tmp_path)
+    torch.testing.assert_close(fresh(input_ids=tokens).logits, expected, rtol=0, atol=0)
 
 
 def test_merging_zero3_partitioned_weights_is_refused_with_the_way_out() -> None:

@@ -97,7 +97,7 @@ def fit(out: Path, run: str, method: str, stage: int, *, epochs: int, module: Ca
     state = {n: t.clone() for n, t in adapter_state_dict(module).items()}  # every rank: ZeRO-3 gathers collectively
     reloaded = True
     if run == "one":
-        save_adapter(module, out / "adapter")
+        save_adapter(module.model, out / "adapter")  # the transformers model alone, loadable into a fresh one
         shifted = {name: tensor + 1 for name, tensor in state.items()}
         load_adapter_state_dict(module, shifted)  # every rank: rank 0's copy is scattered into the partitions
         reloaded = all(torch.equal(t, shifted[n]) for n, t in adapter_state_dict(module).items())
