@@ -14,9 +14,12 @@ set of trainable parameters. Launch commands (``--devices`` GPUs per node)::
     python examples/multi_gpu.py --strategy fsdp --devices 4 --precision bf16-mixed
     # FSDP2 (fully_shard, per-parameter sharding, mixed trainable/frozen units are fine): inject, then shard
     python examples/multi_gpu.py --strategy fsdp2 --devices 4
-    # DeepSpeed ZeRO-2 (pip install deepspeed): the engine gets only the trainable parameters, and
-    # exclude_frozen_parameters keeps the frozen backbone out of its checkpoints
+    # DeepSpeed ZeRO-2 or ZeRO-3 (pip install deepspeed): the engine gets only the trainable parameters, and the
+    # callback sets exclude_frozen_parameters=True, so its checkpoint directories hold the adapters alone
     python examples/multi_gpu.py --strategy deepspeed --devices 4 --precision bf16-mixed
+    python examples/multi_gpu.py --strategy deepspeed3 --devices 4 --precision bf16-mixed
+    # a DeepSpeed checkpoint directory to an adapter folder (ZeRO-3 slices joined, weights-only loads)
+    lightning-peft-export OUT/lora-step=N.ckpt adapter_out --prefix net.
 
 On a CPU-only machine, ``--quick`` runs the DDP path for real: ``ddp_spawn`` with 2 gloo processes, a few steps,
 an adapter-only checkpoint, and a check that both processes hold identical adapters after training.
@@ -46,6 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft import LoRA, adapter_state_dict, inject, trainable_summary
+from lightning_peft.export import read_checkpoint
 
 
 class DigitsTransformer(L.LightningModule):
@@ -133,16 +137,17 @@ def make_strategy(name: str) -> object:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         return ModelParallelStrategy(tensor_parallel_size=1)
-    if name == "deepspeed":
+    if name in ("deepspeed", "deepspeed3"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(stage=2, exclude_frozen_parameters=True)
+        return DeepSpeedStrategy(stage=3 if name == "deepspeed3" else 2)  # the callback excludes frozen parameters
     return name  # "ddp", "ddp_spawn", "auto"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn", "fsdp", "fsdp2", "deepspeed"])
+    parser.add_argument("--strategy", default="ddp",
+                        choices=["ddp", "ddp_spawn", "fsdp", "fsdp2", "deepspeed", "deepspeed3"])
     parser.add_argument("--devices", type=int, default=-1, help="devices per node (-1: all)")
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--precision", default="32-true")
@@ -169,7 +174,7 @@ def main() -> None:
     loader = DataLoader(digits(), batch_size=32, shuffle=True)
     trainer.fit(model, loader)
     if trainer.global_rank == 0:
-        saved = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, weights_only=False)
+        saved = read_checkpoint(checkpoint.best_model_path or checkpoint.last_model_path)  # a file or DeepSpeed's dir
         size = sum(t.numel() for t in saved["state_dict"].values())
         print(f"checkpoint {Path(checkpoint.best_model_path).name}: {len(saved['state_dict'])} tensors, {size:,} numbers "
               f"(adapters and head only), methods {[m['method'] for m in saved['lightning_peft']['methods']]}")
