@@ -18,10 +18,10 @@ Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 deepspeed
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
-import deepspeed.comm.torch
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import reset_seed
@@ -32,8 +32,9 @@ from strategy_models import CausalLM, tiny_gpt2
 from lightning_peft import adapter_state_dict, load_adapter_state_dict, save_adapter
 from lightning_peft.zero3 import gathered
 
-# DeepSpeed JIT-compiles a shared-memory all-reduce for CPU when a compiler is present; gloo alone is enough here
-deepspeed.comm.torch.build_shm_op = lambda: None
+# DeepSpeed JIT-compiles a shared-memory all-reduce for CPU when a compiler is present (slow to build, and it
+# aborted one process at exit in CI); gloo alone is enough here. (`deepspeed.comm.torch` as an attribute is torch.)
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
