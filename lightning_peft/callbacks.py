@@ -52,11 +52,47 @@ def prepare_module(pl_module: pl.LightningModule, methods: list[Method]) -> None
     inject(pl_module, *todo)
     pl_module.strict_loading = False  # checkpoints hold adapter tensors only; check_checkpoint checks them
     strategy = getattr(getattr(pl_module, "_trainer", None), "strategy", None)
-    if strategy is not None and hasattr(strategy, "exclude_frozen_parameters"):
-        # DeepSpeed writes module weights itself (our on_save_checkpoint step never sees them): only what trains
-        strategy.exclude_frozen_parameters = True
+    if strategy is not None:
+        if hasattr(strategy, "exclude_frozen_parameters"):
+            # DeepSpeed writes module weights itself (our on_save_checkpoint step never sees them): only what trains
+            strategy.exclude_frozen_parameters = True
+        if not isinstance(strategy.__dict__.get("load_checkpoint"), _PartialShardedLoad):
+            strategy.load_checkpoint = _PartialShardedLoad(strategy)
     names = ", ".join(type(m).__name__ for m in todo)
     rank_zero_info(f"lightning_peft: {names} injected; {trainable_summary(pl_module)}")
+
+
+class _PartialShardedLoad:
+    """Instance attribute replacing ``strategy.load_checkpoint``: the strategy's own restore, during which
+    ``torch.distributed.checkpoint.load`` may skip tensors the checkpoint does not hold.
+
+    A sharded (distributed) checkpoint of an adapted model holds the adapter tensors only. Lightning's FSDP and
+    ModelParallel strategies request every module tensor from it with DCP's default planner, which refuses missing
+    ones whatever ``strict_loading`` says; with ``allow_partial_load=True`` the frozen base weights keep their
+    values. Holds the strategy, not bound methods, so it pickles (``ddp_spawn``).
+    """
+
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+        self.inner = strategy.__dict__.get("load_checkpoint")  # an instance-level override set before us, if any
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        load = self.inner if self.inner is not None else type(self.strategy).load_checkpoint.__get__(self.strategy)
+        if not torch.distributed.is_available():
+            return load(*args, **kwargs)
+        import torch.distributed.checkpoint as dcp
+
+        original = dcp.load
+
+        def partial_load(state_dict: dict[str, Any], *rest: Any, planner: Any = None, **options: Any) -> Any:
+            planner = planner if planner is not None else dcp.DefaultLoadPlanner(allow_partial_load=True)
+            return original(state_dict, *rest, planner=planner, **options)
+
+        dcp.load = partial_load
+        try:
+            return load(*args, **kwargs)
+        finally:
+            dcp.load = original
 
 
 def keep_adapter_tensors(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -327,6 +327,18 @@ def test_fsdp2_model_parallel_strategy_trains_adapters_on_cpu(tmp_path: Path, me
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_fsdp2_adapter_only_checkpoints_full_and_sharded_resume_bitwise(tmp_path: Path, method: str) -> None:
+    _torchrun("fsdp2_checkpoints.py", str(tmp_path), method)
+    adapters = {f"model.{k}" for k in adapter_state_dict(inject(tiny_gpt2(), METHODS[method]()))}
+    for mode in ("full", "sharded"):  # one file; a torch.distributed.checkpoint directory
+        report = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
+        assert set(report["saved"]) == adapters == set(report["straight"]), mode
+        for name, tensor in report["straight"].items():
+            torch.testing.assert_close(report["resumed"][name], tensor, rtol=0, atol=0, msg=f"{mode}: {name}")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_deepspeed_zero_trains_like_one_process_saves_adapters_only_and_resumes(
