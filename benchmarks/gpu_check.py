@@ -57,12 +57,13 @@ class LM(L.LightningModule):
         return DataLoader(TensorDataset(tokens), batch_size=8)
 
 
-def fit(*callbacks: L.Callback, steps: int = 8, **trainer_kwargs: object) -> tuple[LM, L.Trainer, float]:
+def fit(*callbacks: L.Callback, steps: int = 8, ckpt_path: str | None = None,
+        **trainer_kwargs: object) -> tuple[LM, L.Trainer, float]:
     module = LM()
     trainer = L.Trainer(accelerator="cuda", devices=1, max_steps=steps, callbacks=list(callbacks), logger=False,
                         enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)  # type: ignore[arg-type]
     start = time.perf_counter()
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=ckpt_path)
     return module, trainer, time.perf_counter() - start
 
 
@@ -142,6 +143,26 @@ def check_qlora() -> str:
             f"warnings {merged['warnings']}, {seconds:.1f}s")
 
 
+def check_fsdp1_sharded_resume() -> str:
+    """FSDPStrategy(state_dict_type="sharded"): the checkpoint directory holds adapter tensors only and resumes."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.checkpoint import FileSystemReader
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    def strategy() -> FSDPStrategy:
+        return FSDPStrategy(auto_wrap_policy=fsdp_auto_wrap_policy(LlamaDecoderLayer), state_dict_type="sharded")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True)
+        fit(lora(), checkpoint, strategy=strategy(), precision="bf16-mixed")
+        last = Path(tmp) / "last.ckpt"
+        keys = [k for k in FileSystemReader(str(last)).read_metadata().state_dict_metadata if k.startswith("state_dict.")]
+        assert keys and all("lora_" in k for k in keys), keys[:5]
+        module, trainer, seconds = fit(lora(), steps=12, ckpt_path=str(last), strategy=strategy(), precision="bf16-mixed")
+    assert trainer.global_step == 12 and len(module.losses) == 4, (trainer.global_step, module.losses)
+    return f"sharded checkpoint: {len(keys)} adapter tensors only; resumed at step 8 to 12, {seconds:.1f}s"
+
+
 def check_quantized_base(method: L.Callback) -> str:
     """Prefix or prompt tuning on a base that BitsandbytesPrecision quantizes: its Linears become 4-bit, the
     prefix/prompt tensors (no nn.Linear of their own) stay floating point and train."""
@@ -208,6 +229,7 @@ CHECKS: dict[str, Callable[[], str]] = {
     "16-mixed": lambda: check_precision("16-mixed"),
     "bf16-mixed": lambda: check_precision("bf16-mixed"),
     "fsdp1-1gpu": check_fsdp1,
+    "fsdp1-sharded-resume": check_fsdp1_sharded_resume,
     "qlora-nf4": check_qlora,
     "16-mixed-prefix": lambda: check_precision("16-mixed", prefix()),
     "16-mixed-prompt": lambda: check_precision("16-mixed", prompt()),
