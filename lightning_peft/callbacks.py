@@ -47,19 +47,25 @@ def prepare_module(pl_module: pl.LightningModule, methods: list[Method]) -> None
     for method in methods:
         if not any(same_method(method, done) for done in [*applied_methods(pl_module), *todo]):
             todo.append(method)
+    if methods:  # also on a later fit, whose new Trainer brings a new strategy
+        _prepare_strategy(getattr(getattr(pl_module, "_trainer", None), "strategy", None))
     if not todo:
         return
     inject(pl_module, *todo)
     pl_module.strict_loading = False  # checkpoints hold adapter tensors only; check_checkpoint checks them
-    strategy = getattr(getattr(pl_module, "_trainer", None), "strategy", None)
-    if strategy is not None:
-        if hasattr(strategy, "exclude_frozen_parameters"):
-            # DeepSpeed writes module weights itself (our on_save_checkpoint step never sees them): only what trains
-            strategy.exclude_frozen_parameters = True
-        if not isinstance(strategy.__dict__.get("load_checkpoint"), _PartialShardedLoad):
-            strategy.load_checkpoint = _PartialShardedLoad(strategy)
     names = ", ".join(type(m).__name__ for m in todo)
     rank_zero_info(f"lightning_peft: {names} injected; {trainable_summary(pl_module)}")
+
+
+def _prepare_strategy(strategy: Any) -> None:
+    """Make a strategy's own checkpointing adapter-only: DeepSpeed saves what trains, sharded restores skip the rest."""
+    if strategy is None:
+        return
+    if hasattr(strategy, "exclude_frozen_parameters"):
+        # DeepSpeed writes module weights itself (our on_save_checkpoint step never sees them): only what trains
+        strategy.exclude_frozen_parameters = True
+    if not isinstance(strategy.__dict__.get("load_checkpoint"), _PartialShardedLoad):
+        strategy.load_checkpoint = _PartialShardedLoad(strategy)
 
 
 class _PartialShardedLoad:

@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 from glue_models import TARGETS, LateTask, Task, family_lora
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
 from lightning_peft import LoRA, adapter_state_dict, trainable_summary
@@ -140,6 +141,21 @@ def test_callback_works_on_a_pytorch_lightning_trainer_and_module(tmp_path: Any)
 def _set_up(module: L.LightningModule, *callbacks: LoRA) -> None:
     for callback in callbacks:  # what Trainer.fit does first, without a Trainer
         callback.setup(None, module, "fit")  # type: ignore[arg-type]
+
+
+class SavesItsOwnWeights(SingleDeviceStrategy):
+    """A strategy that writes module weights itself, as DeepSpeed does (``exclude_frozen_parameters``)."""
+
+    exclude_frozen_parameters = False
+
+
+def test_every_fit_makes_its_strategy_save_only_what_trains(make_trainer: Callable[..., L.Trainer]) -> None:
+    module = Task(family="mlp")
+    make_trainer(callbacks=[family_lora("mlp")]).fit(module)
+    later = SavesItsOwnWeights(device=torch.device("cpu"))  # a new Trainer for the already adapted module
+    make_trainer(callbacks=[family_lora("mlp")], strategy=later).fit(module)
+    assert later.exclude_frozen_parameters is True
+    assert len(applied_methods(module)) == 1
 
 
 @pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))], ids=["deepcopy", "pickle"])
