@@ -180,6 +180,12 @@ def check_choice(name: str, value: object, choices: Any) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
 
 
+def check_positive_int(name: str, value: object, unit: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is an ``int`` (not a ``bool``) of at least 1, naming ``unit``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{f' ({unit})' if unit else ''}; got {value!r}.")
+
+
 def init_seed(seed: int, name: str) -> int:
     """A deterministic per-adapter seed, so 1 and N processes (and resumed runs) start from the same weights."""
     return zlib.crc32(f"{seed}:{name}".encode())

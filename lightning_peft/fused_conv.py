@@ -18,8 +18,9 @@ Outputs and gradients equal the three-convolution path up to float rounding (tes
 Without gradients (inference, unmerged) the update is folded into the weight: one convolution of ``out``
 channels, so unmerged inference costs what the base layer costs.
 
-The path applies on CPU (on CUDA the plain path measured faster) to ``nn.Conv1d/2d/3d`` with any stride, dilation,
-groups and ``padding_mode`` (non-zero modes pad first) when dropout is off and the base weight is frozen;
+The path applies on CPU (CUDA runs :meth:`~lightning_peft.lora.LoRAConv.folded_forward`, measured faster there)
+to ``nn.Conv1d/2d/3d`` with any stride, dilation, groups and ``padding_mode`` (non-zero modes pad first) when
+dropout is off and the base weight is frozen;
 :func:`fused_lora_conv` returns ``None`` otherwise and the caller runs the plain path. Set
 ``lightning_peft.fused_conv.ENABLED = False`` to compare.
 """
@@ -31,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 if TYPE_CHECKING:
@@ -87,10 +87,8 @@ class _FusedLoRAConv(torch.autograd.Function):
         n, spatial = grad.shape[0], grad.shape[2:]
         grad4 = grad.contiguous().view(n, groups, o, -1)
         grad_hidden = torch.matmul(b_mat.transpose(1, 2), grad4).mul_(scale)  # (N, g, r/g, L) = s·Bᵀ dy
-        hidden4 = hidden.view(n, groups, rg, -1)
-        grad_b = torch.matmul(grad4, hidden4.transpose(-1, -2)).sum(0).mul_(scale)  # (g, o, r/g) = s·Σ dy hᵀ
         zeros = [0] * len(stride)
-        grad_x = grad_a = grad_w = grad_bias = None
+        grad_x = grad_a = grad_bias = grad_b = None  # the base weight is frozen (fused_lora_conv checks): no dW
         grad_h = grad_hidden.reshape(n, groups * rg, *spatial)
         if ctx.needs_input_grad[0]:
             stacked = _stack_per_group(weight, lora_a, groups)
@@ -102,14 +100,13 @@ class _FusedLoRAConv(torch.autograd.Function):
             grad_a = _conv_backward(
                 grad_h, x, lora_a, None, stride, padding, dilation, False, zeros, groups, [False, True, False]
             )[1]
-        if ctx.needs_input_grad[1]:  # only if someone trains the base weight alongside the adapter
-            grad_w = _conv_backward(
-                grad, x, weight, None, stride, padding, dilation, False, zeros, groups, [False, True, False]
-            )[1]
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum(dim=[0, *range(2, grad.dim())])
-        grad_b_out = grad_b.reshape(out, rg, *([1] * len(spatial))) if ctx.needs_input_grad[4] else None
-        return grad_x, grad_w, grad_bias, grad_a, grad_b_out, None, None, None, None, None
+        if ctx.needs_input_grad[4]:
+            hidden4 = hidden.view(n, groups, rg, -1)
+            grad_b = torch.matmul(grad4, hidden4.transpose(-1, -2)).sum(0).mul_(scale)  # (g, o, r/g) = s·Σ dy hᵀ
+            grad_b = grad_b.reshape(out, rg, *([1] * len(spatial)))
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None
 
 
 def _numeric_padding(conv: _ConvNd) -> list[int] | None:
@@ -153,7 +150,7 @@ def fused_lora_conv(layer: LoRAConv, x: torch.Tensor) -> torch.Tensor | None:
     base = layer.base_layer
     if x.device.type != "cpu":  # measured on an H200: the extra small kernels cost more than a pass over x saves
         return None
-    if not ENABLED or (layer.dropout.training and not isinstance(layer.dropout, nn.Identity)):
+    if not ENABLED or layer.dropout_active:
         return None
     weight, bias = base.weight, base.bias
     lora_a: torch.Tensor = layer.lora_A
@@ -162,14 +159,13 @@ def fused_lora_conv(layer: LoRAConv, x: torch.Tensor) -> torch.Tensor | None:
     dtype = _compute_dtype(x, [weight, lora_a, lora_b] + ([] if bias is None else [bias]))
     if padding is None or dtype is None or weight.requires_grad or x.dim() != weight.dim() or not _pays(x, base):
         return None
+    if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
+        return layer.folded_forward(x)  # inference: one convolution of out channels
     if base.padding_mode != "zeros":
         x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
         padding = [0] * len(padding)
     x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     stride, dilation, groups = list(base.stride), list(base.dilation), base.groups
-    if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
-        folded = weight + layer.delta_weight().to(dtype)  # inference: one conv of out channels
-        return torch.ops.aten.convolution(x, folded, bias, stride, padding, dilation, False, [0] * len(stride), groups)
     with torch.autocast(x.device.type, enabled=False):
         return _FusedLoRAConv.apply(x, weight, bias, lora_a, lora_b, layer.scale, stride, padding, dilation, groups)

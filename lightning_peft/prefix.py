@@ -19,13 +19,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from torch import nn
 
 from lightning_peft.attention import AttentionMatch, MultiheadPrefixAttention, match_attention
 from lightning_peft.attention.base import PrefixAttention, PrefixEncoder
-from lightning_peft.core import _METHODS, Adapter, MethodConfig, adapters, init_seed, refresh_trainable, replace_module
+from lightning_peft.core import (
+    _METHODS,
+    Adapter,
+    BatchNormMode,
+    MethodConfig,
+    adapters,
+    check_choice,
+    check_positive_int,
+    init_seed,
+    refresh_trainable,
+    replace_module,
+)
 from lightning_peft.errors import TargetNotFoundError
 from lightning_peft.targets import describe, layer_index, matches
 
@@ -59,18 +70,15 @@ class PrefixTuningConfig(MethodConfig):
     gate: bool = False
     init_std: float = 1.0
     trainable_modules: list[str] | None = None
-    batchnorm: Literal["frozen", "update"] = "frozen"
+    batchnorm: BatchNormMode = "frozen"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_tokens", "hidden_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PrefixTuning {name} must be a positive integer; got {value!r}.")
+        check_positive_int("PrefixTuning num_tokens", self.num_tokens, "prefix tokens")
+        check_positive_int("PrefixTuning hidden_size", self.hidden_size)
         if self.init_std < 0:
             raise ValueError(f"PrefixTuning init_std must be >= 0; got {self.init_std!r}.")
-        if self.batchnorm not in ("frozen", "update"):
-            raise ValueError(f"batchnorm={self.batchnorm!r} is not one of 'frozen', 'update'.")
+        check_choice("batchnorm", self.batchnorm, BatchNormMode)
 
     def attach(self, model: nn.Module) -> None:
         """Wrap every selected attention module in its prefix adapter (and share one MLP if reparameterized).

@@ -82,7 +82,7 @@ CASES: dict[str, Case] = {
         lambda: nn.Sequential(nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=1, padding_mode="reflect", groups=2)),
         "0", 2, lambda: torch.randn(2, 4, 7, 6), _conv_count(4, 6, (3, 2), 2)),
     "conv3d": Case(lambda: nn.Sequential(nn.Conv3d(2, 4, 3, stride=(1, 2, 2), padding=1)), "0", 2,
-                   lambda: torch.randn(1, 2, 4, 6, 6), _conv_count(2, 4, (3, 3, 3), 1)),
+                   lambda: torch.randn(2, 2, 6, 8, 8), _conv_count(2, 4, (3, 3, 3), 1)),  # enough positions to fuse
     "conv3d_grouped_dilated": Case(lambda: nn.Sequential(nn.Conv3d(4, 4, 3, padding=2, dilation=2, groups=2)), "0", 2,
                                    lambda: torch.randn(1, 4, 5, 5, 5), _conv_count(4, 4, (3, 3, 3), 2)),
     "embedding": Case(lambda: nn.Sequential(nn.Embedding(12, 6, padding_idx=0)), "0", 3,
@@ -134,6 +134,8 @@ def test_merge_unmerge_and_merge_and_unload_reproduce_adapter_outputs(kind: str,
     _randomize_adapters(adapted)
     tol = dict(atol=1e-5, rtol=1e-5)
     expected = adapted(x)  # gradients on: the training path (fused for convs)
+    if kind.startswith("conv"):
+        assert "FusedLoRAConv" in type(expected.grad_fn).__name__, "the fused path did not run"
     monkeypatch.setattr(fused_conv, "ENABLED", False)
     torch.testing.assert_close(adapted(x), expected, **tol)  # the plain three-operation path agrees
     assert (expected - base(x)).abs().max() > 1e-2  # the update is not negligible
@@ -383,7 +385,7 @@ def test_meta_device_injection_materializes_to_identity_after_reset_parameters()
         base_out = _run_meta_model(model, ids)
     torch.testing.assert_close(_run_meta_model(model, ids), base_out, atol=1e-6, rtol=1e-6)
     direct = inject(_meta_model(), config)  # built on CPU: the same per-name adapter initialisation
-    for (name, tensor), (other, expected) in zip(adapter_tensors(model), adapter_tensors(direct)):
+    for (name, tensor), (other, expected) in zip(adapter_tensors(model), adapter_tensors(direct), strict=True):
         assert name == other and torch.equal(tensor, expected), name
 
 

@@ -15,6 +15,7 @@ from lightning_peft.core import (
     BatchNormMode,
     MethodConfig,
     check_choice,
+    check_positive_int,
     init_seed,
     innermost,
     mark_trainable,
@@ -126,8 +127,7 @@ class LoRAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         for name, rank in {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"LoRA {name} must be a positive integer; got {rank!r}.")
+            check_positive_int(f"LoRA {name}", rank)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1); got {self.dropout!r}.")
         check_choice("init", self.init, LoRAInit)

@@ -141,7 +141,7 @@ class LoRALayer(Adapter):
             return result
         if x.is_floating_point():  # (token ids of an embedding stay as they are)
             x = self.dropout(x.to(self.lora_A.dtype))
-        return result + (self.lora_delta(x) * self.scale).to(result.dtype)
+        return torch.add(result, self.lora_delta(x).to(result.dtype), alpha=self.scale)  # scaled in the one add
 
     def delta_matrix(self) -> torch.Tensor:
         """``scale · B @ A`` as an ``(out, in)`` matrix (block-diagonal per group for grouped layers)."""
@@ -153,6 +153,19 @@ class LoRALayer(Adapter):
     def delta_weight(self) -> torch.Tensor:
         """The weight update this adapter adds, in the base weight's layout and dtype."""
         return self.from_matrix(self.delta_matrix()).to(self.base_weight.dtype)
+
+    def folded_weight(self) -> torch.Tensor:
+        """``W + scale · B A`` in the base weight's layout and dtype, as one batched multiply-add per group."""
+        g, weight = self.groups, self.base_weight
+        a = self.lora_A.reshape(g, self.r // g, -1).to(weight.dtype)
+        b = self.lora_B.reshape(g, -1, self.r // g).to(weight.dtype)
+        matrix = self.weight_matrix(weight).reshape(g, b.shape[1], a.shape[-1])
+        return self.from_matrix(torch.baddbmm(matrix, b, a, alpha=self.scale).reshape(-1, a.shape[-1]))
+
+    @property
+    def dropout_active(self) -> bool:
+        """Whether dropout changes the adapter's input now (training, with ``dropout > 0``)."""
+        return self.training and isinstance(self.dropout, nn.Dropout)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -319,7 +332,7 @@ class LoRAConv(LoRALayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.enabled or self.merged or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        if x.is_cuda and not (self.training and isinstance(self.dropout, nn.Dropout)):
+        if x.is_cuda and not self.dropout_active:
             return self.folded_forward(x)
         # CPU: one convolution with [W; A] instead of three (lightning_peft.fused_conv); None: the plain path
         fused = fused_lora_conv(self, x)
@@ -329,7 +342,7 @@ class LoRAConv(LoRALayer):
         """``conv(x, W + scale · B A)``: one convolution of the base shape. The GPU path: there the adapter's
         ``r``-channel convolutions are launch- and occupancy-bound, and a full-size weight gradient is cheaper
         (ResNet-50, H200, bf16: see README "Performance")."""
-        return self.base_layer._conv_forward(x, self.base_weight + self.delta_weight(), self.base_layer.bias)
+        return self.base_layer._conv_forward(x, self.folded_weight(), self.base_layer.bias)
 
     def a_shape(self) -> tuple[int, ...]:
         shape = self.weight_shape

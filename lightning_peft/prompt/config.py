@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
-from lightning_peft.core import MethodConfig, check_choice
+from lightning_peft.core import MethodConfig, check_choice, check_positive_int
 from lightning_peft.prompt.base import is_prompted
 from lightning_peft.prompt.patches import attach_patches, find_vits
 from lightning_peft.prompt.pixels import attach_pixels, image_inputs
@@ -83,10 +83,8 @@ class PromptTuningConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens < 1:
-            raise ValueError(f"num_tokens must be a positive integer (prompt tokens); got {self.num_tokens!r}.")
-        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
-            raise ValueError(f"width must be a positive number of pixels; got {self.width!r}.")
+        check_positive_int("num_tokens", self.num_tokens, "prompt tokens")
+        check_positive_int("width", self.width, "pixels")
         check_choice("init", self.init, PromptInit)
         check_choice("batchnorm", self.batchnorm, Literal["frozen", "update"])
         check_choice("pixel_region", self.pixel_region, PixelRegion)
