@@ -254,15 +254,18 @@ def inject(model: nn.Module, *methods: Method) -> nn.Module:
 
 
 def _configure_batchnorm(model: nn.Module, mode: BatchNormMode) -> None:
-    """Frozen BatchNorm layers keep their statistics (``"frozen"``) or update and save them (``"update"``)."""
+    """Frozen BatchNorm layers keep their statistics (``"frozen"``) or update and save them (``"update"``).
+
+    With several methods, ``"update"`` wins: a later method's default ``"frozen"`` does not stop the statistics."""
     for module in model.modules():
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.weight is not None and (
-            "weight" in getattr(module, _SAVED_TENSORS, frozenset())
-        ):
+        marked: frozenset[str] = getattr(module, _SAVED_TENSORS, frozenset())
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.weight is not None and "weight" in marked:
             continue  # a trainable norm (trainable_modules) trains as usual
         if mode == "update":
             mark_trainable(module, {"running_mean", "running_var", "num_batches_tracked"})
-        elif not module.__dict__.get("_peft_frozen_stats"):
+            if module.__dict__.pop("_peft_frozen_stats", False):
+                _remove_peft_hooks(module)  # an earlier method froze them: its two statistics hooks go
+        elif "running_mean" not in marked and not module.__dict__.get("_peft_frozen_stats"):
             module.__dict__["_peft_frozen_stats"] = True
             add_peft_hook(module, module.register_forward_pre_hook(_use_running_stats))
             add_peft_hook(module, module.register_forward_hook(_restore_mode))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import override
 
 from lightning_peft.callbacks import check_checkpoint, keep_adapter_tensors, prepare_module
-from lightning_peft.core import Method
+from lightning_peft.core import Method, applied_methods
 
 if TYPE_CHECKING:  # type-checked as the LightningModule it is mixed into; at run time a plain mixin
     from lightning.pytorch import LightningModule as _MixinBase
@@ -47,9 +47,9 @@ class PEFTMixin(_MixinBase):
 
     def apply_peft(self) -> None:
         """Inject the methods of :meth:`configure_peft` now (idempotent; Lightning calls it via configure_model)."""
-        if self.__dict__.get("_peft_configured"):
-            return
-        prepare_module(self, list(self.configure_peft()))
+        # once configured, the applied methods again: nothing new is injected, but a new Trainer's strategy is prepared
+        done = self.__dict__.get("_peft_configured")
+        prepare_module(self, applied_methods(self) if done else list(self.configure_peft()))
         self._peft_configured = True
 
     @override
@@ -65,6 +65,10 @@ class PEFTMixin(_MixinBase):
         super().on_load_checkpoint(checkpoint)
 
 
+def _configure_step(module: PEFTMixin) -> None:
+    module.apply_peft()  # through the instance: a subclass's own apply_peft runs
+
+
 def _load_step(module: PEFTMixin, checkpoint: dict[str, Any]) -> None:
     module.apply_peft()
     check_checkpoint(module, checkpoint)
@@ -72,7 +76,7 @@ def _load_step(module: PEFTMixin, checkpoint: dict[str, Any]) -> None:
 
 #: Hooks a subclass may define itself, and the PEFT step that must still run after them.
 _PEFT_STEPS: dict[str, Callable[..., None]] = {
-    "configure_model": PEFTMixin.apply_peft,
+    "configure_model": _configure_step,
     "on_save_checkpoint": keep_adapter_tensors,
     "on_load_checkpoint": _load_step,
 }

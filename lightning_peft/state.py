@@ -168,13 +168,19 @@ def method_configs(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def _within(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` without its ``trainable_modules`` if they all lie outside ``model`` (a LightningModule's head)."""
-    if config.get("trainable_modules"):
-        try:
-            select_names(model, config["trainable_modules"])
-        except TargetNotFoundError:
-            return {**config, "trainable_modules": None}
-    return config
+    """``config`` without the ``trainable_modules`` rules that select nothing in ``model`` (a Lightning head)."""
+    rules = config.get("trainable_modules")
+    if not rules:
+        return config
+    kept = [rule for rule in ([rules] if isinstance(rules, str) else rules) if _selects(model, rule)]
+    return {**config, "trainable_modules": (kept[0] if isinstance(rules, str) else kept) if kept else None}
+
+
+def _selects(model: nn.Module, rule: Any) -> bool:
+    try:
+        return bool(select_names(model, rule if isinstance(rule, str) else [rule]))
+    except TargetNotFoundError:
+        return False
 
 
 def relative_rules(method: dict[str, Any], prefix: str) -> dict[str, Any]:

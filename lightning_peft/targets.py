@@ -223,17 +223,21 @@ def _check_regex(rules: Targets | None, what: str) -> None:
 
 
 def select_names(model: nn.Module, rules: Targets, *, what: str = "trainable_modules") -> list[str]:
-    """Names of all modules matching ``rules`` (any type); raises if a rule matches nothing."""
+    """Names of all modules matching ``rules`` (any type), in model order; raises naming a rule (every entry of a
+    list, as for ``target_modules``) that matches nothing."""
     _check_regex(rules, what)
     heads = output_heads(model)
-    names = [name for name, module in model.named_modules() if name and matches(rules, name, module, heads)]
-    if not names:
-        candidates = [n for n, m in model.named_modules() if n]
-        raise TargetNotFoundError(
-            f"{what}={_show(rules)} matched nothing in {type(model).__name__}. "
-            f"Closest module names: {describe(model, closest_names(model, rules, candidates))}."
-        )
-    return names
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    selected: set[str] = set()
+    for rule in [rules] if isinstance(rules, str) else [[rule] for rule in rules]:
+        names = {name for name, module in modules if matches(rule, name, module, heads)}
+        if not names:
+            raise TargetNotFoundError(
+                f"{what}={_show(rule)} matched nothing in {type(model).__name__}. "
+                f"Closest module names: {describe(model, closest_names(model, rule, [n for n, _ in modules]))}."
+            )
+        selected |= names
+    return [name for name, _ in modules if name in selected]
 
 
 def _show(rules: Targets) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from glue_models import TARGETS, LateTask, Task, family_lora
+from glue_models import TARGETS, LateTask, PEFTTask, Task, family_lora
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
@@ -156,6 +156,10 @@ def test_every_fit_makes_its_strategy_save_only_what_trains(make_trainer: Callab
     make_trainer(callbacks=[family_lora("mlp")], strategy=later).fit(module)
     assert later.exclude_frozen_parameters is True
     assert len(applied_methods(module)) == 1
+    mixin_module, again = PEFTTask(family="mlp"), SavesItsOwnWeights(device=torch.device("cpu"))
+    make_trainer().fit(mixin_module)
+    make_trainer(strategy=again).fit(mixin_module)  # the mixin's second fit prepares its strategy too
+    assert again.exclude_frozen_parameters is True and len(applied_methods(mixin_module)) == 1
 
 
 @pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))], ids=["deepcopy", "pickle"])

@@ -231,11 +231,13 @@ def test_only_adapters_trainable_modules_and_chosen_biases_change(bias: str, tra
     assert set(dict(adapter_tensors(model))) == changed  # what trains is what an adapter checkpoint saves
 
 
-@pytest.mark.parametrize("mode", ["frozen", "update"])
+@pytest.mark.parametrize("mode", ["frozen", "update", "update-then-frozen", "frozen-then-update"])
 def test_batchnorm_statistics_frozen_or_updated_and_saved(mode: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
-    inject(model, LoRAConfig(r=2, target_modules="all-conv", batchnorm=mode))  # type: ignore[arg-type]
+    modes = mode.split("-then-")  # with two methods, "update" wins in either order
+    inject(model, *[LoRAConfig(r=2, target_modules=[t], batchnorm=m) for t, m in zip(["0", "3"], modes * 2)])  # type: ignore[arg-type]
+    mode = "update" if "update" in modes else "frozen"
     stats = {n: t.clone() for n, t in model[1].named_buffers()}
     _train(model, torch.randn(4, 3, 6, 6) * 3 + 1)
     moved = {n for n, t in model[1].named_buffers() if not torch.equal(t, stats[n])}

@@ -166,6 +166,8 @@ def test_trainable_modules_rules_and_error() -> None:
     with pytest.raises(TargetNotFoundError, match=r"trainable_modules=\['clasifier'\] matched nothing in Net. "
                                                   r"Closest module names: classifier \(Linear\)"):
         inject(Net(), LoRAConfig(target_modules=["query"], trainable_modules=["clasifier"]))
+    with pytest.raises(TargetNotFoundError, match=r"trainable_modules=\['nope'\] matched nothing"):  # one typo of two
+        select_names(Net(), ["classifier", "nope"])
 
 
 def test_multihead_attention_out_proj_selection_adapts_the_attention_module() -> None:
