@@ -87,6 +87,11 @@ class PrefixTuningConfig(MethodConfig):
             TargetNotFoundError: The model has no attention module a handler knows, or the filters left none.
         """
         found = find_attention(model)
+        if not found and any(isinstance(a, PrefixAttention) for _, a in adapters(model)):
+            raise ValueError(
+                f"every attention module of {type(model).__name__} already has a prefix; a second one would never be "
+                "read. Call unload(model) first, or keep several with add_adapter/set_adapter."
+            )
         if not found:
             raise TargetNotFoundError(_no_attention_message(model))
         selected = [
@@ -116,14 +121,20 @@ class PrefixTuningConfig(MethodConfig):
 
 
 def find_attention(model: nn.Module) -> list[tuple[str, AttentionMatch]]:
-    """``(name, match)`` for every outermost module a registered attention handler knows, in module order."""
+    """``(name, match)`` for every outermost module a registered attention handler knows, in module order.
+
+    Attention already holding a prefix is left out (a second prefix would never be read); attention inside
+    another adapter (LoRA on ``nn.MultiheadAttention``) is found, so the two compose."""
     found: list[tuple[str, AttentionMatch]] = []
+    covered = [f"{name}." for name, module in model.named_modules() if isinstance(module, PrefixAttention)]
     for name, module in model.named_modules():
-        if isinstance(module, Adapter) or any(name.startswith(f"{n}.") for n, _ in found if n):
+        if isinstance(module, Adapter) or name.startswith(tuple(covered)):
             continue
         match = match_attention(module)
         if match is not None:
             found.append((name, match))
+            if name:
+                covered.append(f"{name}.")
     return found
 
 
@@ -166,10 +177,7 @@ def fold_prefix(model: nn.Module) -> nn.Module:
     methods = model.__dict__.get(_METHODS, [])
     for i, method in enumerate(methods):
         if isinstance(method, PrefixTuningConfig) and method.reparameterize:
-            fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(PrefixTuningConfig)}
-            methods[i] = PrefixTuningConfig(**{**fields, "reparameterize": False})
+            methods[i] = dataclasses.replace(method, reparameterize=False)
     refresh_trainable(model)
     return model
 
-
-merge_prefix = fold_prefix

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_peft import PrefixTuning, TargetNotFoundError, adapters, inject, register_attention_handler
+from lightning_peft import LoRA, PrefixTuning, TargetNotFoundError, adapters, inject, register_attention_handler
 from lightning_peft.attention import AttentionMatch, PrefixAttention, PrefixShape, _HANDLERS
 from lightning_peft.attention.base import prefixed_attention
 
@@ -199,3 +199,13 @@ def test_registered_handler_teaches_prefix_tuning_a_new_attention_class() -> Non
         assert not torch.allclose(adapted(x), base)
     finally:
         _HANDLERS.remove(own)
+
+
+def test_a_second_prefix_on_prefixed_attention_is_refused_and_lora_still_composes() -> None:
+    layer = inject(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), PrefixTuning(num_tokens=2))
+    with pytest.raises(ValueError, match="already has a prefix.*unload"):
+        inject(layer, PrefixTuning(num_tokens=2))
+    assert sum("prefix_keys" in n for n, _ in layer.named_parameters()) == 1
+    both = inject(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), LoRA(r=2, target_modules=["self_attn"]))
+    inject(both, PrefixTuning(num_tokens=2))  # attention inside a LoRA adapter still gets its prefix
+    assert {"self_attn.base_layer.prefix_keys", "self_attn.lora_A"} <= {n for n, _ in both.named_parameters()}

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
-from lightning_peft.core import MethodConfig, check_choice, check_positive_int
+from lightning_peft.core import BatchNormMode, MethodConfig, check_choice, check_positive_int
 from lightning_peft.prompt.base import is_prompted
 from lightning_peft.prompt.patches import attach_patches, find_vits
 from lightning_peft.prompt.pixels import attach_pixels, image_inputs
@@ -79,14 +79,14 @@ class PromptTuningConfig(MethodConfig):
     image_size: int | list[int] | None = None
     image_module: str | None = None
     trainable_modules: list[str] | None = None
-    batchnorm: Literal["frozen", "update"] = "frozen"
+    batchnorm: BatchNormMode = "frozen"
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_positive_int("num_tokens", self.num_tokens, "prompt tokens")
         check_positive_int("width", self.width, "pixels")
         check_choice("init", self.init, PromptInit)
-        check_choice("batchnorm", self.batchnorm, Literal["frozen", "update"])
+        check_choice("batchnorm", self.batchnorm, BatchNormMode)
         check_choice("pixel_region", self.pixel_region, PixelRegion)
         if self.kind is not None:
             check_choice("kind", self.kind, PromptKind)
