@@ -209,3 +209,21 @@ def test_a_second_prefix_on_prefixed_attention_is_refused_and_lora_still_compose
     both = inject(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), LoRA(r=2, target_modules=["self_attn"]))
     inject(both, PrefixTuning(num_tokens=2))  # attention inside a LoRA adapter still gets its prefix
     assert {"self_attn.base_layer.prefix_keys", "self_attn.lora_A"} <= {n for n, _ in both.named_parameters()}
+
+
+def test_open_gate_adds_the_prefix_attention_of_its_own_softmax_scaled_by_tanh() -> None:
+    # the gate at 0 only shows the base; at 0.7 the prefix branch must be attn(q, pk, pv) · tanh(0.7), written out
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, batch_first=True)})
+    inject(holder, PrefixTuning(num_tokens=3, gate=True))
+    adapter, mha = holder["attn"], holder["attn"].base_layer
+    with torch.no_grad():
+        adapter.prefix_gate.fill_(0.7)
+    x = torch.randn(2, 5, 8)
+    heads = lambda t: t.view(2, -1, 2, 4).transpose(1, 2)  # noqa: E731  (b, L, E) -> (b, h, L, d)
+    q, k, v = (heads(t) for t in torch.nn.functional.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
+    pk, pv = (t.unsqueeze(0).expand(2, -1, -1, -1) for t in (adapter.prefix_keys, adapter.prefix_values))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    mixed = sdpa(q, k, v) + torch.tanh(torch.tensor(0.7)) * sdpa(q, pk, pv)
+    expected = mha.out_proj(mixed.transpose(1, 2).reshape(2, 5, 8))
+    torch.testing.assert_close(adapter(x, x, x, need_weights=False)[0], expected, atol=1e-5, rtol=1e-5)
