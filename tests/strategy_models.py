@@ -54,3 +54,16 @@ class CausalLM(L.LightningModule):
 
 
 MethodFactory = Callable[[], L.Callback]
+
+
+def close_process_group() -> None:
+    """End a multi-process script cleanly: wait for every rank, then destroy the gloo group.
+
+    A process that exits with the group alive can abort in the C++ teardown ("terminate called without an active
+    exception", SIGABRT) after all its work is done, which fails the launch; seen in CI under load.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

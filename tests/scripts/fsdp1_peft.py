@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from strategy_models import tiny_gpt2, token_data
+from strategy_models import close_process_group, tiny_gpt2, token_data
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
@@ -39,8 +39,7 @@ def main(out: Path, method: str) -> None:
         state = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     if rank == 0:
         torch.save(state, out / f"fsdp1-{method}.pt")
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":
