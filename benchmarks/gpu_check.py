@@ -143,21 +143,25 @@ def check_qlora() -> str:
             f"warnings {merged['warnings']}, {seconds:.1f}s")
 
 
-def check_fsdp1_sharded_resume() -> str:
-    """FSDPStrategy(state_dict_type="sharded"): the checkpoint directory holds adapter tensors only and resumes."""
+def check_fsdp1_sharded_resume(orig_params: bool = True) -> str:
+    """FSDPStrategy(state_dict_type="sharded"): the checkpoint directory holds adapter tensors only and resumes;
+    ``orig_params=False``: with flat parameters, which hide the adapter tensors from ``named_parameters()``."""
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.checkpoint import FileSystemReader
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     def strategy() -> FSDPStrategy:
-        return FSDPStrategy(auto_wrap_policy=fsdp_auto_wrap_policy(LlamaDecoderLayer), state_dict_type="sharded")
+        return FSDPStrategy(auto_wrap_policy=fsdp_auto_wrap_policy(LlamaDecoderLayer), state_dict_type="sharded",
+                            use_orig_params=orig_params)
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True)
         fit(lora(), checkpoint, strategy=strategy(), precision="bf16-mixed")
         last = Path(tmp) / "last.ckpt"
-        keys = [k for k in FileSystemReader(str(last)).read_metadata().state_dict_metadata if k.startswith("state_dict.")]
-        assert keys and all("lora_" in k for k in keys), keys[:5]
+        # FSDPStrategy stores the module's tensors under "model.", the optimizer's under "optimizer_<i>."
+        metadata = FileSystemReader(str(last)).read_metadata().state_dict_metadata
+        keys = {k.removeprefix("model.") for k in metadata if k.startswith("model.")}
+        assert keys == set(_fresh_adapted(lora())), sorted(keys)[:5]
         module, trainer, seconds = fit(lora(), steps=12, ckpt_path=str(last), strategy=strategy(), precision="bf16-mixed")
     assert trainer.global_step == 12 and len(module.losses) == 4, (trainer.global_step, module.losses)
     return f"sharded checkpoint: {len(keys)} adapter tensors only; resumed at step 8 to 12, {seconds:.1f}s"
@@ -230,6 +234,7 @@ CHECKS: dict[str, Callable[[], str]] = {
     "bf16-mixed": lambda: check_precision("bf16-mixed"),
     "fsdp1-1gpu": check_fsdp1,
     "fsdp1-sharded-resume": check_fsdp1_sharded_resume,
+    "fsdp1-sharded-flat-resume": lambda: check_fsdp1_sharded_resume(orig_params=False),
     "qlora-nf4": check_qlora,
     "16-mixed-prefix": lambda: check_precision("16-mixed", prefix()),
     "16-mixed-prompt": lambda: check_precision("16-mixed", prompt()),

@@ -20,11 +20,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.overrides import is_overridden
 from typing_extensions import override
 
-from lightning_peft.core import Method, applied_methods, inject, trainable_summary
+from lightning_peft.core import Adapter, Method, adapter_name_test, applied_methods, inject, trainable_summary
+from lightning_peft.errors import AdapterStateError
 from lightning_peft.lora import LoRAConfig
 from lightning_peft.prefix import PrefixTuningConfig
 from lightning_peft.prompt import PromptTuningConfig
-from lightning_peft.state import adapter_tensors, check_adapter_state, check_base_shapes, checkpoint_metadata
+from lightning_peft.state import check_adapter_state, check_base_shapes, checkpoint_metadata
 from lightning_peft.zero3 import is_partitioned
 
 CHECKPOINT_KEY = "lightning_peft"
@@ -47,14 +48,40 @@ def prepare_module(pl_module: pl.LightningModule, methods: list[Method]) -> None
     for method in methods:
         if not any(same_method(method, done) for done in [*applied_methods(pl_module), *todo]):
             todo.append(method)
+    strategy = getattr(getattr(pl_module, "_trainer", None), "strategy", None)
     if methods:  # also on a later fit, whose new Trainer brings a new strategy
-        _prepare_strategy(getattr(getattr(pl_module, "_trainer", None), "strategy", None))
-    if not todo:
+        _prepare_strategy(strategy)
+    if todo:
+        inject(pl_module, *todo)
+        pl_module.strict_loading = False  # checkpoints hold adapter tensors only; check_checkpoint checks them
+        names = ", ".join(type(m).__name__ for m in todo)
+        rank_zero_info(f"lightning_peft: {names} injected; {trainable_summary(pl_module)}")
+    if methods:
+        _check_fsdp1_flat_parameters(strategy, pl_module)
+
+
+def _check_fsdp1_flat_parameters(strategy: Any, pl_module: pl.LightningModule) -> None:
+    """Settings of Lightning's ``FSDPStrategy`` with ``use_orig_params=False`` that would fail later: refused or
+    warned about now, with the fix."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(strategy, FSDPStrategy) or strategy.kwargs.get("use_orig_params", True):
         return
-    inject(pl_module, *todo)
-    pl_module.strict_loading = False  # checkpoints hold adapter tensors only; check_checkpoint checks them
-    names = ", ".join(type(m).__name__ for m in todo)
-    rank_zero_info(f"lightning_peft: {names} injected; {trainable_summary(pl_module)}")
+    hooked = sorted({type(m).__name__ for m in pl_module.modules() if isinstance(m, Adapter) and not m.fsdp_unit})
+    if hooked:
+        raise ValueError(
+            f"FSDPStrategy(use_orig_params=False) cannot shard {', '.join(hooked)}: its tensors are read by a hook "
+            "on the model, outside a wrap unit of their own, so they share a unit with frozen weights, which FSDP1 "
+            "refuses without use_orig_params. Use FSDPStrategy(use_orig_params=True) (Lightning's default) or "
+            "ModelParallelStrategy (FSDP2)."
+        )
+    if getattr(strategy, "_state_dict_type", None) == "full":
+        rank_zero_warn(
+            "lightning_peft: Lightning's FSDPStrategy(state_dict_type='full', use_orig_params=False) fails to save "
+            "the optimizer state of any model whose wrap units hold several tensors (torch's "
+            "rekey_optim_state_dict: 'Each parameter should only map to one parameter name'). Keep "
+            "use_orig_params=True (Lightning's default) or save with state_dict_type='sharded'."
+        )
 
 
 def _prepare_strategy(strategy: Any) -> None:
@@ -87,12 +114,20 @@ class _PartialShardedLoad:
         if not torch.distributed.is_available():
             return load(*args, **kwargs)
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         original = dcp.load
+        is_adapter_tensor = adapter_name_test(self.strategy.lightning_module)
 
         def partial_load(state_dict: dict[str, Any], *rest: Any, planner: Any = None, **options: Any) -> Any:
-            planner = planner if planner is not None else dcp.DefaultLoadPlanner(allow_partial_load=True)
-            return original(state_dict, *rest, planner=planner, **options)
+            planner = planner if planner is not None else _adapter_load_planner(is_adapter_tensor)
+            try:
+                return original(state_dict, *rest, planner=planner, **options)
+            except CheckpointException as error:  # a BaseException holding every rank's error: raise ours plainly
+                ours = [failure for failure, _ in error.failures.values() if isinstance(failure, AdapterStateError)]
+                if ours:
+                    raise ours[0] from None
+                raise
 
         dcp.load = partial_load
         try:
@@ -101,15 +136,43 @@ class _PartialShardedLoad:
             dcp.load = original
 
 
+def _module_tensor_name(key: str) -> str | None:
+    """The module tensor a flattened distributed-checkpoint key names: Lightning stores the module state under
+    ``"model"`` (FSDPStrategy) or ``"state_dict"`` (ModelParallelStrategy); other keys are optimizer state."""
+    top, _, name = key.partition(".")
+    return name if top in ("model", "state_dict") else None
+
+
+def _adapter_load_planner(is_adapter_tensor: Callable[[str], bool]) -> Any:
+    """A DCP load planner that skips module tensors the checkpoint lacks (frozen base weights of an adapter-only
+    checkpoint) but refuses a checkpoint without the adapter tensors, which would otherwise keep their init."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(DefaultLoadPlanner):
+        def create_local_plan(self) -> Any:
+            saved = self.metadata.state_dict_metadata if self.metadata is not None else {}
+            missing = [name for key in self.state_dict if key not in saved
+                       and (name := _module_tensor_name(key)) is not None and is_adapter_tensor(name)]
+            if missing:
+                raise AdapterStateError(
+                    f"the distributed checkpoint lacks {len(missing)} adapter tensors ({', '.join(missing[:4])}): "
+                    "it was saved without them or for other adapters. Inject the methods it was saved with, or "
+                    "resume from a checkpoint written with these adapters."
+                )
+            return super().create_local_plan()
+
+    return Planner(allow_partial_load=True)
+
+
 def keep_adapter_tensors(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
     """Drop frozen base weights from a Lightning checkpoint and record the methods and base shapes."""
     if not applied_methods(pl_module):
         return
-    names = {name for name, _ in adapter_tensors(pl_module)}
+    is_adapter_tensor = adapter_name_test(pl_module)  # by name: FSDP1's flat parameters hide the tensors
     # FSDP's gathered state dict has the global shapes; ZeRO-3's holds empty partitions, its parameters know them
     zero3 = any(is_partitioned(p) for p in pl_module.parameters())
     checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(pl_module, None if zero3 else checkpoint["state_dict"])
-    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_tensor(k)}
 
 
 def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -322,6 +322,29 @@ def adapter_tensors(model: nn.Module, include_buffers: bool = True) -> Iterator[
             for local, buffer in module.named_buffers(recurse=False):
                 if local in marked and local not in module._non_persistent_buffers_set:
                     yield prefix + local, buffer
+
+
+def adapter_name_test(model: nn.Module) -> Callable[[str], bool]:
+    """Whether a ``model.state_dict()`` name is one :func:`adapter_tensors` yields, decided from names alone.
+
+    FSDP1 with ``use_orig_params=False`` takes the parameters out of the modules (into flat parameters), so
+    :func:`adapter_tensors` finds none there, while the module tree and the state dict's names stay. A name is an
+    adapter tensor when its module marked it (``trainable_modules``), or when the nearest adapter above it does
+    not hold it under ``base_layer``.
+    """
+    modules = {clean_name(name): module for name, module in model.named_modules()}
+
+    def test(name: str) -> bool:
+        owner, _, local = name.rpartition(".")
+        if local in getattr(modules.get(owner), _SAVED_TENSORS, frozenset()):
+            return True
+        parts = name.split(".")
+        for depth in range(len(parts) - 1, -1, -1):  # the nearest adapter above the tensor
+            if isinstance(modules.get(".".join(parts[:depth])), Adapter):
+                return parts[depth] != "base_layer"
+        return False
+
+    return test
 
 
 def applied_methods(model: nn.Module) -> list[Method]:

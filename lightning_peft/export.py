@@ -28,6 +28,7 @@ import importlib
 import json
 import math
 import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -47,6 +48,7 @@ from lightning_peft.state import (
 )
 
 CHECKPOINT_KEY = "lightning_peft"  # as lightning_peft.callbacks writes it (not imported: no lightning needed here)
+_ZERO3_OPTIMIZER_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
 
 
 def read_checkpoint(path: str | Path, allow_globals: list[str] | None = None) -> dict[str, Any]:
@@ -115,11 +117,18 @@ def read_deepspeed_checkpoint(path: str | Path, allow_globals: list[str] | None 
 def _zero3_tensors(folder: Path, param_shapes: list[dict[str, Any]], trusted: list[Any]) -> dict[str, torch.Tensor]:
     """Whole fp32 tensors from the ZeRO-3 optimizer files of every rank.
 
+    DeepSpeed names them ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt``, with a ``bf16_`` prefix under bf16.
     Each rank holds, for every trained parameter in order, a slice of ``ceil(numel / ranks)`` elements (the last
     padded), concatenated over the parameter groups; parameter ``i`` is the ranks' slices joined, cut to size.
     """
-    files = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=lambda f: int(f.name.split("_")[3]))
-    flats = [torch.cat(list(_load(f, trusted)["optimizer_state_dict"]["fp32_flat_groups"])) for f in files]
+    ranks = {int(match[1]): f for f in folder.iterdir() if (match := _ZERO3_OPTIMIZER_FILE.fullmatch(f.name))}
+    if sorted(ranks) != list(range(len(ranks))) or not ranks:
+        raise ValueError(
+            f"{folder} holds ZeRO-3 placeholders but not one optimizer file per rank (found ranks {sorted(ranks)} of "
+            "[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt): copy every rank's files into the checkpoint."
+        )
+    states = [_load(ranks[rank], trusted)["optimizer_state_dict"] for rank in sorted(ranks)]
+    flats = [torch.cat(list(state["fp32_flat_groups"])) for state in states]
     tensors, offset = {}, 0
     for group in param_shapes:
         for name, shape in group.items():

@@ -4,6 +4,7 @@ FSDP1, FSDP2, DeepSpeed ZeRO-2/3, bf16, activation checkpointing, meta-device in
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -339,6 +340,28 @@ def test_fsdp2_adapter_only_checkpoints_full_and_sharded_resume_bitwise(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_lightning_fsdp1_adapter_only_checkpoints_full_and_sharded_resume_bitwise(tmp_path: Path, method: str) -> None:
+    # Lightning's FSDPStrategy itself on 2 CPU processes (tests/scripts/fsdp1_checkpoints.py lifts its GPU checks)
+    _torchrun("fsdp1_checkpoints.py", str(tmp_path), method)
+    adapters = {f"model.{k}" for k in adapter_state_dict(inject(tiny_gpt2(), METHODS[method]()))}
+    runs = ["full-True", "sharded-True"] + ([] if method == "prompt" else ["sharded-False"])
+    for run in runs:  # sharded-False: flat parameters hide the adapter tensors from named_parameters()
+        report = torch.load(tmp_path / f"{run}.pt", weights_only=True)
+        assert set(report["saved"]) == adapters == set(report["straight"]), run
+        for name, tensor in report["straight"].items():
+            torch.testing.assert_close(report["resumed"][name], tensor, rtol=0, atol=0, msg=f"{run}: {name}")
+    checks = torch.load(tmp_path / "checks.pt", weights_only=True)
+    # a sharded checkpoint without this model's adapter tensors is refused, not loaded around them
+    assert re.match(r"the distributed checkpoint lacks \d+ adapter tensors \(model\.transformer", checks["mismatch"])
+    if method == "prompt":  # the prompt cannot have a unit of its own: refused at setup, with the fix
+        assert "use_orig_params=True" in checks["refused"] and "TokenPrompt" in checks["refused"]
+    else:  # Lightning cannot save a full checkpoint with flat parameters: warned at setup, with the fix
+        assert checks["refused"] == ""
+        assert any("state_dict_type='sharded'" in w for w in checks["warnings"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_deepspeed_zero_trains_like_one_process_saves_adapters_only_and_resumes(
@@ -392,6 +415,15 @@ def test_deepspeed_zero_trains_like_one_process_saves_adapters_only_and_resumes(
     assert any(not torch.equal(built[n], built_start[n]) for n in built), "the configure_model run trained nothing"
     if stage == 3:
         assert set(built) <= set(built_info["partitioned"])
+
+    # bf16-mixed: DeepSpeed names the optimizer files bf16_zero_pp_rank_*; the exporter still finds the trained
+    # tensors (ZeRO-2: the bf16 module weights; ZeRO-3: the fp32 masters, which round to the bf16 weights)
+    bf16 = load("bf16")
+    bf16_checkpoint = read_checkpoint(tmp_path / "bf16" / "last.ckpt")["state_dict"]
+    assert bf16_checkpoint.keys() == bf16.keys() == one.keys()
+    assert {t.dtype for t in bf16.values()} == {torch.bfloat16}
+    for name, tensor in bf16.items():
+        assert torch.equal(bf16_checkpoint[name].to(torch.bfloat16), tensor), name
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

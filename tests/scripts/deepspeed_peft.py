@@ -10,7 +10,8 @@ Runs, each rank reading every other sample (the same 8 samples per step as one p
 ``one``: 1 epoch with a checkpoint, then ``save_adapter`` and ``load_adapter_state_dict`` on every rank;
 ``straight``: 2 epochs; ``resumed``: 2 epochs from the checkpoint of ``one``; ``built``: 1 epoch of a model built
 in ``configure_model`` (under ZeRO-3 inside ``deepspeed.zero.Init``, so base weights are partitioned before the
-adapters are injected).
+adapters are injected); ``bf16``: 1 epoch under ``bf16-mixed`` with a checkpoint (DeepSpeed then names its optimizer
+files ``bf16_zero_pp_rank_*``).
 Rank 0 writes each run's gathered adapter tensors at the start and end of training to ``OUT/<run>-start.pt`` and
 ``OUT/<run>.pt``, with the token embedding's spread (a random prompt's scale) in ``OUT/<run>-info.pt``.
 Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 deepspeed_peft.py OUT METHOD STAGE``.
@@ -80,7 +81,7 @@ class Snapshot(L.Callback):
 
 
 def fit(out: Path, run: str, method: str, stage: int, *, epochs: int, module: CausalLM | None = None,
-        ckpt_path: str | None = None, checkpoint: bool = False) -> None:
+        ckpt_path: str | None = None, checkpoint: bool = False, precision: str = "32-true") -> None:
     from test_strategies import METHODS
 
     config = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
@@ -90,8 +91,8 @@ def fit(out: Path, run: str, method: str, stage: int, *, epochs: int, module: Ca
     callbacks: list[L.Callback] = [METHODS[method](), snapshot]
     if checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=out / run, save_last=True))
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs, callbacks=callbacks,
-                        logger=False, enable_checkpointing=checkpoint, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, precision=precision, max_epochs=epochs,
+                        callbacks=callbacks, logger=False, enable_checkpointing=checkpoint, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False)
     module = module or CausalLM(batch_size=4)
     trainer.fit(module, ckpt_path=ckpt_path)
@@ -117,6 +118,7 @@ def main(out: Path, method: str, stage: int) -> None:
     fit(out, "straight", method, stage, epochs=2)
     fit(out, "resumed", method, stage, epochs=2, ckpt_path=str(out / "one" / "last.ckpt"))
     fit(out, "built", method, stage, epochs=1, module=BuiltInConfigureModel(batch_size=4))
+    fit(out, "bf16", method, stage, epochs=1, checkpoint=True, precision="bf16-mixed")
 
 
 if __name__ == "__main__":
