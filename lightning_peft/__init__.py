@@ -16,7 +16,7 @@ from lightning_peft.core import (
     unload,
     unmerge,
 )
-from lightning_peft.distributed import fsdp_auto_wrap_policy
+from lightning_peft.distributed import fsdp_auto_wrap_policy, restore_fsdp1_parameters
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, PEFTWarning, TargetNotFoundError
 from lightning_peft.lora import LoRAConfig, register_lora_layer
 from lightning_peft.named import (
@@ -80,6 +80,7 @@ __all__ = [
     "merge_and_unload",
     "register_attention_handler",
     "register_lora_layer",
+    "restore_fsdp1_parameters",
     "save_adapter",
     "set_adapter",
     "trainable_summary",

@@ -8,9 +8,10 @@ optimizer capture the parameters. Checkpoints then hold adapter tensors only (al
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +22,7 @@ from lightning_utilities.core.overrides import is_overridden
 from typing_extensions import override
 
 from lightning_peft.core import Adapter, Method, adapter_name_test, applied_methods, inject, trainable_summary
+from lightning_peft.distributed import restore_fsdp1_parameters
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.lora import LoRAConfig
 from lightning_peft.prefix import PrefixTuningConfig
@@ -91,49 +93,72 @@ def _prepare_strategy(strategy: Any) -> None:
     if hasattr(strategy, "exclude_frozen_parameters"):
         # DeepSpeed writes module weights itself (our on_save_checkpoint step never sees them): only what trains
         strategy.exclude_frozen_parameters = True
-    if not isinstance(strategy.__dict__.get("load_checkpoint"), _PartialShardedLoad):
-        strategy.load_checkpoint = _PartialShardedLoad(strategy)
+    if not isinstance(strategy.__dict__.get("load_checkpoint"), _RunsInside):
+        strategy.load_checkpoint = _RunsInside(strategy, "load_checkpoint", _partial_sharded_load)
 
 
-class _PartialShardedLoad:
-    """Instance attribute replacing ``strategy.load_checkpoint``: the strategy's own restore, during which
-    ``torch.distributed.checkpoint.load`` may skip tensors the checkpoint does not hold.
+class _RunsInside:
+    """Instance attribute replacing a strategy method: the strategy's own method, run inside ``context(strategy)``.
+
+    Holds the strategy, the method's name and a module-level context function, not bound methods, so it pickles
+    (``ddp_spawn``). An instance-level override set before it is what it runs.
+    """
+
+    def __init__(self, strategy: Any, name: str, context: Callable[[Any], Any]) -> None:
+        self.strategy, self.name, self.context = strategy, name, context
+        self.inner = strategy.__dict__.get(name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        method = self.inner or getattr(type(self.strategy), self.name).__get__(self.strategy)
+        with self.context(self.strategy):
+            return method(*args, **kwargs)
+
+
+def restore_fsdp1_after_backward(pl_module: pl.LightningModule) -> None:
+    """After each backward under FSDP1: see :func:`~lightning_peft.distributed.restore_fsdp1_parameters` (frozen
+    ``NO_SHARD`` units would otherwise break the next forward of tied weights, and every state dict)."""
+    model = getattr(getattr(getattr(pl_module, "_trainer", None), "strategy", None), "model", None)
+    if model is not None and torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if isinstance(model, FullyShardedDataParallel):
+            restore_fsdp1_parameters(model)
+
+
+@contextlib.contextmanager
+def _partial_sharded_load(strategy: Any) -> Iterator[None]:
+    """During a strategy's restore, ``torch.distributed.checkpoint.load`` may skip the frozen tensors a checkpoint
+    does not hold, but not adapter tensors.
 
     A sharded (distributed) checkpoint of an adapted model holds the adapter tensors only. Lightning's FSDP and
     ModelParallel strategies request every module tensor from it with DCP's default planner, which refuses missing
-    ones whatever ``strict_loading`` says; with ``allow_partial_load=True`` the frozen base weights keep their
-    values. Holds the strategy, not bound methods, so it pickles (``ddp_spawn``).
+    ones whatever ``strict_loading`` says; with this planner the frozen base weights keep their values, and a
+    checkpoint without the model's adapter tensors raises :class:`AdapterStateError`.
     """
+    if not torch.distributed.is_available():
+        yield
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    def __init__(self, strategy: Any) -> None:
-        self.strategy = strategy
-        self.inner = strategy.__dict__.get("load_checkpoint")  # an instance-level override set before us, if any
+    original = dcp.load
+    is_adapter_tensor = adapter_name_test(strategy.lightning_module)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        load = self.inner if self.inner is not None else type(self.strategy).load_checkpoint.__get__(self.strategy)
-        if not torch.distributed.is_available():
-            return load(*args, **kwargs)
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        original = dcp.load
-        is_adapter_tensor = adapter_name_test(self.strategy.lightning_module)
-
-        def partial_load(state_dict: dict[str, Any], *rest: Any, planner: Any = None, **options: Any) -> Any:
-            planner = planner if planner is not None else _adapter_load_planner(is_adapter_tensor)
-            try:
-                return original(state_dict, *rest, planner=planner, **options)
-            except CheckpointException as error:  # a BaseException holding every rank's error: raise ours plainly
-                ours = [failure for failure, _ in error.failures.values() if isinstance(failure, AdapterStateError)]
-                if ours:
-                    raise ours[0] from None
-                raise
-
-        dcp.load = partial_load
+    def partial_load(state_dict: dict[str, Any], *rest: Any, planner: Any = None, **options: Any) -> Any:
+        planner = planner if planner is not None else _adapter_load_planner(is_adapter_tensor)
         try:
-            return load(*args, **kwargs)
-        finally:
-            dcp.load = original
+            return original(state_dict, *rest, planner=planner, **options)
+        except CheckpointException as error:  # a BaseException holding every rank's error: raise ours plainly
+            ours = [failure for failure, _ in error.failures.values() if isinstance(failure, AdapterStateError)]
+            if ours:
+                raise ours[0] from None
+            raise
+
+    dcp.load = partial_load
+    try:
+        yield
+    finally:
+        dcp.load = original
 
 
 def _module_tensor_name(key: str) -> str | None:
@@ -293,6 +318,7 @@ class _MethodCallback(*_callback_bases()):  # type: ignore[misc]
         if not isinstance(pl_module, PEFTMixin):  # the mixin has these hooks already
             run_after(pl_module, "on_save_checkpoint", keep_adapter_tensors)
             run_after(pl_module, "on_load_checkpoint", check_checkpoint)
+            run_after(pl_module, "on_after_backward", restore_fsdp1_after_backward)
         if overrides_hook(pl_module, "configure_model"):  # layers may be built there: inject right after it
             pending = pl_module.__dict__.setdefault(_PENDING, [])
             if not any(same_method(self, m) for m in pending):

@@ -10,6 +10,7 @@ forward, so it stays in the root unit next to frozen embeddings: use ``FSDPStrat
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lightning_peft.core import _SAVED_TENSORS, Adapter
@@ -41,3 +42,34 @@ def fsdp_auto_wrap_policy(*layer_classes: type[nn.Module]) -> object:
         return any(name in marked for name, _ in module.named_parameters(recurse=False))
 
     return CustomPolicy(is_unit)
+
+
+def restore_fsdp1_parameters(model: nn.Module) -> int:
+    """Register again the parameters FSDP1 left as plain tensors in frozen ``NO_SHARD`` units; returns how many
+    units it mended.
+
+    With ``NO_SHARD`` (also what FSDP1 switches to on one device) and ``use_orig_params=True``, a unit whose
+    parameters are all frozen but whose output needs a gradient is unsharded for the backward and never
+    resharded: torch's catch-all reshard takes the unsharded flat parameter, which shares the shard's memory,
+    for an already resharded one. Its modules then hold their weights as plain tensors, so ``state_dict()``
+    (full or sharded) fails with "FSDP assumes <name> is in the state_dict". Adapters make such units: a block
+    of frozen weights around adapter units. This does what that reshard would have done (the same views, now
+    registered as parameters); units in use (inside forward, backward or ``summon_full_params``) are left alone.
+    Lightning's strategies get it before every checkpoint from the lightning_peft callbacks and mixin.
+    """
+    if not torch.distributed.is_available():
+        return 0
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp._flat_param import HandleTrainingState
+
+    mended = 0
+    for module in model.modules():
+        handle = getattr(module, "_handle", None) if isinstance(module, FullyShardedDataParallel) else None
+        if (handle is None or not handle._use_orig_params or handle.uses_sharded_strategy
+                or handle._training_state != HandleTrainingState.IDLE):
+            continue
+        infos = [*handle.flat_param._param_infos, *handle.flat_param._shared_param_infos]
+        if any(not isinstance(getattr(info.module, info.param_name), nn.Parameter) for info in infos):
+            handle._use_sharded_views()  # NO_SHARD: the unsharded views, registered as parameters
+            mended += 1
+    return mended

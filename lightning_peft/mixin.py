@@ -8,7 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
 
-from lightning_peft.callbacks import check_checkpoint, keep_adapter_tensors, prepare_module
+from lightning_peft.callbacks import (
+    check_checkpoint,
+    keep_adapter_tensors,
+    prepare_module,
+    restore_fsdp1_after_backward,
+)
 from lightning_peft.core import Method, applied_methods
 
 if TYPE_CHECKING:  # type-checked as the LightningModule it is mixed into; at run time a plain mixin
@@ -64,6 +69,10 @@ class PEFTMixin(_MixinBase):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
 
+    @override
+    def on_after_backward(self) -> None:
+        super().on_after_backward()
+
 
 def _configure_step(module: PEFTMixin) -> None:
     module.apply_peft()  # through the instance: a subclass's own apply_peft runs
@@ -79,6 +88,7 @@ _PEFT_STEPS: dict[str, Callable[..., None]] = {
     "configure_model": _configure_step,
     "on_save_checkpoint": keep_adapter_tensors,
     "on_load_checkpoint": _load_step,
+    "on_after_backward": restore_fsdp1_after_backward,
 }
 
 
