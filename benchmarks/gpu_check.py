@@ -1,7 +1,9 @@
-"""GPU checks that CPU CI cannot run: FSDP1 on one device, bf16-true, 16-mixed, QLoRA (nf4), torch.compile.
+"""GPU checks that CPU CI cannot run: Lightning's FSDP1 and DeepSpeed on one device, bf16-true, 16-mixed, QLoRA and
+prefix/prompt on an nf4 base, torch.compile, for LoRA, prefix and prompt tuning.
 
-Run on one CUDA GPU (a few minutes): ``python benchmarks/gpu_check.py``. Each check prints PASS or FAIL with
-its numbers; the exit status is the number of failures.
+Run on one CUDA GPU (about 2 minutes): ``python benchmarks/gpu_check.py``; ``GPU_CHECKS=name,name`` runs a subset.
+The DeepSpeed checks need ``deepspeed`` and the nf4 checks ``bitsandbytes``. Each check prints PASS or FAIL with its
+numbers; the exit status is the number of failures. Results: ``benchmarks/results/gpu_check.txt``.
 """
 
 from __future__ import annotations

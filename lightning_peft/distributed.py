@@ -1,4 +1,5 @@
-"""Helpers for sharded training: an FSDP1 wrap policy that keeps trainable and frozen tensors apart.
+"""Helpers for sharded training: an FSDP1 wrap policy that keeps trainable and frozen tensors apart, and a mend
+for the frozen units FSDP1 leaves unregistered after a backward on one device (:func:`restore_fsdp1_parameters`).
 
 FSDP1 flattens every wrap unit into one tensor, so a unit must be uniformly trainable or frozen (and of one
 dtype); a unit that mixes them also keeps gradient memory for its frozen weights. With
@@ -55,7 +56,7 @@ def restore_fsdp1_parameters(model: nn.Module) -> int:
     (full or sharded) fails with "FSDP assumes <name> is in the state_dict". Adapters make such units: a block
     of frozen weights around adapter units. This does what that reshard would have done (the same views, now
     registered as parameters); units in use (inside forward, backward or ``summon_full_params``) are left alone.
-    Lightning's strategies get it before every checkpoint from the lightning_peft callbacks and mixin.
+    The lightning_peft callbacks and mixin call it after every backward under Lightning's ``FSDPStrategy``.
     """
     if not torch.distributed.is_available():
         return 0
