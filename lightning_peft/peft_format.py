@@ -37,8 +37,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft.core import _SAVED_TENSORS, Adapter, adapters, inject
+from lightning_peft.core import Adapter, adapter_tensors, adapters, inject, marked
 from lightning_peft.errors import AdapterStateError, PEFTWarning
+from lightning_peft.zero3 import gathered, is_nonzero_rank
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -76,13 +77,8 @@ def save_peft(model: nn.Module, path: str | Path) -> Path:
             "Save it in the native format (format='native'), or save a model with one method."
         )
     kind = kinds.pop()
-    if kind == "lora":
-        config, tensors = _lora_to_peft(model, found)
-    elif kind == "prompt":
-        config, tensors = _prompt_to_peft(model, found)
-    elif kind == "prefix":
-        config, tensors = _prefix_to_peft(model, found)
-    else:
+    converters = {"lora": _lora_to_peft, "prompt": _prompt_to_peft, "prefix": _prefix_to_peft}
+    if kind not in converters:
         name, adapter = found[0]
         raise ValueError(
             f"{type(adapter).__name__} at {name!r} has no Hugging Face PEFT equivalent (PEFT has LoRA, token prompts "
@@ -93,10 +89,15 @@ def save_peft(model: nn.Module, path: str | Path) -> Path:
             f"trainable_modules with {kind} tuning: this exporter writes modules_to_save for LoRA only. "
             "Save with format='native'."
         )
+    # under DeepSpeed ZeRO-3 every rank gathers (a collective), and rank 0 writes
+    with gathered([tensor for _, tensor in adapter_tensors(model)]) as partitioned:
+        config, tensors = converters[kind](model, found)
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     directory = Path(path)
+    if partitioned and is_nonzero_rank():
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     base = {"peft_version": PEFT_VERSION, "base_model_name_or_path": _name_or_path(model), "revision": None,
             "inference_mode": True, "auto_mapping": None}
     (directory / CONFIG_NAME).write_text(json.dumps({**base, **config}, indent=2, sort_keys=True))
@@ -195,20 +196,20 @@ _MHA_BUG = (
 
 
 def _marked_modules(model: nn.Module) -> dict[str, frozenset[str]]:
-    return {n: m.__dict__[_SAVED_TENSORS] for n, m in model.named_modules() if m.__dict__.get(_SAVED_TENSORS)}
+    return {n: marked(m) for n, m in model.named_modules() if marked(m)}
 
 
 def _modules_to_save(model: nn.Module) -> list[str]:
     """Modules trained whole (``trainable_modules``) as PEFT ``modules_to_save``; raises for partial ones."""
     names = []
     all_names = [n for n, _ in model.named_modules()]
-    for name, marked in _marked_modules(model).items():
+    for name, chosen in _marked_modules(model).items():
         module = model.get_submodule(name)
         local = {n for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
                  if n not in module._non_persistent_buffers_set}
-        if set(marked) != local or ".base_layer" in f".{name}" or name.endswith("base_layer"):
+        if set(chosen) != local or ".base_layer" in f".{name}" or name.endswith("base_layer"):
             raise ValueError(
-                f"{name!r} trains/saves {sorted(marked)} of its tensors {sorted(local)} (a bias option or BatchNorm "
+                f"{name!r} trains/saves {sorted(chosen)} of its tensors {sorted(local)} (a bias option or BatchNorm "
                 "statistics); PEFT's modules_to_save keeps whole modules that no adapter wraps. Use bias='none' and "
                 "batchnorm='frozen', or save with format='native'."
             )

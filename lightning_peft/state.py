@@ -29,7 +29,7 @@ from lightning_peft.core import (
 )
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, TargetNotFoundError
 from lightning_peft.targets import select_names
-from lightning_peft.zero3 import gathered, global_shape, is_partitioned
+from lightning_peft.zero3 import gathered, global_shape, is_nonzero_rank, is_partitioned
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -226,17 +226,12 @@ def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "
         raise ValueError(f"format={format!r} is not one of 'native', 'peft'.")
     directory = Path(path)
     tensors = {name: tensor.contiguous().clone() for name, tensor in adapter_state_dict(model).items()}
-    if _is_nonzero_rank() and any(is_partitioned(t) for _, t in adapter_tensors(model)):
+    if is_nonzero_rank() and any(is_partitioned(t) for _, t in adapter_tensors(model)):
         return directory  # ZeRO-3: every rank took part in the gather, rank 0 writes
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "lightning_peft"})
     (directory / CONFIG_NAME).write_text(json.dumps(checkpoint_metadata(model), indent=2))
     return directory
-
-
-def _is_nonzero_rank() -> bool:
-    distributed = torch.distributed
-    return distributed.is_available() and distributed.is_initialized() and distributed.get_rank() != 0
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:

@@ -42,3 +42,9 @@ def gathered(tensors: Iterable[torch.Tensor], modifier_rank: int | None = None) 
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield True
+
+
+def is_nonzero_rank() -> bool:
+    """Whether this process is a distributed rank other than 0 (after a collective gather, rank 0 writes files)."""
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_rank() != 0

@@ -425,10 +425,12 @@ def test_deepspeed_zero_trains_like_one_process_saves_adapters_only_and_resumes(
     exported = export(tmp_path / "one" / "last.ckpt", tmp_path / "exported", prefix="model.")
     exported_state = adapter_state_dict(load_adapter(tiny_gpt2(), exported))
     saved_state = adapter_state_dict(load_adapter(tiny_gpt2(), tmp_path / "adapter"))  # save_adapter on every rank
+    peft_state = adapter_state_dict(load_adapter(tiny_gpt2(), tmp_path / "adapter-peft"))  # format="peft", too
     for name in one:
         assert torch.equal(checkpoint["state_dict"][name], one[name]), name
         assert torch.equal(exported_state[name.removeprefix("model.")], one[name]), name
         assert torch.equal(saved_state[name.removeprefix("model.")], one[name]), name
+        assert torch.equal(peft_state[name.removeprefix("model.")], one[name]), name
 
     straight, resumed = load("straight"), load("resumed")
     for name in straight:  # resuming from the adapter-only checkpoint continues bitwise

@@ -100,6 +100,7 @@ def fit(out: Path, run: str, method: str, stage: int, *, epochs: int, module: Ca
     reloaded = True
     if run == "one":
         save_adapter(module.model, out / "adapter")  # the transformers model alone, loadable into a fresh one
+        save_adapter(module.model, out / "adapter-peft", format="peft")  # Hugging Face PEFT's layout
         shifted = {name: tensor + 1 for name, tensor in state.items()}
         load_adapter_state_dict(module, shifted)  # every rank: rank 0's copy is scattered into the partitions
         reloaded = all(torch.equal(t, shifted[n]) for n, t in adapter_state_dict(module).items())
