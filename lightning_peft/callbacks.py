@@ -329,14 +329,9 @@ class _MethodCallback(*_callback_bases()):  # type: ignore[misc]
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # a record of the arguments; the key holds them all, so a resumed callback finds only a state equal to its
+        # own (check_checkpoint compares the methods a checkpoint was saved with to the model's, and warns)
         return {"config": self.to_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved, now = state_dict.get("config", {}), self.to_dict()
-        changed = {k: (saved[k], now.get(k)) for k in saved if saved[k] != now.get(k)}
-        if changed:
-            rank_zero_warn(f"lightning_peft: resuming {type(self).__name__} with other arguments than saved: {changed}")
 
 
 class LoRA(LoRAConfig, _MethodCallback):

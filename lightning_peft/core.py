@@ -202,7 +202,13 @@ def mark_trainable(module: nn.Module, names: set[str] | None = None) -> None:
     """Mark local tensors of ``module`` (all of them by default) to be trained and saved with the adapter."""
     local = {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
     chosen = local if names is None else names & local
-    setattr(module, _SAVED_TENSORS, frozenset(getattr(module, _SAVED_TENSORS, frozenset()) | chosen))
+    module.__dict__[_SAVED_TENSORS] = marked(module) | chosen
+
+
+def marked(module: nn.Module | None) -> frozenset[str]:
+    """Local names of the tensors of ``module`` marked to train and save with the adapter (``trainable_modules``,
+    ``batchnorm="update"``); empty for ``None``."""
+    return module.__dict__.get(_SAVED_TENSORS, frozenset()) if module is not None else frozenset()
 
 
 def inject(model: nn.Module, *methods: Method) -> nn.Module:
@@ -258,14 +264,15 @@ def _configure_batchnorm(model: nn.Module, mode: BatchNormMode) -> None:
 
     With several methods, ``"update"`` wins: a later method's default ``"frozen"`` does not stop the statistics."""
     for module in model.modules():
-        marked: frozenset[str] = getattr(module, _SAVED_TENSORS, frozenset())
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.weight is not None and "weight" in marked:
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if module.weight is not None and "weight" in marked(module):
             continue  # a trainable norm (trainable_modules) trains as usual
         if mode == "update":
             mark_trainable(module, {"running_mean", "running_var", "num_batches_tracked"})
             if module.__dict__.pop("_peft_frozen_stats", False):
                 _remove_peft_hooks(module)  # an earlier method froze them: its two statistics hooks go
-        elif "running_mean" not in marked and not module.__dict__.get("_peft_frozen_stats"):
+        elif "running_mean" not in marked(module) and not module.__dict__.get("_peft_frozen_stats"):
             module.__dict__["_peft_frozen_stats"] = True
             add_peft_hook(module, module.register_forward_pre_hook(_use_running_stats))
             add_peft_hook(module, module.register_forward_hook(_restore_mode))
@@ -314,13 +321,13 @@ def adapter_tensors(model: nn.Module, include_buffers: bool = True) -> Iterator[
             for local, tensor in module.adapter_tensors():
                 if include_buffers or isinstance(tensor, nn.Parameter):
                     yield prefix + local, tensor
-        marked: frozenset[str] = getattr(module, _SAVED_TENSORS, frozenset())
+        chosen = marked(module)
         for local, param in module.named_parameters(recurse=False):
-            if local in marked:
+            if local in chosen:
                 yield prefix + local, param
         if include_buffers:
             for local, buffer in module.named_buffers(recurse=False):
-                if local in marked and local not in module._non_persistent_buffers_set:
+                if local in chosen and local not in module._non_persistent_buffers_set:
                     yield prefix + local, buffer
 
 
@@ -336,7 +343,7 @@ def adapter_name_test(model: nn.Module) -> Callable[[str], bool]:
 
     def test(name: str) -> bool:
         owner, _, local = name.rpartition(".")
-        if local in getattr(modules.get(owner), _SAVED_TENSORS, frozenset()):
+        if local in marked(modules.get(owner)):
             return True
         parts = name.split(".")
         for depth in range(len(parts) - 1, -1, -1):  # the nearest adapter above the tensor

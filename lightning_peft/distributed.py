@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_peft.core import _SAVED_TENSORS, Adapter
+from lightning_peft.core import Adapter, marked
 
 
 def fsdp_auto_wrap_policy(*layer_classes: type[nn.Module]) -> object:
@@ -39,8 +39,7 @@ def fsdp_auto_wrap_policy(*layer_classes: type[nn.Module]) -> object:
             return True
         if module.__dict__.get("_peft_is_base", False):  # the frozen layer inside an adapter
             return True
-        marked: frozenset[str] = getattr(module, _SAVED_TENSORS, frozenset())
-        return any(name in marked for name, _ in module.named_parameters(recurse=False))
+        return any(name in marked(module) for name, _ in module.named_parameters(recurse=False))
 
     return CustomPolicy(is_unit)
 

@@ -36,6 +36,7 @@ from lightning_peft.core import (
     Method,
     adapters,
     inject,
+    marked,
     refresh_trainable,
     replace_module,
 )
@@ -264,8 +265,7 @@ def _check_restorable(registry: _Registry, name: str | None) -> None:
 
 
 def _marked(model: nn.Module) -> list[tuple[nn.Module, frozenset[str]]]:
-    return [(m, m.__dict__[_SAVED_TENSORS]) for m in model.modules()
-            if m.__dict__.get(_SAVED_TENSORS) and not isinstance(m, Adapter)]
+    return [(m, marked(m)) for m in model.modules() if marked(m) and not isinstance(m, Adapter)]
 
 
 def _keys(marks: list[tuple[nn.Module, frozenset[str]]]) -> set[tuple[int, str]]:
