@@ -33,9 +33,8 @@ class TimmPrefixAttention(PrefixAttention):
         qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (b, h, n, d) each
         q, k = attn.q_norm(q), attn.k_norm(k)
-        bias = additive_mask(attn_mask, q.dtype, keep_true=True)  # timm/SDPA: bool True means attend
-        if bias is None and is_causal:
-            bias = causal_bias(n, n, q)
+        # as timm's unfused path: is_causal wins over a mask (its fused path refuses both); bool True means attend
+        bias = causal_bias(n, n, q) if is_causal else additive_mask(attn_mask, q.dtype, keep_true=True)
         out, _ = prefixed_attention(self, q, k, v, bias, dropout=attn.attn_drop.p if self.training else 0.0,
                                     scale=attn.scale)
         out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
