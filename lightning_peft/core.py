@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -302,6 +302,11 @@ def adapters(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
 
 
 _WRAPPER_PARTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def is_inside(name: str, outers: Iterable[str]) -> bool:
+    """Whether the module ``name`` lies below one of the modules ``outers`` (``""``, the root, holds them all)."""
+    return any(outer == "" or name.startswith(f"{outer}.") for outer in outers)
 
 
 def clean_name(name: str) -> str:

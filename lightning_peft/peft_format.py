@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft.core import Adapter, adapter_tensors, adapters, inject, marked
+from lightning_peft.core import Adapter, adapter_tensors, adapters, inject, is_inside, marked
 from lightning_peft.errors import AdapterStateError, PEFTWarning
 from lightning_peft.zero3 import gathered, is_nonzero_rank
 
@@ -214,7 +214,7 @@ def _modules_to_save(model: nn.Module) -> list[str]:
                 "batchnorm='frozen', or save with format='native'."
             )
         names.append(name)
-    top = [n for n in names if not any(n.startswith(f"{o}.") for o in names)]  # a trained head's children too
+    top = [n for n in names if not is_inside(n, (o for o in names if o != n))]  # a trained head's children too
     for name in top:
         clashes = [n for n in all_names if n != name and n.endswith(name)]
         if clashes:

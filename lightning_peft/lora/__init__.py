@@ -18,6 +18,7 @@ from lightning_peft.core import (
     check_positive_int,
     init_seed,
     innermost,
+    is_inside,
     mark_trainable,
     replace_module,
 )
@@ -194,6 +195,6 @@ def _lift_attention_projections(
 
 def _outermost(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     names = [n for n, _ in selected]
-    return [(n, m) for n, m in selected if not any(n.startswith(p + ".") for p in names if p != n)]
+    return [(n, m) for n, m in selected if not is_inside(n, (p for p in names if p != n))]
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lightning_peft.core import init_seed, replace_module
+from lightning_peft.core import init_seed, is_inside, replace_module
 from lightning_peft.prompt.base import PromptAdapter
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def find_vits(model: nn.Module) -> list[VitSite]:
     sites: list[VitSite] = []
     taken: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(f"{outer}.") or outer == "" for outer in taken):
+        if is_inside(name, taken):
             continue
         site = next((s for locate in _LOCATORS if (s := locate(name, module)) is not None), None)
         if site is not None:

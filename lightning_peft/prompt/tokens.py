@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import torch
 from torch import nn
 
-from lightning_peft.core import add_peft_hook, init_seed, innermost, replace_module
+from lightning_peft.core import add_peft_hook, init_seed, innermost, is_inside, replace_module
 from lightning_peft.prompt.base import PromptAdapter
 from lightning_peft.zero3 import gathered, global_shape
 
@@ -359,7 +359,7 @@ def transformers_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
         return []
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if isinstance(module, base) and not any(name.startswith(f"{outer}.") or outer == "" for outer, _ in found):
+        if isinstance(module, base) and not is_inside(name, (outer for outer, _ in found)):
             found.append((name, module))
     return found
 
