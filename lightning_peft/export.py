@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import pickle
 import re
@@ -34,17 +33,14 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lightning_peft.core import Method, MethodConfig, inject
 from lightning_peft.state import (
-    CONFIG_NAME,
-    FORMAT_VERSION,
-    WEIGHTS_NAME,
     load_adapter_state_dict,
     relative_rules,
     save_adapter,
+    write_adapter_directory,
 )
 
 CHECKPOINT_KEY = "lightning_peft"  # as lightning_peft.callbacks writes it (not imported: no lightning needed here)
@@ -194,12 +190,7 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, format: Literal["na
     """
     state, meta = adapter_from_checkpoint(read_checkpoint(checkpoint_path, allow_globals), prefix)
     if format == "native" and base is None:
-        directory = Path(out_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS_NAME),
-                  metadata={"format": "lightning_peft"})
-        (directory / CONFIG_NAME).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION}, indent=2))
-        return directory
+        return write_adapter_directory(Path(out_dir), state, meta)
     if base is None:
         raise ValueError(
             "--format peft needs the base model (--base PATH_OR_NAME): PEFT's layout depends on the layer types and "

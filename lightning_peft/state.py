@@ -228,9 +228,16 @@ def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "
     tensors = {name: tensor.contiguous().clone() for name, tensor in adapter_state_dict(model).items()}
     if is_nonzero_rank() and any(is_partitioned(t) for _, t in adapter_tensors(model)):
         return directory  # ZeRO-3: every rank took part in the gather, rank 0 writes
+    return write_adapter_directory(directory, tensors, checkpoint_metadata(model))
+
+
+def write_adapter_directory(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write an adapter directory in the native format: ``tensors`` as safetensors, ``meta`` (methods, base shapes)
+    as JSON with this format's version; returns ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "lightning_peft"})
-    (directory / CONFIG_NAME).write_text(json.dumps(checkpoint_metadata(model), indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME),
+              metadata={"format": "lightning_peft"})
+    (directory / CONFIG_NAME).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION}, indent=2))
     return directory
 
 
