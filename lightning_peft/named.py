@@ -36,6 +36,7 @@ from lightning_peft.core import (
     Method,
     adapters,
     inject,
+    is_injected,
     marked,
     refresh_trainable,
     replace_module,
@@ -67,7 +68,7 @@ def _registry(model: nn.Module) -> _Registry:
     registry = model.__dict__.get(_REGISTRY)
     if registry is None:
         registry = _Registry()
-        if any(True for _ in adapters(model)):
+        if is_injected(model):
             registry.entries[DEFAULT] = _Entry()
             registry.active = DEFAULT
         model.__dict__[_REGISTRY] = registry
@@ -85,7 +86,7 @@ def list_adapters(model: nn.Module) -> list[str]:
     """
     registry = model.__dict__.get(_REGISTRY)
     if registry is None:
-        return [DEFAULT] if any(True for _ in adapters(model)) else []
+        return [DEFAULT] if is_injected(model) else []
     return list(registry.entries)
 
 
@@ -93,7 +94,7 @@ def active_adapter(model: nn.Module) -> str | None:
     """The name of the adapter in use, or ``None`` when adapters are disabled (or there are none)."""
     registry = model.__dict__.get(_REGISTRY)
     if registry is None:
-        return DEFAULT if any(True for _ in adapters(model)) else None
+        return DEFAULT if is_injected(model) else None
     return registry.active
 
 

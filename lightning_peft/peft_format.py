@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft.core import Adapter, adapter_tensors, adapters, inject, is_inside, marked
+from lightning_peft.core import Adapter, adapter_tensors, adapters, inject, is_injected, is_inside, marked
 from lightning_peft.errors import AdapterStateError, PEFTWarning
 from lightning_peft.zero3 import gathered, is_nonzero_rank
 
@@ -354,7 +354,7 @@ def _load_lora(model: nn.Module, config: dict[str, Any], state: dict[str, torch.
         ours[f"{module}.lora_{ab}"] = tensor
         if ab == "A":
             ranks[module] = tensor.shape[0]
-    if not any(True for _ in adapters(model)):
+    if not is_injected(model):
         alphas = {n: _peft_pattern(config.get("alpha_pattern") or {}, n, config["lora_alpha"]) for n in ranks}
         names = [n for n, _ in model.named_modules()]
         saved = [n for n in names if any(n.endswith(k) for k in config.get("modules_to_save") or [])]

@@ -26,6 +26,7 @@ from lightning_peft.core import (
     applied_methods,
     clean_name,
     inject,
+    is_injected,
 )
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, TargetNotFoundError
 from lightning_peft.targets import select_names
@@ -262,6 +263,6 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             f"{FORMAT_VERSION}. Upgrade lightning_peft."
         )
     check_base_shapes(model, meta["base_shapes"], str(directory))
-    if not any(isinstance(m, Adapter) for m in model.modules()):
+    if not is_injected(model):
         inject(model, *[cast(Method, MethodConfig.from_dict(m)) for m in meta["methods"]])  # registered configs
     return load_adapter_state_dict(model, load_file(str(directory / WEIGHTS_NAME)))
