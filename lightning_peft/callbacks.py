@@ -12,7 +12,7 @@ import contextlib
 import functools
 import importlib.util
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -21,7 +21,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.overrides import is_overridden
 from typing_extensions import override
 
-from lightning_peft.core import Adapter, Method, adapter_name_test, applied_methods, inject, trainable_summary
+from lightning_peft.core import (
+    Adapter,
+    Method,
+    adapter_name_test,
+    adapter_tensors,
+    applied_methods,
+    clean_name,
+    inject,
+    trainable_summary,
+)
 from lightning_peft.distributed import restore_fsdp1_parameters
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.lora import LoRAConfig
@@ -65,9 +74,7 @@ def prepare_module(pl_module: pl.LightningModule, methods: list[Method]) -> None
 def _check_fsdp1_flat_parameters(strategy: Any, pl_module: pl.LightningModule) -> None:
     """Settings of Lightning's ``FSDPStrategy`` with ``use_orig_params=False`` that would fail later: refused or
     warned about now, with the fix."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if not isinstance(strategy, FSDPStrategy) or strategy.kwargs.get("use_orig_params", True):
+    if not isinstance(strategy, _fsdp_strategy_classes()) or cast(Any, strategy).kwargs.get("use_orig_params", True):
         return
     hooked = sorted({type(m).__name__ for m in pl_module.modules() if isinstance(m, Adapter) and not m.fsdp_unit})
     if hooked:
@@ -84,6 +91,17 @@ def _check_fsdp1_flat_parameters(strategy: Any, pl_module: pl.LightningModule) -
             "rekey_optim_state_dict: 'Each parameter should only map to one parameter name'). Keep "
             "use_orig_params=True (Lightning's default) or save with state_dict_type='sharded'."
         )
+
+
+def _fsdp_strategy_classes() -> tuple[type, ...]:
+    """Lightning's ``FSDPStrategy`` under both of its package names (see :func:`_callback_bases`)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if importlib.util.find_spec("pytorch_lightning") is None:
+        return (FSDPStrategy,)
+    import pytorch_lightning
+
+    return (FSDPStrategy, pytorch_lightning.strategies.FSDPStrategy)
 
 
 def _prepare_strategy(strategy: Any) -> None:
@@ -118,11 +136,8 @@ def restore_fsdp1_after_backward(pl_module: pl.LightningModule) -> None:
     """After each backward under FSDP1: see :func:`~lightning_peft.distributed.restore_fsdp1_parameters` (frozen
     ``NO_SHARD`` units would otherwise break the next forward of tied weights, and every state dict)."""
     model = getattr(getattr(getattr(pl_module, "_trainer", None), "strategy", None), "model", None)
-    if model is not None and torch.distributed.is_available():
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        if isinstance(model, FullyShardedDataParallel):
-            restore_fsdp1_parameters(model)
+    if model is not None:  # the wrapped root, or the module itself when configure_model wrapped its layers
+        restore_fsdp1_parameters(model)
 
 
 @contextlib.contextmanager
@@ -198,6 +213,9 @@ def keep_adapter_tensors(pl_module: pl.LightningModule, checkpoint: dict[str, An
     zero3 = any(is_partitioned(p) for p in pl_module.parameters())
     checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(pl_module, None if zero3 else checkpoint["state_dict"])
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_tensor(k)}
+    # their names: strategies that load the weights before on_load_checkpoint (FSDP, ModelParallel, DeepSpeed)
+    # pass no state_dict to check_checkpoint, which then compares these with the model's adapter tensors
+    checkpoint[CHECKPOINT_KEY]["tensors"] = sorted(clean_name(k) for k in checkpoint["state_dict"])
 
 
 def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -222,7 +240,15 @@ def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) 
         rank_zero_warn(
             f"lightning_peft: the checkpoint was saved with methods {meta.get('methods')}, the model has {now}."
         )
-    if "state_dict" not in checkpoint:  # DeepSpeed restores the module from its own files and passes no weights
+    if "state_dict" not in checkpoint:  # the strategy loaded the weights itself (strict=False), before this hook
+        saved = meta.get("tensors")
+        missing = sorted({name for name, _ in adapter_tensors(pl_module)} - set(saved or []))
+        if saved and missing:  # (no names: an older checkpoint, or a ZeRO-3 one whose module state was empty)
+            raise AdapterStateError(
+                f"the checkpoint lacks {len(missing)} adapter tensors of {type(pl_module).__name__} "
+                f"({', '.join(missing[:4])}): it was saved for other adapters. Inject the methods it was saved with "
+                f"({meta.get('methods')})."
+            )
         return
     check_adapter_state(pl_module, checkpoint["state_dict"])
     if getattr(pl_module, "_trainer", None) is None:

@@ -91,7 +91,8 @@ class Adapter(nn.Module):
     def adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(local name, tensor)`` for every parameter and persistent buffer the adapter owns."""
         for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
-            if not name.startswith("base_layer."):
+            # FSDP1 with use_orig_params=False registers its flattened storage here: not a tensor of the adapter
+            if not name.startswith("base_layer.") and name.rpartition(".")[2] != "_flat_param":
                 yield name, tensor
 
     def __getattr__(self, name: str) -> Any:
@@ -347,6 +348,7 @@ def adapter_name_test(model: nn.Module) -> Callable[[str], bool]:
     modules = {clean_name(name): module for name, module in model.named_modules()}
 
     def test(name: str) -> bool:
+        name = clean_name(name)  # a compiled submodule's state dict keeps "_orig_mod" in its names
         owner, _, local = name.rpartition(".")
         if local in marked(modules.get(owner)):
             return True

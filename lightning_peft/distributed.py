@@ -11,10 +11,15 @@ forward, so it stays in the root unit next to frozen embeddings: use ``FSDPStrat
 
 from __future__ import annotations
 
+import functools
+import warnings
+from typing import Any
+
 import torch
 from torch import nn
 
 from lightning_peft.core import Adapter, marked
+from lightning_peft.errors import PEFTWarning
 
 
 def fsdp_auto_wrap_policy(*layer_classes: type[nn.Module]) -> object:
@@ -55,21 +60,34 @@ def restore_fsdp1_parameters(model: nn.Module) -> int:
     (full or sharded) fails with "FSDP assumes <name> is in the state_dict". Adapters make such units: a block
     of frozen weights around adapter units. This does what that reshard would have done (the same views, now
     registered as parameters); units in use (inside forward, backward or ``summon_full_params``) are left alone.
-    The lightning_peft callbacks and mixin call it after every backward under Lightning's ``FSDPStrategy``.
+    The lightning_peft callbacks and mixin call it after every backward (it returns at once without FSDP1).
     """
     if not torch.distributed.is_available():
         return 0
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp._flat_param import HandleTrainingState
 
+    units = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+    if not units:
+        return 0
     mended = 0
-    for module in model.modules():
-        handle = getattr(module, "_handle", None) if isinstance(module, FullyShardedDataParallel) else None
-        if (handle is None or not handle._use_orig_params or handle.uses_sharded_strategy
-                or handle._training_state != HandleTrainingState.IDLE):
-            continue
-        infos = [*handle.flat_param._param_infos, *handle.flat_param._shared_param_infos]
-        if any(not isinstance(getattr(info.module, info.param_name), nn.Parameter) for info in infos):
-            handle._use_sharded_views()  # NO_SHARD: the unsharded views, registered as parameters
-            mended += 1
+    try:  # torch internals (2.x): a torch that renames them gets a warning, not a failed training step
+        from torch.distributed.fsdp._common_utils import HandleTrainingState
+
+        for unit in units:
+            handle = unit._handle
+            if (handle is None or not handle._use_orig_params or handle.uses_sharded_strategy
+                    or handle._training_state != HandleTrainingState.IDLE):
+                continue
+            infos: list[Any] = [*handle.flat_param._param_infos, *handle.flat_param._shared_param_infos]
+            if any(not isinstance(getattr(info.module, info.param_name), nn.Parameter) for info in infos):
+                handle._use_sharded_views()  # NO_SHARD: the unsharded views, registered as parameters
+                mended += 1
+    except (AttributeError, ImportError) as error:
+        _warn_once(f"lightning_peft: cannot check FSDP1's frozen NO_SHARD units in this torch ({error!r}); "
+                   "with one device or NO_SHARD, state dicts may miss frozen weights after a backward.")
     return mended
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, PEFTWarning, stacklevel=3)

@@ -173,7 +173,8 @@ def adapter_from_checkpoint(
         raise ValueError(f"no adapter tensor starts with prefix {prefix!r}; the checkpoint's names start with {roots}.")
     methods = [relative_rules(m, prefix) for m in meta["methods"]]
     shapes = {k[len(prefix):]: v for k, v in meta["base_shapes"].items() if k.startswith(prefix)}
-    return state, {**meta, "methods": methods, "base_shapes": shapes}
+    kept = {k: v for k, v in meta.items() if k != "tensors"}  # the names are the state's keys now
+    return state, {**kept, "methods": methods, "base_shapes": shapes}
 
 
 def export(checkpoint_path: str | Path, out_dir: str | Path, format: Literal["native", "peft"] = "native",

@@ -104,6 +104,7 @@ def check_base_shapes(model: nn.Module, saved: dict[str, list[int]], source: str
 def check_adapter_state(model: nn.Module, state: dict[str, Any], source: str = "the checkpoint") -> None:
     """Raise :class:`AdapterStateError` if ``state`` lacks adapter tensors of ``model`` or has other shapes."""
     expected = {name: tensor for name, tensor in adapter_tensors(model)}
+    state = {clean_name(name): tensor for name, tensor in state.items()}  # as adapter_tensors names them
     missing = [n for n in expected if n not in state]
     reshaped = [
         f"{n}: saved {list(state[n].shape)}, model {list(global_shape(t))}"

@@ -28,7 +28,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from strategy_models import CausalLM, close_process_group, tiny_gpt2
+from strategy_models import CausalLM, end_process, tiny_gpt2
 
 from lightning_peft import adapter_state_dict, load_adapter_state_dict, save_adapter
 from lightning_peft.zero3 import gathered
@@ -124,4 +124,4 @@ def main(out: Path, method: str, stage: int) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
-    close_process_group()
+    end_process()

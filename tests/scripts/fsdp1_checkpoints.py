@@ -1,4 +1,4 @@
-"""Adapter-only checkpoints under Lightning's FSDPStrategy (FSDP1) on 2 CPU processes, full and sharded.
+"""Adapter-only checkpoints under Lightning's FSDPStrategy (FSDP1) on 1 or 2 CPU processes, full and sharded.
 
 Lightning refuses FSDP without a GPU for the ``"fsdp"`` flag and the exact ``FSDPStrategy`` class (its accelerator
 connector), and gives FSDP the CPU's device index ``None``, which FSDP1 reads as "find an accelerator"; with
@@ -8,14 +8,16 @@ For ``state_dict_type="full"`` (one file) and ``"sharded"`` (a torch.distributed
 Lightning's default ``use_orig_params=True``, and ``"sharded"`` with ``use_orig_params=False`` (flat parameters):
 train 2 epochs straight; train 1 epoch with a checkpoint; resume it for a second epoch. Rank 0 writes
 ``OUT/<mode>-<use_orig_params>.pt``: the straight and resumed adapter tensors and the names the checkpoint holds.
-``OUT/checks.pt`` holds the error of resuming the sharded checkpoint with another method (its adapter tensors are
-missing), and of ``state_dict_type="full"`` with ``use_orig_params=False`` (no checkpoint) the error the callback
-raised (prompt tuning) or the warnings it gave.
-Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 fsdp1_checkpoints.py OUT METHOD``.
+``OUT/checks.pt`` holds the errors of loading the full and the sharded checkpoint into another method (its
+adapter tensors are missing), and, for ``state_dict_type="full"`` with ``use_orig_params=False`` (no checkpoint),
+the error the callback raised (prompt tuning) or the warnings it gave. A third argument ``mixin`` gives the model
+its adapters through ``PEFTMixin`` instead of a callback.
+Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 fsdp1_checkpoints.py OUT METHOD [mixin]``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -26,12 +28,12 @@ import torch
 import torch.distributed.fsdp as torch_fsdp
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
-from strategy_models import CausalLM, close_process_group
+from strategy_models import CausalLM, end_process
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.utils.data import DataLoader
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from lightning_peft import AdapterStateError, adapter_state_dict, fsdp_auto_wrap_policy
-
+from lightning_peft import AdapterStateError, PEFTMixin, adapter_state_dict, fsdp_auto_wrap_policy
 
 RUNS = [("full", True), ("sharded", True), ("sharded", False)]  # (state_dict_type, use_orig_params)
 
@@ -61,22 +63,40 @@ class MomentumLM(CausalLM):
         # an optimizer with state, so resuming has something to restore besides the adapters
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr, momentum=0.9)
 
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.training_step(batch, batch_idx)
 
-def fit(out: Path, run: str, method: str, mode: str, orig_params: bool, epochs: int,
-        ckpt_path: Path | None = None, checkpoint: bool = True) -> dict[str, torch.Tensor]:
+    def val_dataloader(self) -> DataLoader:
+        return self.train_dataloader()
+
+
+class MixinLM(PEFTMixin, MomentumLM):
+    """The same model with its adapters from ``configure_peft`` instead of a callback."""
+
+    method = "lora"
+
+    def configure_peft(self) -> list[L.Callback]:
+        from test_strategies import METHODS
+
+        return [METHODS[self.method]()]
+
+
+def fit(out: Path, run: str, method: str, mode: str, orig_params: bool, epochs: int, ckpt_path: Path | None = None,
+        checkpoint: bool = True, mixin: bool = False, validate: bool = False) -> dict[str, torch.Tensor]:
     from test_strategies import METHODS
 
     strategy = CPUFSDPStrategy(auto_wrap_policy=fsdp_auto_wrap_policy(GPT2Block), state_dict_type=mode,
                                use_orig_params=orig_params)
     checkpoint = checkpoint and ckpt_path is None and epochs == 1
-    callbacks: list[L.Callback] = [METHODS[method]()]
+    callbacks: list[L.Callback] = [] if mixin else [METHODS[method]()]
     if checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=out / run, save_last=True))
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs, logger=False,
-                        callbacks=callbacks, enable_checkpointing=checkpoint, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False)
-    module = MomentumLM(batch_size=4)
-    trainer.fit(module, ckpt_path=ckpt_path)
+    trainer = L.Trainer(accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=strategy,
+                        max_epochs=epochs, logger=False, callbacks=callbacks, enable_checkpointing=checkpoint,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    MixinLM.method = method
+    module = (MixinLM if mixin else MomentumLM)(batch_size=4)
+    (trainer.validate if validate else trainer.fit)(module, ckpt_path=ckpt_path)
     with FSDP.summon_full_params(trainer.strategy.model):
         return {name: tensor.clone() for name, tensor in adapter_state_dict(module).items()}
 
@@ -90,24 +110,29 @@ def saved_names(path: Path) -> list[str]:
     return sorted(torch.load(path, weights_only=True)["state_dict"])
 
 
-def main(out: Path, method: str) -> None:
+def main(out: Path, method: str, mixin: bool) -> None:
     # prompt tuning is refused with use_orig_params=False (see run_refused); a full checkpoint with it fails
     # inside Lightning for any model, so the callback warns instead of running into it
     runs = [run for run in RUNS if method != "prompt" or run[1]]
     for mode, orig_params in runs:
         run = f"{mode}-{orig_params}"
-        straight = fit(out, f"{run}-straight", method, mode, orig_params, epochs=2)
-        fit(out, run, method, mode, orig_params, epochs=1)
+        straight = fit(out, f"{run}-straight", method, mode, orig_params, epochs=2, mixin=mixin)
+        fit(out, run, method, mode, orig_params, epochs=1, mixin=mixin)
         last = out / run / "last.ckpt"
-        resumed = fit(out, f"{run}-resumed", method, mode, orig_params, epochs=2, ckpt_path=last)
+        resumed = fit(out, f"{run}-resumed", method, mode, orig_params, epochs=2, ckpt_path=last, mixin=mixin)
         if torch.distributed.get_rank() == 0:
             torch.save({"straight": straight, "resumed": resumed, "saved": saved_names(last)}, out / f"{run}.pt")
     other = "prefix" if method == "lora" else "lora"  # its adapter tensors are not in this method's checkpoint
-    try:
-        fit(out, "other", other, "sharded", True, epochs=2, ckpt_path=out / "sharded-True" / "last.ckpt")
-        mismatch = ""
-    except AdapterStateError as error:  # raised by the callback's load planner, on every rank
-        mismatch = str(error)
+    mismatch = {}
+    # sharded: refused by the load planner. full: Lightning loads the weights (strict=False) before
+    # on_load_checkpoint, which then refuses (validate: resuming a fit fails earlier, in the optimizer state)
+    for mode in ("sharded", "full"):
+        try:
+            fit(out, f"other-{mode}", other, mode, True, epochs=2, ckpt_path=out / f"{mode}-True" / "last.ckpt",
+                validate=mode == "full")
+            mismatch[mode] = ""
+        except AdapterStateError as error:  # on every rank
+            mismatch[mode] = str(error)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -121,5 +146,5 @@ def main(out: Path, method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
-    close_process_group()
+    main(Path(sys.argv[1]), sys.argv[2], mixin=sys.argv[3:] == ["mixin"])
+    end_process()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from strategy_models import close_process_group, tiny_gpt2, token_data
+from strategy_models import end_process, tiny_gpt2, token_data
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
@@ -39,7 +39,7 @@ def main(out: Path, method: str) -> None:
         state = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     if rank == 0:
         torch.save(state, out / f"fsdp1-{method}.pt")
-    close_process_group()
+    end_process()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from fsdp2_peft import ShardedLM, full
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
-from strategy_models import close_process_group
+from strategy_models import end_process
 
 
 class MomentumLM(ShardedLM):
@@ -60,4 +60,4 @@ def main(out: Path, method: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
-    close_process_group()
+    end_process()

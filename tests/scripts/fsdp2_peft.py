@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from strategy_models import CausalLM, close_process_group
+from strategy_models import CausalLM, end_process
 from torch.distributed.fsdp import fully_shard
 
 from lightning_peft import PEFTMixin
@@ -63,4 +63,4 @@ def main(out: Path, method: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
-    close_process_group()
+    end_process()

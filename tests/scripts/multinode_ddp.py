@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from strategy_models import CausalLM, close_process_group
+from strategy_models import CausalLM, end_process
 
 
 def main(out: Path, method: str) -> None:
@@ -31,4 +31,4 @@ def main(out: Path, method: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
-    close_process_group()
+    end_process()
