@@ -111,25 +111,7 @@ def _prepare_strategy(strategy: Any) -> None:
     if hasattr(strategy, "exclude_frozen_parameters"):
         # DeepSpeed writes module weights itself (our on_save_checkpoint step never sees them): only what trains
         strategy.exclude_frozen_parameters = True
-    if not isinstance(strategy.__dict__.get("load_checkpoint"), _RunsInside):
-        strategy.load_checkpoint = _RunsInside(strategy, "load_checkpoint", _partial_sharded_load)
-
-
-class _RunsInside:
-    """Instance attribute replacing a strategy method: the strategy's own method, run inside ``context(strategy)``.
-
-    Holds the strategy, the method's name and a module-level context function, not bound methods, so it pickles
-    (``ddp_spawn``). An instance-level override set before it is what it runs.
-    """
-
-    def __init__(self, strategy: Any, name: str, context: Callable[[Any], Any]) -> None:
-        self.strategy, self.name, self.context = strategy, name, context
-        self.inner = strategy.__dict__.get(name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        method = self.inner or getattr(type(self.strategy), self.name).__get__(self.strategy)
-        with self.context(self.strategy):
-            return method(*args, **kwargs)
+    run_inside(strategy, "load_checkpoint", _partial_sharded_load)
 
 
 def restore_fsdp1_after_backward(pl_module: pl.LightningModule) -> None:
@@ -276,36 +258,54 @@ def overrides_hook(pl_module: pl.LightningModule, hook: str) -> bool:
     return base is not None and is_overridden(hook, pl_module, parent=base)
 
 
-class _RunAfter:
-    """Instance attribute replacing a LightningModule hook: the hook as defined before, then each step.
+class _Extended:
+    """Instance attribute replacing a method of ``owner`` (a LightningModule hook, a strategy's method): the method
+    as defined before, run inside each context, then each step.
 
-    A step is a module-level function ``step(module, *hook_args)``. The wrapper holds the module and the hook's
-    name, not bound methods, so ``copy.deepcopy`` and pickling give a copy whose hook runs on the copy.
-    ``__wrapped__`` is the class's function, so Lightning's ``is_overridden`` still sees the user's code.
+    A context is a module-level function ``context(owner)`` returning a context manager; a step is a module-level
+    function ``step(owner, *args)``. The wrapper holds the owner and the method's name, not bound methods, so
+    ``copy.deepcopy`` and pickling (``ddp_spawn``) give a copy that runs on the copy. ``__wrapped__`` is the class's
+    function, so Lightning's ``is_overridden`` still sees the user's code.
     """
 
-    def __init__(self, module: pl.LightningModule, hook: str) -> None:
-        self.module, self.hook = module, hook
+    def __init__(self, owner: Any, name: str) -> None:
+        self.owner, self.name = owner, name
+        self.contexts: list[Callable[[Any], contextlib.AbstractContextManager[Any]]] = []
         self.steps: list[Callable[..., None]] = []
-        self.inner = module.__dict__.get(hook)  # an instance-level hook someone set before us, if any
-        functools.update_wrapper(self, getattr(type(module), hook))
+        self.inner = owner.__dict__.get(name)  # an instance-level override someone set before us, if any
+        functools.update_wrapper(self, getattr(type(owner), name))
 
-    def __call__(self, *args: Any) -> Any:
-        original = self.inner if self.inner is not None else getattr(type(self.module), self.hook).__get__(self.module)
-        result = original(*args)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        method = self.inner or getattr(type(self.owner), self.name).__get__(self.owner)
+        with contextlib.ExitStack() as stack:
+            for context in self.contexts:
+                stack.enter_context(context(self.owner))
+            result = method(*args, **kwargs)
         for step in self.steps:
-            step(self.module, *args)
+            step(self.owner, *args)
         return result
+
+
+def _extended(owner: Any, name: str) -> _Extended:
+    current = owner.__dict__.get(name)
+    if not isinstance(current, _Extended):
+        current = _Extended(owner, name)
+        owner.__dict__[name] = current
+    return current
 
 
 def run_after(module: pl.LightningModule, hook: str, step: Callable[..., None]) -> None:
     """Make ``module.<hook>(...)`` also run ``step(module, ...)`` afterwards (once, however often this is called)."""
-    current = module.__dict__.get(hook)
-    if not isinstance(current, _RunAfter):
-        current = _RunAfter(module, hook)
-        module.__dict__[hook] = current
-    if step not in current.steps:
-        current.steps.append(step)
+    steps = _extended(module, hook).steps
+    if step not in steps:
+        steps.append(step)
+
+
+def run_inside(owner: Any, name: str, context: Callable[[Any], contextlib.AbstractContextManager[Any]]) -> None:
+    """Make ``owner.<name>(...)`` run inside ``context(owner)`` (once, however often this is called)."""
+    contexts = _extended(owner, name).contexts
+    if context not in contexts:
+        contexts.append(context)
 
 
 def _inject_pending(pl_module: pl.LightningModule) -> None:
