@@ -93,6 +93,7 @@ def _check_fsdp1_flat_parameters(strategy: Any, pl_module: pl.LightningModule) -
         )
 
 
+@functools.cache
 def _fsdp_strategy_classes() -> tuple[type, ...]:
     """Lightning's ``FSDPStrategy`` under both of its package names (see :func:`_callback_bases`)."""
     from lightning.pytorch.strategies import FSDPStrategy
@@ -116,8 +117,11 @@ def _prepare_strategy(strategy: Any) -> None:
 
 def restore_fsdp1_after_backward(pl_module: pl.LightningModule) -> None:
     """After each backward under FSDP1: see :func:`~lightning_peft.distributed.restore_fsdp1_parameters` (frozen
-    ``NO_SHARD`` units would otherwise break the next forward of tied weights, and every state dict)."""
-    model = getattr(getattr(getattr(pl_module, "_trainer", None), "strategy", None), "model", None)
+    ``NO_SHARD`` units would otherwise break the next forward of tied weights, and every state dict).
+
+    Runs every step, so other strategies return before walking the modules."""
+    strategy = getattr(getattr(pl_module, "_trainer", None), "strategy", None)
+    model = getattr(strategy, "model", None) if isinstance(strategy, _fsdp_strategy_classes()) else None
     if model is not None:  # the wrapped root, or the module itself when configure_model wrapped its layers
         restore_fsdp1_parameters(model)
 
