@@ -91,8 +91,7 @@ class Adapter(nn.Module):
     def adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(local name, tensor)`` for every parameter and persistent buffer the adapter owns."""
         for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
-            # FSDP1 with use_orig_params=False registers its flattened storage here: not a tensor of the adapter
-            if not name.startswith("base_layer.") and name.rpartition(".")[2] != "_flat_param":
+            if not name.startswith("base_layer."):
                 yield name, tensor
 
     def __getattr__(self, name: str) -> Any:
@@ -317,33 +316,31 @@ def clean_name(name: str) -> str:
 
 
 def adapter_tensors(model: nn.Module, include_buffers: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(full name, tensor)`` for every tensor an adapter checkpoint holds: adapter tensors and marked ones.
+    """``(full name, tensor)`` for every tensor an adapter checkpoint holds: adapter tensors and marked ones, i.e.
+    the model's parameters (and persistent buffers) whose names pass :func:`adapter_name_test`.
 
     Names are those of ``model.state_dict()``, without wrapper parts (see :func:`clean_name`)."""
+    is_adapter_tensor = adapter_name_test(model)
+    seen: set[int] = set()  # a tensor shared by two modules counts once, as in named_parameters()
     for name, module in model.named_modules():
-        name = clean_name(name)
-        prefix = f"{name}." if name else ""
-        if isinstance(module, Adapter):
-            for local, tensor in module.adapter_tensors():
-                if include_buffers or isinstance(tensor, nn.Parameter):
-                    yield prefix + local, tensor
-        chosen = marked(module)
-        for local, param in module.named_parameters(recurse=False):
-            if local in chosen:
-                yield prefix + local, param
+        prefix = f"{clean_name(name)}." if clean_name(name) else ""
+        tensors = list(module.named_parameters(recurse=False))
         if include_buffers:
-            for local, buffer in module.named_buffers(recurse=False):
-                if local in chosen and local not in module._non_persistent_buffers_set:
-                    yield prefix + local, buffer
+            tensors += [(local, buffer) for local, buffer in module.named_buffers(recurse=False)
+                        if local not in module._non_persistent_buffers_set]
+        for local, tensor in tensors:
+            if id(tensor) not in seen and is_adapter_tensor(prefix + local):
+                seen.add(id(tensor))
+                yield prefix + local, tensor
 
 
 def adapter_name_test(model: nn.Module) -> Callable[[str], bool]:
-    """Whether a ``model.state_dict()`` name is one :func:`adapter_tensors` yields, decided from names alone.
+    """Whether a ``model.state_dict()`` name is an adapter checkpoint's tensor, decided from names alone: the one
+    rule behind :func:`adapter_tensors`, also for state dicts whose tensors the modules do not hold (FSDP1 with
+    ``use_orig_params=False`` moves the parameters into flat ones; the module tree and the state dict's names stay).
 
-    FSDP1 with ``use_orig_params=False`` takes the parameters out of the modules (into flat parameters), so
-    :func:`adapter_tensors` finds none there, while the module tree and the state dict's names stay. A name is an
-    adapter tensor when its module marked it (``trainable_modules``), or when the nearest adapter above it does
-    not hold it under ``base_layer``.
+    A name is an adapter tensor when its module marked it (``trainable_modules``), or when the nearest adapter above
+    it does not hold it under ``base_layer``. FSDP1's flattened storage (``_flat_param``) is none.
     """
     modules = {clean_name(name): module for name, module in model.named_modules()}
 
@@ -352,6 +349,8 @@ def adapter_name_test(model: nn.Module) -> Callable[[str], bool]:
         owner, _, local = name.rpartition(".")
         if local in marked(modules.get(owner)):
             return True
+        if local == "_flat_param":
+            return False
         parts = name.split(".")
         for depth in range(len(parts) - 1, -1, -1):  # the nearest adapter above the tensor
             if isinstance(modules.get(".".join(parts[:depth])), Adapter):
