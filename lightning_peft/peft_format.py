@@ -26,7 +26,6 @@ A reparameterized prefix is written as the prefix its MLP produces now (PEFT sav
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections import Counter
@@ -34,23 +33,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_peft.core import Adapter, adapter_tensors, adapters, inject, is_injected, is_inside, marked
 from lightning_peft.errors import AdapterStateError, PEFTWarning
+from lightning_peft.files import CONFIG_NAME, read_config, read_tensors, write_adapter_files
 from lightning_peft.zero3 import gathered, is_nonzero_rank
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"  # the PEFT release these files were checked against
 
 
 def is_peft_directory(path: str | Path) -> bool:
     """Whether ``path`` holds an adapter saved in Hugging Face PEFT's format (its config names a ``peft_type``)."""
-    config = Path(path) / CONFIG_NAME
-    return config.is_file() and "peft_type" in json.loads(config.read_text())
+    return (Path(path) / CONFIG_NAME).is_file() and "peft_type" in read_config(Path(path))
 
 
 # --- saving -------------------------------------------------------------------------------------------------------
@@ -96,12 +92,9 @@ def save_peft(model: nn.Module, path: str | Path) -> Path:
     directory = Path(path)
     if partitioned and is_nonzero_rank():
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     base = {"peft_version": PEFT_VERSION, "base_model_name_or_path": _name_or_path(model), "revision": None,
             "inference_mode": True, "auto_mapping": None}
-    (directory / CONFIG_NAME).write_text(json.dumps({**base, **config}, indent=2, sort_keys=True))
-    return directory
+    return write_adapter_files(directory, tensors, {**base, **config}, {"format": "pt"}, sort_keys=True)
 
 
 def _kind(adapter: Adapter, lora: type, token: type, prefix: type) -> str:
@@ -308,8 +301,8 @@ def load_peft(model: nn.Module, path: str | Path) -> nn.Module:
         AdapterStateError: The file's tensors do not fit the model's adapters.
     """
     directory = Path(path)
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    state = {k.removeprefix(PREFIX): v for k, v in load_file(str(directory / WEIGHTS_NAME)).items()}
+    config = read_config(directory)
+    state = {k.removeprefix(PREFIX): v for k, v in read_tensors(directory).items()}
     peft_type = config.get("peft_type")
     if peft_type == "LORA":
         return _load_lora(model, config, state)
