@@ -8,13 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_peft.files
-from lightning_peft import LoRAConfig, PrefixTuningConfig, PromptTuningConfig, inject, load_adapter, save_adapter
+from lightning_peft import LoRA, LoRAConfig, PrefixTuningConfig, PromptTuningConfig, inject, load_adapter, save_adapter
 from lightning_peft.core import merge, unload, unmerge
 from lightning_peft.errors import AdapterStateError, TargetNotFoundError
 from lightning_peft.state import adapter_state_dict
@@ -212,3 +214,116 @@ def test_a_pickle_only_folder_is_refused_on_purpose_with_how_to_convert(tmp_path
         load_adapter(tiny_gpt2(), tmp_path)
     with pytest.raises(FileNotFoundError, match=r"does not exist; there is no folder"):
         load_adapter(tiny_gpt2(), tmp_path / "absent")
+
+
+# --- Lightning resume -----------------------------------------------------------------------------------------
+class Regression(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(1)
+        return DataLoader(TensorDataset(torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator)),
+                          batch_size=4)
+
+
+def test_resuming_a_checkpoint_saved_without_adapters_is_refused_with_the_fix(
+    tmp_path: Path, make_trainer: Callable[..., L.Trainer]
+) -> None:
+    plain = make_trainer()
+    plain.fit(Regression())
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    module = Regression()
+    with pytest.raises(AdapterStateError, match=r"saved without lightning_peft adapters.*fit\(\) without ckpt_path"):
+        make_trainer(max_epochs=2, callbacks=[LoRA(r=2, target_modules=["net.0"])]).fit(
+            module, ckpt_path=tmp_path / "plain.ckpt")
+    saved = torch.load(tmp_path / "plain.ckpt", weights_only=True)["state_dict"]
+    module = Regression()  # the documented start from those base weights, with a fresh optimizer
+    module.load_state_dict(saved, strict=False)
+    trainer = make_trainer(callbacks=[LoRA(r=2, target_modules=["net.0"])])
+    trainer.fit(module)
+    assert torch.equal(module.net[2].weight, saved["net.2.weight"]) and trainer.global_step == 2
+
+
+def test_resuming_with_another_lora_rank_names_the_rank(tmp_path: Path, make_trainer: Callable[..., L.Trainer]) -> None:
+    first = make_trainer(callbacks=[LoRA(r=2, target_modules=["net.0"])])
+    first.fit(Regression())
+    first.save_checkpoint(tmp_path / "r2.ckpt")
+    with pytest.raises(AdapterStateError, match=r"saved \[2, 4\], model \[3, 4\].*saved with lora r=2 \(the model has "
+                                                r"r=3\)"):
+        make_trainer(max_epochs=2, callbacks=[LoRA(r=3, target_modules=["net.0"])]).fit(
+            Regression(), ckpt_path=tmp_path / "r2.ckpt")
+
+
+# --- values that would make training silently do nothing --------------------------------------------------------
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: LoRAConfig(alpha=0), r"LoRA alpha must be a positive finite number .*got 0"),
+    (lambda: LoRAConfig(alpha=-4.0), r"LoRA alpha must be a positive finite number"),
+    (lambda: LoRAConfig(alpha=float("nan")), r"LoRA alpha must be a positive finite number"),
+    (lambda: LoRAConfig(alpha_pattern={"q": 0.0}), r"LoRA alpha_pattern\['q'\] must be a positive finite"),
+    (lambda: LoRAConfig(r=0), r"LoRA r must be a positive integer; got 0"),
+    (lambda: LoRAConfig(rank_pattern={"q": -1}), r"LoRA rank_pattern\['q'\] must be a positive integer"),
+    (lambda: LoRAConfig(dropout=1.0), r"LoRA dropout must be in \[0, 1\); got 1.0"),
+    (lambda: LoRAConfig(dropout=-0.1), r"LoRA dropout must be in \[0, 1\)"),
+    (lambda: LoRAConfig(layers=[]), r"LoRA layers must be a non-empty list of layer indices >= 0"),
+    (lambda: LoRAConfig(layers=[-1]), r"LoRA layers must be a non-empty list"),
+    (lambda: PrefixTuningConfig(num_tokens=0), r"num_tokens must be a positive integer"),
+    (lambda: PrefixTuningConfig(init_std=float("inf")), r"init_std must be a finite number >= 0"),
+    (lambda: PrefixTuningConfig(gate=True, init_std=0.0), r"gate=True, init_std=0\) never learns"),
+    (lambda: PrefixTuningConfig(layers=[]), r"PrefixTuning layers must be a non-empty list"),
+    (lambda: PromptTuningConfig(num_tokens=0), r"num_tokens must be a positive integer"),
+    (lambda: PromptTuningConfig(width=0), r"width must be a positive integer"),
+    (lambda: PromptTuningConfig(image_size=0), r"image_size must be a positive int or \[height, width\]"),
+    (lambda: PromptTuningConfig(image_size=[32, -1]), r"image_size must be a positive int"),
+])
+def test_values_that_silently_do_nothing_are_refused_at_construction(make: Callable[[], Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_an_unknown_field_in_a_peft_config_is_refused(tmp_path: Path) -> None:
+    save_adapter(adapted("lora"), tmp_path, format="peft")
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**meta, "lora_scaling_mode": "new"}))
+    model = tiny_gpt2().eval()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=r"adapter_config.json has fields PEFT 0.21.2's LORA config does not know "
+                                         r"\(\['lora_scaling_mode'\]\)"):
+        load_adapter(model, tmp_path)
+    assert_same(fingerprint(model), before)
+
+
+# --- clear errors ---------------------------------------------------------------------------------------------
+def test_pissa_with_r_above_the_layer_names_r_layer_and_limit() -> None:
+    with pytest.raises(ValueError, match=r"LoRA cannot adapt 'lin': init='pissa' with r=8 needs r <= 3, the smaller "
+                                         r"side of this Linear's \(3, 5\) weight matrix.*rank_pattern=\{'lin': 3\}"):
+        inject(nn.ModuleDict({"lin": nn.Linear(5, 3)}), LoRAConfig(r=8, init="pissa", target_modules=["lin"]))
+
+
+def test_an_unsupported_layer_named_like_a_torch_layer_is_named_by_its_full_class() -> None:
+    class Linear(nn.Module):  # as a quantization library's own Linear, which is no nn.Linear
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(2, 2))
+
+    with pytest.raises(TargetNotFoundError, match=r"selected q \((tests\.)?test_robustness\..*<locals>\.Linear\), "
+                                                  r"which LoRA cannot adapt \(it adapts MultiheadAttention, Linear"):
+        inject(nn.ModuleDict({"q": Linear()}), LoRAConfig(r=2, target_modules=["q"]))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_prefix_on_a_transformer_encoder_returns_an_empty_output_for_an_empty_batch(batch_first: bool) -> None:
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, batch_first=batch_first),
+                                    2, enable_nested_tensor=False).eval()
+    empty = torch.zeros((0, 5, 8) if batch_first else (5, 0, 8))
+    expected = encoder(empty)
+    out = inject(encoder, PrefixTuningConfig(num_tokens=2))(empty)
+    assert out.shape == expected.shape == empty.shape
