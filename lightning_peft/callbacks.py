@@ -213,6 +213,14 @@ def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) 
     if not applied_methods(pl_module):
         return
     meta = checkpoint.get(CHECKPOINT_KEY)
+    trainer = getattr(pl_module, "_trainer", None)
+    if meta is None and trainer is not None and trainer.state.fn == "fit" and checkpoint.get("optimizer_states"):
+        raise AdapterStateError(
+            "lightning_peft: fit(ckpt_path=...) resumes a checkpoint saved without lightning_peft adapters: its "
+            "optimizer state is for other parameters than the adapters that train now. To start from its weights "
+            "with a fresh optimizer, load them first (module.load_state_dict(torch.load(path, weights_only=True)"
+            "['state_dict'], strict=False)) and call fit() without ckpt_path."
+        )
     if meta is None:
         rank_zero_warn(
             "lightning_peft: the checkpoint has no adapter metadata (it was saved without lightning_peft); "
@@ -236,11 +244,24 @@ def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) 
                 f"({meta.get('methods')})."
             )
         return
-    check_adapter_state(pl_module, checkpoint["state_dict"])
-    if getattr(pl_module, "_trainer", None) is None:
+    try:
+        check_adapter_state(pl_module, checkpoint["state_dict"])
+    except AdapterStateError as error:
+        differences = _differences(meta.get("methods") or [], now)
+        raise AdapterStateError(f"{error} The checkpoint was saved with {differences}." if differences else str(error)
+                                ) from None
+    if trainer is None:
         state = checkpoint["state_dict"]
         for name, tensor in pl_module.state_dict().items():
             state.setdefault(name, tensor)
+
+
+def _differences(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> str:
+    """``"lora r=2 (the model has r=4)"`` for every argument that differs between saved and current methods."""
+    if len(saved) != len(now):
+        return f"{len(saved)} methods ({[m.get('method') for m in saved]}), the model has {len(now)}"
+    return "; ".join(f"{old.get('method')} {key}={old.get(key)!r} (the model has {key}={new.get(key)!r})"
+                     for old, new in zip(saved, now, strict=True) for key in new if old.get(key) != new.get(key))
 
 
 def _is_fsdp1_wrapped(module: torch.nn.Module) -> bool:

@@ -186,6 +186,16 @@ def check_positive_int(name: str, value: object, unit: str = "") -> None:
         raise ValueError(f"{name} must be a positive integer{f' ({unit})' if unit else ''}; got {value!r}.")
 
 
+def check_layer_indices(method: str, layers: object) -> None:
+    """Raise ``ValueError`` unless ``layers`` is ``None`` or a non-empty list of layer indices (ints >= 0)."""
+    if layers is None:
+        return
+    if not isinstance(layers, list) or not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                                         for i in layers):
+        raise ValueError(f"{method} layers must be a non-empty list of layer indices >= 0 (or None for every layer); "
+                         f"got {layers!r}.")
+
+
 def init_seed(seed: int, name: str) -> int:
     """A deterministic per-adapter seed, so 1 and N processes (and resumed runs) start from the same weights."""
     return zlib.crc32(f"{seed}:{name}".encode())

@@ -26,7 +26,6 @@ A reparameterized prefix is written as the prefix its MLP produces now (PEFT sav
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections import Counter
@@ -34,23 +33,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_peft.core import Adapter, adapter_tensors, adapters, inject, is_injected, is_inside, marked
 from lightning_peft.errors import AdapterStateError, PEFTWarning
+from lightning_peft.files import CONFIG_NAME, read_config, read_tensors, write_adapter_files
 from lightning_peft.zero3 import gathered, is_nonzero_rank
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"  # the PEFT release these files were checked against
 
 
 def is_peft_directory(path: str | Path) -> bool:
     """Whether ``path`` holds an adapter saved in Hugging Face PEFT's format (its config names a ``peft_type``)."""
-    config = Path(path) / CONFIG_NAME
-    return config.is_file() and "peft_type" in json.loads(config.read_text())
+    return (Path(path) / CONFIG_NAME).is_file() and "peft_type" in read_config(Path(path))
 
 
 # --- saving -------------------------------------------------------------------------------------------------------
@@ -96,12 +92,9 @@ def save_peft(model: nn.Module, path: str | Path) -> Path:
     directory = Path(path)
     if partitioned and is_nonzero_rank():
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     base = {"peft_version": PEFT_VERSION, "base_model_name_or_path": _name_or_path(model), "revision": None,
             "inference_mode": True, "auto_mapping": None}
-    (directory / CONFIG_NAME).write_text(json.dumps({**base, **config}, indent=2, sort_keys=True))
-    return directory
+    return write_adapter_files(directory, tensors, {**base, **config}, {"format": "pt"}, sort_keys=True)
 
 
 def _kind(adapter: Adapter, lora: type, token: type, prefix: type) -> str:
@@ -308,9 +301,16 @@ def load_peft(model: nn.Module, path: str | Path) -> nn.Module:
         AdapterStateError: The file's tensors do not fit the model's adapters.
     """
     directory = Path(path)
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    state = {k.removeprefix(PREFIX): v for k, v in load_file(str(directory / WEIGHTS_NAME)).items()}
+    config = read_config(directory)
+    state = {k.removeprefix(PREFIX): v for k, v in read_tensors(directory).items()}
     peft_type = config.get("peft_type")
+    unknown = sorted(set(config) - _PEFT_FIELDS.get(str(peft_type), set(config)))
+    if unknown:
+        raise ValueError(
+            f"{directory / CONFIG_NAME} has fields PEFT {PEFT_VERSION}'s {peft_type} config does not know ({unknown}): "
+            "it was written by a newer PEFT or edited, and ignoring them could load a different adapter. Remove them "
+            f"if you know they change nothing, or save it with PEFT {PEFT_VERSION}."
+        )
     if peft_type == "LORA":
         return _load_lora(model, config, state)
     if peft_type == "PROMPT_TUNING":
@@ -321,6 +321,22 @@ def load_peft(model: nn.Module, path: str | Path) -> nn.Module:
                      "PREFIX_TUNING.")
 
 
+_COMMON_FIELDS = {"auto_mapping", "base_model_name_or_path", "inference_mode", "modules_to_save", "peft_type",
+                  "peft_version", "revision", "task_type"}
+_PROMPT_COMMON = _COMMON_FIELDS | {"num_attention_heads", "num_layers", "num_transformer_submodules",
+                                   "num_virtual_tokens", "token_dim"}
+_PEFT_FIELDS = {  # the fields of PEFT 0.21's configs (dataclasses.fields of LoraConfig, ...)
+    "LORA": _COMMON_FIELDS | {
+        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "bias", "corda_config", "ensure_weight_tying",
+        "eva_config", "exclude_modules", "fan_in_fan_out", "init_lora_weights", "kasa_config", "layer_replication",
+        "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout",
+        "lora_ga_config", "megatron_config", "megatron_core", "monteclora_config", "qalora_group_size", "r",
+        "rank_pattern", "runtime_config", "target_modules", "target_parameters", "trainable_token_indices",
+        "use_bdlora", "use_dora", "use_qalora", "use_rslora", "velora_config"},
+    "PROMPT_TUNING": _PROMPT_COMMON | {"prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_kwargs",
+                                      "tokenizer_name_or_path"},
+    "PREFIX_TUNING": _PROMPT_COMMON | {"encoder_hidden_size", "init_weights", "prefix_projection"},
+}
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))$")
 
 
@@ -333,7 +349,8 @@ def _load_lora(model: nn.Module, config: dict[str, Any], state: dict[str, torch.
     from lightning_peft.lora import LoRAConfig
 
     unsupported = {k: config.get(k) for k in ("use_dora", "lora_bias", "trainable_token_indices", "target_parameters",
-                                               "layer_replication") if config.get(k)}
+                                               "layer_replication", "alora_invocation_tokens", "use_qalora",
+                                               "use_bdlora", "arrow_config", "megatron_config") if config.get(k)}
     if config.get("bias", "none") != "none":
         unsupported["bias"] = config["bias"]
     if unsupported:

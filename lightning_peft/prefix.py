@@ -32,6 +32,7 @@ from lightning_peft.core import (
     MethodConfig,
     adapters,
     check_choice,
+    check_layer_indices,
     check_positive_int,
     init_seed,
     refresh_trainable,
@@ -76,8 +77,14 @@ class PrefixTuningConfig(MethodConfig):
     def __post_init__(self) -> None:
         check_positive_int("PrefixTuning num_tokens", self.num_tokens, "prefix tokens")
         check_positive_int("PrefixTuning hidden_size", self.hidden_size)
-        if self.init_std < 0:
-            raise ValueError(f"PrefixTuning init_std must be >= 0; got {self.init_std!r}.")
+        if not 0 <= self.init_std < float("inf"):
+            raise ValueError(f"PrefixTuning init_std must be a finite number >= 0; got {self.init_std!r}.")
+        if self.gate and self.init_std == 0 and not self.reparameterize:
+            raise ValueError(
+                "PrefixTuning(gate=True, init_std=0) never learns: the gate starts at 0 and the prefixes at 0, so "
+                "neither gets a gradient. Keep init_std > 0 (default 1.0)."
+            )
+        check_layer_indices("PrefixTuning", self.layers)
         check_choice("batchnorm", self.batchnorm, BatchNormMode)
 
     def attach(self, model: nn.Module) -> None:

@@ -7,13 +7,14 @@ the base model's parameter shapes). Loading never executes code.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import copy
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_peft.core import (
@@ -29,12 +30,11 @@ from lightning_peft.core import (
     is_injected,
 )
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, TargetNotFoundError
+from lightning_peft.files import read_config, read_tensors, write_adapter_files
 from lightning_peft.targets import select_names
 from lightning_peft.zero3 import gathered, global_shape, is_nonzero_rank, is_partitioned
 
 FORMAT_VERSION = 1
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,9 +125,23 @@ def check_adapter_state(model: nn.Module, state: dict[str, Any], source: str = "
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
     """Copy saved adapter tensors into an injected ``model``; with ``strict``, extra tensors are an error too.
 
-    Under DeepSpeed ZeRO-3 call it on every rank with the same ``state``: rank 0's copy is scattered to all."""
+    Under DeepSpeed ZeRO-3 call it on every rank with the same ``state``: rank 0's copy is scattered to all.
+
+    Raises:
+        AdapterStateError: Tensors are missing, extra (with ``strict``), of other shapes, NaN/inf, integers where the
+            model has floats (or the reverse), or the model's adapters are merged (unmerge first)."""
+    _refuse_merged(model, "the adapter state")
     check_adapter_state(model, state, "the adapter state")
+    check_tensor_values(state)
     expected = dict(adapter_tensors(model))
+    kinds = [f"{n}: saved {state[n].dtype}, model {t.dtype}" for n, t in expected.items()
+             if state[n].is_floating_point() != t.is_floating_point()]
+    if kinds:
+        raise AdapterStateError(
+            f"the adapter state has integer tensors where the model has floating-point ones, or the reverse "
+            f"({'; '.join(kinds[:4])}); copying would cast them silently. Save the adapter again from the trained "
+            "model."
+        )
     extra = [n for n in state if n not in expected]
     if strict and extra:
         raise AdapterStateError(
@@ -226,6 +240,9 @@ def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "
         return save_peft(model, path)
     if format != "native":
         raise ValueError(f"format={format!r} is not one of 'native', 'peft'.")
+    if not is_injected(model):
+        raise ValueError(f"{type(model).__name__} holds no adapter to save; inject a method first (inject(model, "
+                         "LoRA(r=8))), or save the model that holds the adapters.")
     directory = Path(path)
     tensors = {name: tensor.contiguous().clone() for name, tensor in adapter_state_dict(model).items()}
     if is_nonzero_rank() and any(is_partitioned(t) for _, t in adapter_tensors(model)):
@@ -235,35 +252,98 @@ def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "
 
 def write_adapter_directory(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write an adapter directory in the native format: ``tensors`` as safetensors, ``meta`` (methods, base shapes)
-    as JSON with this format's version; returns ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME),
-              metadata={"format": "lightning_peft"})
-    (directory / CONFIG_NAME).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION}, indent=2))
-    return directory
+    as JSON with this format's version; returns ``directory``. The write is atomic: a failed save leaves the adapter
+    the directory held before (see :func:`~lightning_peft.files.write_adapter_files`)."""
+    return write_adapter_files(directory, tensors, {**meta, "format_version": FORMAT_VERSION},
+                               {"format": "lightning_peft"})
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model``; inject its methods first if needed.
 
-    A directory saved by Hugging Face PEFT (or with ``format="peft"``) is recognised and read too.
+    A directory saved by Hugging Face PEFT (or with ``format="peft"``) is recognised and read too. The load is all
+    or nothing: when it fails, ``model`` is left as it was (no adapters injected, hooks, ``requires_grad`` flags and
+    values unchanged).
 
     Raises:
         BaseModelMismatchError: ``model`` is not the base model the adapter was saved from.
-        AdapterStateError: The file's tensors do not fit the model's adapters.
+        AdapterStateError: The file's tensors do not fit the model's adapters, hold NaN/inf or integers where the
+            model has floats, a file is corrupt, or ``model``'s adapters are merged.
+        FileNotFoundError: The directory lacks a file (a pickle-only folder is refused, with how to convert it).
     """
     from lightning_peft.peft_format import is_peft_directory, load_peft
 
     directory = Path(path)
+    _refuse_merged(model, str(directory))
     if is_peft_directory(directory):
-        return load_peft(model, directory)
-    meta = json.loads((directory / CONFIG_NAME).read_text())
+        with restored_on_error(model):
+            return load_peft(model, directory)
+    meta = read_config(directory)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise AdapterStateError(
             f"{directory} uses adapter format {meta['format_version']}; this lightning_peft reads up to "
             f"{FORMAT_VERSION}. Upgrade lightning_peft."
         )
+    for key in ("methods", "base_shapes"):
+        if not isinstance(meta.get(key), (list, dict)):
+            raise AdapterStateError(f"{directory} has no {key!r} in its config: it was not written by save_adapter.")
     check_base_shapes(model, meta["base_shapes"], str(directory))
-    if not is_injected(model):
-        inject(model, *[cast(Method, MethodConfig.from_dict(m)) for m in meta["methods"]])  # registered configs
-    return load_adapter_state_dict(model, load_file(str(directory / WEIGHTS_NAME)))
+    state = read_tensors(directory)
+    check_tensor_values(state, str(directory))
+    pissa = any(m.get("init") == "pissa" for m in meta["methods"])  # PiSSA changes base weights when injected
+    with restored_on_error(model, values=pissa and not is_injected(model)):
+        if not is_injected(model):
+            inject(model, *[cast(Method, MethodConfig.from_dict(m)) for m in meta["methods"]])  # registered configs
+        return load_adapter_state_dict(model, state)
+
+
+def check_tensor_values(state: dict[str, torch.Tensor], source: str = "the adapter state") -> None:
+    """Raise :class:`AdapterStateError` for saved tensors holding NaN or infinity (a diverged run)."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterStateError(
+            f"{source} holds NaN or infinite values in {len(bad)} tensors ({', '.join(bad[:4])}): the run that saved "
+            "it diverged. Load an earlier checkpoint, or lower the learning rate and train again."
+        )
+
+
+def _refuse_merged(model: nn.Module, source: str) -> None:
+    merged = [name for name, adapter in adapters(model) if adapter.merged]
+    if merged:
+        raise AdapterStateError(
+            f"the adapters of {type(model).__name__} are merged into the base weights ({', '.join(merged[:4])}); "
+            f"loading {source} now would leave the old update folded in. Call unmerge(model) first, or load into a "
+            "fresh base model."
+        )
+
+
+@contextlib.contextmanager
+def restored_on_error(model: nn.Module, values: bool = False) -> Iterator[None]:
+    """Put ``model`` back as it was when the block raises: its module tree, hooks, attributes (every module's own
+    dictionaries, restored in place) and ``requires_grad`` flags; with ``values``, its tensor values as well."""
+    saved = [(m, {k: (v, _shallow_copy(v)) for k, v in vars(m).items()}) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    data = [(t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]] if values else []
+    try:
+        yield
+    except BaseException:
+        for module, attributes in saved:
+            for key in [k for k in vars(module) if k not in attributes]:
+                del vars(module)[key]
+            for key, (value, contents) in attributes.items():
+                if isinstance(value, list):  # containers get their old contents back, in the same object
+                    value[:] = contents
+                elif contents is not None:
+                    value.clear()
+                    value.update(contents)
+                vars(module)[key] = value
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        with torch.no_grad():
+            for tensor, copy in data:
+                tensor.copy_(copy)
+        raise
+
+
+def _shallow_copy(value: Any) -> Any:
+    return copy.copy(value) if isinstance(value, (dict, list, set)) else None

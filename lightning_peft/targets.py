@@ -123,8 +123,13 @@ def _excluded(name: str, exclude: Targets | None, modules: dict[str, nn.Module])
 def describe(model: nn.Module, names: Iterable[str], limit: int = 8) -> str:
     """``"name (Type), ..."`` for the first ``limit`` names."""
     modules = dict(model.named_modules())
-    shown = [f"{n} ({type(modules[n]).__name__})" for n in list(names)[:limit]]
+    shown = [f"{n} ({_kind(type(modules[n]))})" for n in list(names)[:limit]]
     return ", ".join(shown) if shown else "<none>"
+
+
+def _kind(cls: type) -> str:
+    """A class's name, in full where it would pass for a torch.nn class it is not (a quantized ``Linear``)."""
+    return f"{cls.__module__}.{cls.__qualname__}" if getattr(nn, cls.__name__, cls) is not cls else cls.__name__
 
 
 def closest_names(model: nn.Module, rules: Targets, candidates: Sequence[str], limit: int = 6) -> list[str]:

@@ -75,8 +75,9 @@ class MultiheadPrefixAttention(PrefixAttention):
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """``(L, b, E)`` -> ``(b, h, L, E / h)``."""
-        length, batch, _ = x.shape
-        return x.reshape(length, batch, self.base_layer.num_heads, -1).permute(1, 2, 0, 3)
+        length, batch, width = x.shape
+        heads = self.base_layer.num_heads  # the width is explicit: -1 is ambiguous for an empty batch
+        return x.reshape(length, batch, heads, width // heads).permute(1, 2, 0, 3)
 
     def _project(self, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from lightning_peft.core import (
     BatchNormMode,
     MethodConfig,
     check_choice,
+    check_layer_indices,
     check_positive_int,
     init_seed,
     innermost,
@@ -131,6 +132,14 @@ class LoRAConfig(MethodConfig):
             check_positive_int(f"LoRA {name}", rank)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1); got {self.dropout!r}.")
+        for name, alpha in {"alpha": self.alpha, **{f"alpha_pattern[{k!r}]": v for k, v in self.alpha_pattern.items()}
+                            }.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+                raise ValueError(
+                    f"LoRA {name} must be a positive finite number (updates are scaled by alpha / r; 0 makes a LoRA "
+                    f"that never changes the model nor learns); got {alpha!r}. Use e.g. alpha=2 * r."
+                )
+        check_layer_indices("LoRA", self.layers)
         check_choice("init", self.init, LoRAInit)
         check_choice("bias", self.bias, Literal["none", "all", "lora_only"])
         check_choice("batchnorm", self.batchnorm, BatchNormMode)

@@ -66,7 +66,8 @@ class LoRALayer(Adapter):
         seed: Seed of this adapter's initialisation (derived from its name, so every process agrees).
 
     Raises:
-        ValueError: ``init="pissa"`` on a grouped layer or on meta-device weights (PiSSA needs the real weights).
+        ValueError: ``init="pissa"`` on a grouped layer, on meta-device weights (PiSSA needs the real weights) or
+            with ``r`` above the smaller side of the weight matrix.
     """
 
     mergeable: ClassVar[bool] = True
@@ -93,6 +94,14 @@ class LoRALayer(Adapter):
             raise ValueError(
                 f"init='pissa' splits the real weights, but this {type(base).__name__}'s are {where}. "
                 "Inject after the pretrained weights are loaded (outside deepspeed.zero.Init), or use init='default'."
+            )
+        matrix = tuple(self.weight_matrix(self.base_weight).shape) if init == "pissa" else ()
+        if matrix and r > min(matrix):
+            limit = min(matrix)
+            raise ValueError(
+                f"init='pissa' with r={r} needs r <= {limit}, the smaller side of this {type(base).__name__}'s "
+                f"{matrix} weight matrix (PiSSA takes r singular vectors). "
+                f"Lower r, or give this layer a smaller rank (rank_pattern={{{LAYER_NAME}: {limit}}})."
             )
         self._make_factors()
         self.reset_parameters()

@@ -100,10 +100,12 @@ class PromptTuningConfig(MethodConfig):
             )
         if self.init != "random" and self.kind in ("patches", "pixels"):
             raise ValueError(f"init={self.init!r} needs a token vocabulary; {self.kind} prompts start 'random'.")
-        if self.image_size is not None and not (
-            isinstance(self.image_size, int) or (isinstance(self.image_size, list) and len(self.image_size) == 2)
+        sizes = [self.image_size] if isinstance(self.image_size, int) else self.image_size
+        if sizes is not None and not (
+            isinstance(sizes, list) and len(sizes) == (1 if isinstance(self.image_size, int) else 2)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes)
         ):
-            raise ValueError(f"image_size must be an int or [height, width]; got {self.image_size!r}.")
+            raise ValueError(f"image_size must be a positive int or [height, width]; got {self.image_size!r}.")
 
     def attach(self, model: nn.Module) -> None:
         """Add prompts of the chosen (or detected) kind to ``model``."""
