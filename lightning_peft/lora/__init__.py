@@ -35,6 +35,7 @@ from lightning_peft.lora.layers import (
     lora_scale,
     pissa_factors,
 )
+from lightning_peft.lora.tied import untie
 from lightning_peft.targets import Targets, matches, select_modules, transformers_conv1d_type
 
 __all__ = [
@@ -157,6 +158,7 @@ class LoRAConfig(MethodConfig):
             alpha = _pattern_value(self.alpha_pattern, name, module, self.alpha)
             adapter_cls = lora_layer_for(innermost(module))
             seed = init_seed(self.seed, name)
+            untie(model, name, innermost(module))
             extra = {"conv_groups": self.conv_groups} if issubclass(adapter_cls, LoRAConv) else {}
             try:
                 adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, seed, **extra)
