@@ -131,6 +131,8 @@ class MethodConfig:
 
     method_name: ClassVar[str] = "method"
     registry: ClassVar[dict[str, type[MethodConfig]]] = {}
+    #: Values of fields that files saved before the field existed lack (the behaviour those files were made with).
+    defaults_of_old_files: ClassVar[dict[str, Any]] = {}
     #: Dtype of the adapter tensors: ``"auto"`` follows the model (a bf16-true run trains bf16 adapters), a dtype
     #: name pins them (``"float32"``: fp32 adapters on a bf16 or quantized base; inputs are cast at the adapter).
     adapter_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", kw_only=True)
@@ -148,7 +150,8 @@ class MethodConfig:
             raise ValueError(
                 f"saved method {name!r} is unknown to this lightning_peft; it knows {sorted(cls.registry)}."
             )
-        return cls.registry[name](**fields)
+        target = cls.registry[name]
+        return target(**{**target.defaults_of_old_files, **fields})
 
     def attach(self, model: nn.Module) -> None:
         """Add this method's adapters to ``model`` in place."""

@@ -20,7 +20,8 @@ channels, so unmerged inference costs what the base layer costs.
 
 The path applies on CPU (CUDA runs :meth:`~lightning_peft.lora.LoRAConv.folded_forward`, measured faster there)
 to ``nn.Conv1d/2d/3d`` with any stride, dilation, groups and ``padding_mode`` (non-zero modes pad first) when
-dropout is off and the base weight is frozen;
+dropout is off and the base weight is frozen (for grouped convs: the per-group form; the shared form,
+``conv_groups="shared"``, always runs ``folded_forward``, one conv with ``W + s·ΔW``);
 :func:`fused_lora_conv` returns ``None`` otherwise and the caller runs the plain path. Set
 ``lightning_peft.fused_conv.ENABLED = False`` to compare.
 """

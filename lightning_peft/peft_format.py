@@ -163,8 +163,12 @@ def _peft_lora_keys(name: str, layer: Adapter) -> dict[str, str]:
     if kind == "LoRAConv":
         base = layer.base_layer
         problems = []
-        if base.groups != 1:
-            problems.append(f"groups={base.groups} (PEFT's A is an ungrouped conv and it cannot merge grouped ones)")
+        if base.groups != 1 and layer.shared_over_groups:
+            problems.append(f"groups={base.groups} with conv_groups='shared' (one B A shared by all groups; PEFT's "
+                            "grouped-conv LoRA is an ungrouped A over all input channels and a grouped 1x1 B)")
+        elif base.groups != 1:
+            problems.append(f"groups={base.groups} (our per-group A is a grouped conv, PEFT's an ungrouped one over "
+                            "all input channels, and PEFT cannot merge grouped convs)")
         if any(d != 1 for d in base.dilation):
             problems.append(f"dilation={base.dilation} (PEFT's A conv drops dilation)")
         if base.padding_mode != "zeros":

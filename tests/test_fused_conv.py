@@ -44,7 +44,7 @@ def _adapted(kind: str) -> tuple[nn.Module, LoRAConv]:
     cls, kwargs, r = CASES[kind]
     torch.manual_seed(0)
     model = nn.Sequential(cls(**kwargs))
-    inject(model, LoRA(r=r, alpha=3.0, target_modules=["0"]))
+    inject(model, LoRA(r=r, alpha=3.0, target_modules=["0"], conv_groups="per_group"))  # the fused form
     layer = model[0]
     with torch.no_grad():
         layer.lora_B.normal_()  # B = 0 at init would hide errors in every gradient but B's

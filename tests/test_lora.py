@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -54,10 +54,13 @@ class Case:
     r: int
     make_input: Callable[[], torch.Tensor]
     lora_params: Callable[[int], int]  # the closed-form adapter parameter count for rank r
+    config: dict[str, object] = field(default_factory=dict)  # extra LoRAConfig fields
 
 
-def _conv_count(cin: int, cout: int, kernel: tuple[int, ...], groups: int) -> Callable[[int], int]:
-    return lambda r: r * cin // groups * math.prod(kernel) + cout * r // groups  # A: r x in/g x k, B: out x r/g
+def _conv_count(cin: int, cout: int, kernel: tuple[int, ...], groups: int, per_group: bool = False
+                ) -> Callable[[int], int]:
+    b_columns = groups if per_group else 1  # B: out x r/g per group, or out x r shared by the groups
+    return lambda r: r * cin // groups * math.prod(kernel) + cout * r // b_columns  # A: r x in/g x k
 
 
 def _linear_count(fan_in: int, fan_out: int) -> Callable[[int], int]:
@@ -72,6 +75,17 @@ CASES: dict[str, Case] = {
                            lambda: torch.randn(2, 4, 7, 7), _conv_count(4, 6, (3, 3), 2)),
     "conv2d_depthwise": Case(lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4)), "0", 4,
                              lambda: torch.randn(2, 4, 6, 6), _conv_count(4, 4, (3, 3), 4)),
+    "conv2d_grouped_per_group": Case(lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2)), "0", 4,
+                                     lambda: torch.randn(2, 4, 7, 7), _conv_count(4, 6, (3, 3), 2, per_group=True),
+                                     {"conv_groups": "per_group"}),
+    "conv2d_depthwise_per_group": Case(lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4)), "0", 4,
+                                       lambda: torch.randn(2, 4, 6, 6), _conv_count(4, 4, (3, 3), 4, per_group=True),
+                                       {"conv_groups": "per_group"}),
+    "conv2d_depthwise_rank_below_groups": Case(lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8)), "0", 3,
+                                               lambda: torch.randn(2, 8, 6, 6), _conv_count(8, 8, (3, 3), 8)),
+    "conv1d_depthwise_dilated_circular": Case(
+        lambda: nn.Sequential(nn.Conv1d(6, 6, 3, padding=2, dilation=2, groups=6, padding_mode="circular")), "0", 2,
+        lambda: torch.randn(2, 6, 11), _conv_count(6, 6, (3,), 6)),
     "conv2d_dilated_strided": Case(lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2)), "0", 2,
                                    lambda: torch.randn(2, 3, 9, 9), _conv_count(3, 4, (3, 3), 1)),
     "conv2d_1x1": Case(lambda: nn.Sequential(nn.Conv2d(5, 6, 1)), "0", 3, lambda: torch.randn(2, 5, 4, 4),
@@ -85,6 +99,12 @@ CASES: dict[str, Case] = {
                    lambda: torch.randn(2, 2, 6, 8, 8), _conv_count(2, 4, (3, 3, 3), 1)),  # enough positions to fuse
     "conv3d_grouped_dilated": Case(lambda: nn.Sequential(nn.Conv3d(4, 4, 3, padding=2, dilation=2, groups=2)), "0", 2,
                                    lambda: torch.randn(1, 4, 5, 5, 5), _conv_count(4, 4, (3, 3, 3), 2)),
+    "conv3d_grouped_dilated_per_group": Case(
+        lambda: nn.Sequential(nn.Conv3d(4, 4, 3, padding=2, dilation=2, groups=2)), "0", 2,
+        lambda: torch.randn(1, 4, 5, 5, 5), _conv_count(4, 4, (3, 3, 3), 2, per_group=True),
+        {"conv_groups": "per_group"}),
+    "conv3d_grouped_odd_rank": Case(lambda: nn.Sequential(nn.Conv3d(4, 6, 3, padding=1, groups=2)), "0", 3,
+                                    lambda: torch.randn(1, 4, 5, 5, 5), _conv_count(4, 6, (3, 3, 3), 2)),
     "embedding": Case(lambda: nn.Sequential(nn.Embedding(12, 6, padding_idx=0)), "0", 3,
                       lambda: torch.randint(0, 12, (3, 5)), lambda r: r * (12 + 6)),
     "gpt2_conv1d": Case(GPT2Hidden, "gpt.h.0.attn.c_attn", 2, lambda: torch.randint(0, 40, (2, 6)),
@@ -103,7 +123,7 @@ def _setup(kind: str, **config: object) -> tuple[nn.Module, nn.Module, torch.Ten
     torch.manual_seed(0)
     base = case.build().eval()
     adapted = inject(copy.deepcopy(base), LoRAConfig(**{"r": case.r, "alpha": 3.0, "target_modules": [case.target],
-                                                        **config}))
+                                                        **case.config, **config}))
     return base, adapted, case.make_input()
 
 
@@ -134,8 +154,9 @@ def test_merge_unmerge_and_merge_and_unload_reproduce_adapter_outputs(kind: str,
     _randomize_adapters(adapted)
     tol = dict(atol=1e-5, rtol=1e-5)
     expected = adapted(x)  # gradients on: the training path (fused for convs)
-    if kind.startswith("conv"):
-        assert "FusedLoRAConv" in type(expected.grad_fn).__name__, "the fused path did not run"
+    if kind.startswith("conv"):  # the shared grouped form runs conv(x, W + s·ΔW) instead of the fused path
+        fused = "FusedLoRAConv" in type(expected.grad_fn).__name__
+        assert fused != adapted.get_submodule(CASES[kind].target).shared_over_groups, "the wrong conv path ran"
     monkeypatch.setattr(fused_conv, "ENABLED", False)
     torch.testing.assert_close(adapted(x), expected, **tol)  # the plain three-operation path agrees
     assert (expected - base(x)).abs().max() > 1e-2  # the update is not negligible
@@ -307,7 +328,8 @@ def test_init_is_deterministic_per_layer_name_and_seed() -> None:
     assert not torch.equal(first[0].lora_A, first[1].lora_A) and not torch.equal(first[0].lora_A, other[0].lora_A)
 
 
-PISSA_KINDS = ["linear", "conv1d", "conv2d_dilated_strided", "conv3d", "embedding", "gpt2_conv1d", "mha_batch_first"]
+PISSA_KINDS = ["linear", "conv1d", "conv2d_dilated_strided", "conv3d", "conv2d_grouped", "conv2d_depthwise",
+               "embedding", "gpt2_conv1d", "mha_batch_first"]
 
 
 @pytest.mark.parametrize("kind", PISSA_KINDS)
@@ -329,7 +351,8 @@ def test_pissa_keeps_outputs_and_puts_the_top_singular_part_in_the_adapter(kind:
 
 def test_pissa_refuses_grouped_and_meta_layers_with_the_fix() -> None:
     with pytest.raises(ValueError, match=r"LoRA cannot adapt '0': init='pissa' needs an ungrouped layer.*groups=2"):
-        inject(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), LoRAConfig(r=2, target_modules=["0"], init="pissa"))
+        inject(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), LoRAConfig(r=2, target_modules=["0"], init="pissa",
+                                                                      conv_groups="per_group"))
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="on the meta device. Inject after the pretrained weights are loaded"):
@@ -340,9 +363,9 @@ def test_pissa_refuses_grouped_and_meta_layers_with_the_fix() -> None:
 def test_grouped_conv_rank_not_multiple_of_groups_names_layer_and_fix() -> None:
     model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
     with pytest.raises(ValueError, match=r"LoRA cannot adapt '0': LoRA rank r=3 is not a multiple of groups=2 .*"
-                                         r"rank_pattern=\{'0': 4\}.*exclude_modules"):
-        inject(model, LoRAConfig(r=3, target_modules=["0"]))
-    inject(model, LoRAConfig(r=3, target_modules=["0"], rank_pattern={"0": 4}))  # the fix works
+                                         r"conv_groups='shared'.*rank_pattern=\{'0': 4\}.*exclude_modules"):
+        inject(model, LoRAConfig(r=3, target_modules=["0"], conv_groups="per_group"))
+    inject(model, LoRAConfig(r=3, target_modules=["0"], rank_pattern={"0": 4}, conv_groups="per_group"))  # a fix
     assert model[0].r == 4
 
 

@@ -25,6 +25,7 @@ from lightning_peft.core import (
 )
 from lightning_peft.lora.layers import (
     LAYER_NAME,
+    ConvGroups,
     LoRAConv,
     LoRAConv1D,
     LoRAEmbedding,
@@ -35,6 +36,7 @@ from lightning_peft.lora.layers import (
     lora_scale,
     pissa_factors,
 )
+from lightning_peft.lora.tied import untie
 from lightning_peft.targets import Targets, matches, select_modules, transformers_conv1d_type
 
 __all__ = [
@@ -101,6 +103,9 @@ class LoRAConfig(MethodConfig):
             normalise as in eval mode, also while training) or update them (``"update"``; the statistics are then
             saved with the adapter).
         seed: Base seed of the adapters' initialisation; each adapter derives its own from its name.
+        conv_groups: LoRA on grouped and depthwise convolutions: ``"shared"`` (default: one low-rank update of the
+            ``(out, in/groups·prod(k))`` weight matrix, any ``r``, exactly mergeable) or ``"per_group"`` (a rank
+            ``r/groups`` update per group; ``r`` must be a multiple of ``groups``). See :class:`LoRAConv`.
 
     Example:
         >>> from lightning_peft import inject
@@ -126,6 +131,10 @@ class LoRAConfig(MethodConfig):
     bias: Literal["none", "all", "lora_only"] = "none"
     batchnorm: BatchNormMode = "frozen"
     seed: int = 0
+    conv_groups: ConvGroups = "shared"
+
+    #: files saved before ``conv_groups`` existed hold per-group grouped-conv adapters
+    defaults_of_old_files: ClassVar[dict[str, Any]] = {"conv_groups": "per_group"}
 
     def __post_init__(self) -> None:
         for name, rank in {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}.items():
@@ -143,6 +152,7 @@ class LoRAConfig(MethodConfig):
         check_choice("init", self.init, LoRAInit)
         check_choice("bias", self.bias, Literal["none", "all", "lora_only"])
         check_choice("batchnorm", self.batchnorm, BatchNormMode)
+        check_choice("conv_groups", self.conv_groups, ConvGroups)
 
     def attach(self, model: nn.Module) -> None:
         """Wrap every selected layer in its LoRA adapter."""
@@ -157,8 +167,10 @@ class LoRAConfig(MethodConfig):
             alpha = _pattern_value(self.alpha_pattern, name, module, self.alpha)
             adapter_cls = lora_layer_for(innermost(module))
             seed = init_seed(self.seed, name)
+            untie(model, name, innermost(module))
+            extra = {"conv_groups": self.conv_groups} if issubclass(adapter_cls, LoRAConv) else {}
             try:
-                adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, seed)
+                adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, seed, **extra)
             except ValueError as err:  # name the layer, and put its name into the suggested fix
                 raise ValueError(f"LoRA cannot adapt {name!r}: {str(err).replace(LAYER_NAME, repr(name))}") from None
             replace_module(model, name, adapter)

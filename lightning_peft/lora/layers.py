@@ -10,8 +10,13 @@ A starts Kaiming-uniform and B at zero, so the adapted model equals the base mod
 For a convolution, A is a convolution with the base layer's kernel, stride, padding, dilation, padding mode
 and groups and ``r`` output channels, and B is a grouped 1x1 convolution, so ``B ∘ A`` is exactly a
 convolution with weight ``ΔW`` and ``merge()`` is exact for every conv (grouped, dilated, strided, circular).
-With ``groups = g``, ``r`` must be a multiple of ``g``: each group gets rank ``r / g``, and the adapter holds
-``r·in/g·prod(k) + out·r/g`` parameters.
+A grouped convolution (``groups = g``, weight ``(out, in/g, *k)``) has two forms (``conv_groups``):
+
+- ``"shared"`` (default, any ``r``): the weight seen as one ``(out, in/g·prod(k))`` matrix gets ``ΔW = B A`` with
+  A ``(r, in/g, *k)`` and B ``(out, r, 1...)``, applied as one grouped convolution of the base's shape with
+  ``W + s·ΔW`` (its weight is small for depthwise and grouped convs). ``r·in/g·prod(k) + out·r`` parameters.
+- ``"per_group"``: each group has its own rank-``r/g`` update (``ΔW`` block-diagonal, A a grouped conv, B a
+  grouped 1x1 conv); ``r`` must be a multiple of ``g``. ``r·in/g·prod(k) + out·r/g`` parameters.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lightning_peft.fused_conv import fused_lora_conv
 from lightning_peft.zero3 import global_shape, is_partitioned
 
 LoRAInit = Literal["default", "gaussian", "pissa"]
+ConvGroups = Literal["shared", "per_group"]
 LAYER_NAME = "<layer name>"  # placeholder in adapter errors; LoRAConfig.attach puts the real name in
 
 
@@ -319,30 +325,44 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class LoRAConv(LoRALayer):
-    """LoRA for ``nn.Conv1d/2d/3d``: A is a conv like the base one with ``r`` output channels, B a grouped 1x1 conv."""
+    """LoRA for ``nn.Conv1d/2d/3d``: A is a conv like the base one with ``r`` output channels, B a 1x1 conv.
+
+    Args:
+        conv_groups: For a grouped base (``groups > 1``): ``"shared"`` (one ``(out, in/g·prod(k))`` low-rank
+            update ``B A``, any ``r``) or ``"per_group"`` (a rank-``r/g`` update per group, ``r`` a multiple of
+            ``groups``). Both are the same for ``groups == 1``. See the module docstring.
+    """
 
     base_layer: _ConvNd
 
-    def __init__(self, base: _ConvNd, r: int, *args: Any, **kwargs: Any) -> None:
-        if r % base.groups:
+    def __init__(self, base: _ConvNd, r: int, *args: Any, conv_groups: ConvGroups = "shared", **kwargs: Any) -> None:
+        if conv_groups == "per_group" and r % base.groups:
             fix = base.groups * max(1, round(r / base.groups))
             raise ValueError(
                 f"LoRA rank r={r} is not a multiple of groups={base.groups} of {type(base).__name__}"
-                f"({base.in_channels}, {base.out_channels}, groups={base.groups}): each group needs the same rank. "
-                f"Give this layer a multiple of {base.groups} (rank_pattern={{{LAYER_NAME}: {fix}}}), "
-                "or leave it out with exclude_modules."
+                f"({base.in_channels}, {base.out_channels}, groups={base.groups}): with conv_groups='per_group' each "
+                f"group needs the same rank. Use conv_groups='shared' (any rank), give this layer a multiple of "
+                f"{base.groups} (rank_pattern={{{LAYER_NAME}: {fix}}}), or leave it out with exclude_modules."
             )
+        self.__dict__["conv_groups"] = conv_groups  # read by ``groups`` during LoRALayer.__init__
         super().__init__(base, r, *args, **kwargs)
 
     @property
     def groups(self) -> int:
-        return self.base_layer.groups
+        return self.base_layer.groups if self.conv_groups == "per_group" else 1
+
+    @property
+    def shared_over_groups(self) -> bool:
+        """Whether one ``B A`` is shared by the groups of a grouped base (applied as a conv with ``ΔW``)."""
+        return self.groups != self.base_layer.groups
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.enabled or self.merged or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        if x.is_cuda and not self.dropout_active:
-            return self.folded_forward(x)
+        if self.shared_over_groups or (x.is_cuda and not self.dropout_active):
+            # shared form: conv(x, W + s·ΔW), one grouped conv of the base shape (ΔW is as small as W); with
+            # dropout, base(x) + s·conv(dropout(x), ΔW)
+            return super().forward(x) if self.dropout_active else self.folded_forward(x)
         # CPU: one convolution with [W; A] instead of three (lightning_peft.fused_conv); None: the plain path
         fused = fused_lora_conv(self, x)
         return fused if fused is not None else super().forward(x)
@@ -362,6 +382,9 @@ class LoRAConv(LoRALayer):
         return (shape[0], self.r // self.groups, *([1] * (len(shape) - 2)))
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_over_groups:  # B A (out, in/g·prod(k)) in the base layout, run as the base's grouped conv
+            delta = self.from_matrix(self.lora_B.reshape(-1, self.r) @ self.lora_A.reshape(self.r, -1))
+            return self.base_layer._conv_forward(x, delta, None)
         hidden = self.base_layer._conv_forward(x, self.lora_A, None)  # base stride/padding/dilation/mode/groups
         return _CONV[self.base_weight.dim() - 2](hidden, self.lora_B, groups=self.groups)
 

@@ -1,0 +1,58 @@
+"""Tied weights under LoRA: an adapted layer's weight is its own.
+
+A layer whose weight is shared with another module (GPT-2's ``wte`` and ``lm_head``) gets its own copy of the
+weight at inject, with a :class:`~lightning_peft.errors.PEFTWarning`; the other module keeps the original. So the
+update acts on the adapted layer only, before and after ``merge()`` (HF PEFT's unmerged semantics; PEFT's own merge
+would also change the tied module). transformers models forget the tie too (``config.tie_word_embeddings`` and
+``all_tied_weights_keys``), so ``save_pretrained`` of the merged model keeps both weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from lightning_peft.errors import PEFTWarning
+
+
+def untie(model: nn.Module, name: str, layer: nn.Module) -> list[str]:
+    """Give ``layer`` (named ``name`` in ``model``) its own copy of every parameter it shares; returns their names."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for local, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, f"{module_name}.{local}" if module_name else local))
+    untied = []
+    for local, param in list(layer._parameters.items()):
+        found = owners.get(id(param), []) if param is not None else []
+        own = next((n for m, n in found if m is layer), f"{name}.{local}")
+        others = [n for m, n in found if m is not layer]
+        if not others or param is None:
+            continue
+        layer._parameters[local] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        untied.append(own)
+        _forget_tie(model, own, others)
+        warnings.warn(
+            f"LoRA on {name!r}: its {local} is tied to {others}; the tie is undone (a copy for {name!r}), so the "
+            f"update changes {name!r} only, before and after merge, and the tied module keeps the original weight.",
+            PEFTWarning, stacklevel=3,
+        )
+    return untied
+
+
+def _forget_tie(model: nn.Module, *names: str | list[str]) -> None:
+    """Drop the tie from transformers' bookkeeping so ``save_pretrained``/``tie_weights`` do not restore it."""
+    flat = {n for group in names for n in ([group] if isinstance(group, str) else group)}
+    for host_name, host in model.named_modules():
+        keys = getattr(host, "all_tied_weights_keys", None)
+        if not isinstance(keys, dict):
+            continue
+        prefix = f"{host_name}." if host_name else ""
+        relative = {n.removeprefix(prefix) for n in flat if n.startswith(prefix)}
+        for target, source in list(keys.items()):
+            if target in relative or source in relative:
+                del keys[target]
+        config = getattr(host, "config", None)
+        if config is not None and getattr(config, "tie_word_embeddings", False) and relative:
+            config.tie_word_embeddings = False
