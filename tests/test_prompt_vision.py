@@ -14,7 +14,7 @@ torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
-from lightning_peft import PEFTWarning, PromptTuningConfig, inject, load_adapter, save_adapter  # noqa: E402
+from lightning_peft import PromptTuningConfig, inject, load_adapter, save_adapter  # noqa: E402
 from lightning_peft.prompt import PatchPrompt, PixelPrompt  # noqa: E402
 
 P, SIZE = 3, 32
@@ -202,9 +202,10 @@ def test_saved_deep_patch_prompts_load_into_a_fresh_vit(tmp_path) -> None:
 
 
 def test_pixel_prompt_errors_say_what_to_pass() -> None:
-    with pytest.warns(PEFTWarning, match=r"ResNet declares no input size: the pixel prompt is made for 224x224"):
-        assumed = inject(resnet(), PromptTuningConfig(kind="pixels", width=4))  # the issue's own spelling
-    assert assumed(torch.randn(1, 3, 224, 224)).shape == (1, 4)
+    any_size = inject(resnet(), PromptTuningConfig(kind="pixels", width=6))  # the issue's own spelling
+    with pytest.raises(ValueError, match=r"width 6 leaves nothing inside a 12x12 input; use inputs larger than "
+                                         r"12x12, or inject with a width below 6 or region='full'"):
+        any_size(torch.randn(1, 3, 12, 12))
     with pytest.raises(ValueError, match=r"border of width 16 leaves nothing inside a 32x32 image.*below 16"):
         inject(resnet(), PromptTuningConfig(kind="pixels", width=16, image_size=SIZE))
     with pytest.raises(ValueError, match=r"image_module='stem' is not a module of ResNet; its Conv2d layers are \['conv1'"):
@@ -223,3 +224,64 @@ def test_kind_is_detected_from_the_model() -> None:
     assert detect_kind(resnet()) == "pixels"
     assert detect_kind(transformers.BertModel(transformers.BertConfig(
         vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))) == "tokens"
+
+
+def moved_pixel_prompt(model: nn.Module) -> PixelPrompt:
+    prompt = next(m for m in model.modules() if isinstance(m, PixelPrompt))
+    with torch.no_grad():
+        for param in prompt.parameters(recurse=False):
+            param.copy_(torch.randn_like(param))
+    return prompt
+
+
+def test_pixel_prompt_takes_any_input_size_without_image_size() -> None:
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=4).eval()
+    model = inject(copy.deepcopy(base), PromptTuningConfig(kind="pixels", width=2))
+    prompt = next(m for m in model.modules() if isinstance(m, PixelPrompt))
+    shapes = [tuple(p.shape) for p in prompt.parameters(recurse=False)]
+    assert shapes == [(3, 2, 224), (3, 2, 224), (3, 220, 2), (3, 220, 2)]  # fixed, whatever the inputs
+    for size in (12, 32, 64, 224, 32, 12, 64):  # variable sizes between batches
+        image = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(model(image), base(image), rtol=0, atol=0)  # identity at init
+    moved_pixel_prompt(model)
+    for size in (12, 32, 64, 224):
+        image = torch.randn(2, 3, size, size)
+        model.zero_grad()
+        out = model(image)
+        assert (out - base(image)).abs().max() > 1e-3
+        out.square().sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prompt.parameters(recurse=False))
+    with torch.no_grad():  # the added pattern: strips resized along the edge only, zero inside, width exactly 2
+        pattern = prompt.pattern((12, 20))
+        top = torch.nn.functional.interpolate(prompt.prompt_top.reshape(1, 6, 224), size=20, mode="linear",
+                                              align_corners=True).reshape(3, 2, 20)
+        left = torch.nn.functional.interpolate(prompt.prompt_left.transpose(1, 2).reshape(1, 6, 220), size=8,
+                                               mode="linear", align_corners=True).reshape(3, 2, 8).transpose(1, 2)
+        torch.testing.assert_close(pattern[:, :2], top)
+        torch.testing.assert_close(pattern[:, 2:10, :2], left)
+        assert pattern[:, 2:10, 2:18].abs().max() == 0
+        torch.testing.assert_close(prompt.pattern((224, 224)), prompt.pattern())  # the reference size: as learned
+        corner = prompt.prompt_top[:, :, [0, -1]]  # corners aligned: the strip's ends stay at the image's corners
+        torch.testing.assert_close(prompt.pattern((32, 48))[:, :2][:, :, [0, -1]], corner)
+
+
+def test_pixel_prompt_any_size_full_region_and_save_load(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=4).eval()
+    model = inject(copy.deepcopy(base), PromptTuningConfig(kind="pixels", pixel_region="full"))
+    image = torch.randn(2, 3, 40, 40)
+    torch.testing.assert_close(model(image), base(image), rtol=0, atol=0)
+    prompt = moved_pixel_prompt(model)
+    with torch.no_grad():
+        expected = base(image + torch.nn.functional.interpolate(prompt.prompt[None], size=(40, 40),
+                                                                mode="bilinear", align_corners=True))
+    torch.testing.assert_close(model(image), expected)
+    border = inject(copy.deepcopy(base), PromptTuningConfig(kind="pixels", width=3))
+    moved_pixel_prompt(border)
+    for saved in (model, border):
+        save_adapter(saved, tmp_path / str(id(saved)))
+        restored = load_adapter(copy.deepcopy(base), tmp_path / str(id(saved)))
+        for size in (16, 50):
+            image = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(restored(image), saved(image), rtol=0, atol=0)

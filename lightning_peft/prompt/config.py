@@ -44,8 +44,10 @@ class PromptTuningConfig(MethodConfig):
             (``"left"`` or ``"right"``); ``None`` (default) raises an error instead.
         width: Pixel prompts: border width in pixels (Bahng et al. 2022 use 30 on 224-pixel images).
         pixel_region: Pixel prompts: a ``"border"`` frame (default) or the ``"full"`` image.
-        image_size: Pixel prompts: image size ``H`` or ``[H, W]``; read from the model when it declares one
-            (torchvision/timm/transformers ViTs), required otherwise (ResNet).
+        image_size: Pixel prompts: image size ``H`` or ``[H, W]``; inputs of another size are refused. Read from
+            the model when it declares one (torchvision/timm/transformers ViTs). Unset on a model that takes any
+            size (ResNet), the prompt is learned at 224x224 and resized along the edges to each input, keeping the
+            border ``width`` pixels wide (see :mod:`lightning_peft.prompt.pixels`).
         image_module: Pixel prompts: name of the module that first receives the image (default: the first
             ``nn.Conv2d``).
         trainable_modules: Modules trained fully alongside the prompts (a classifier head) and saved with them.

@@ -11,20 +11,28 @@ r"""Pixel prompts (visual prompting, Bahng et al. 2022, https://arxiv.org/abs/22
                                              └─────────────┘
 
 The prompt is added to the image, so the input size the model sees does not change. It starts at zero: the
-prompted model equals the frozen model before training. The adapter wraps the module that first receives
+prompted model equals the frozen model before training.
+
+Any input size: when neither ``image_size`` nor the model fixes the size (a ResNet takes any size), the border is
+learned at a reference size (224x224, Bahng et al.'s) and each strip is resized *along its edge only*
+(linear interpolation, corners aligned) to the input's height and width, so every input gets a border of
+exactly ``w`` pixels, the number of parameters does not depend on the input, and batches of different sizes
+share one prompt.
+At the reference size the resize is the identity. A ``"full"`` prompt is resized bilinearly.
+
+The adapter wraps the module that first receives
 the image (by default the model's first ``nn.Conv2d``), so it works for ResNets, ViTs and any CNN.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 from lightning_peft.core import init_seed, replace_module
-from lightning_peft.errors import PEFTWarning
 from lightning_peft.prompt.base import PromptAdapter
 
 if TYPE_CHECKING:
@@ -41,10 +49,13 @@ class PixelPrompt(PromptAdapter):
         width: Border width ``w`` in pixels (``region="border"``).
         region: ``"border"`` (a frame of width ``w``, zero inside) or ``"full"`` (every pixel).
         seed: Seed of the adapter (the prompt starts at zero; kept for a uniform adapter interface).
+        any_size: Accept inputs of any size, resizing the prompt learned at ``size`` along the edges (see the
+            module docstring); ``False`` refuses inputs of another size.
     """
 
     def __init__(
-        self, base: nn.Module, channels: int, size: tuple[int, int], width: int, region: str, seed: int
+        self, base: nn.Module, channels: int, size: tuple[int, int], width: int, region: str, seed: int,
+        any_size: bool = False,
     ) -> None:
         super().__init__(base, seed)
         (h, w), b = size, width
@@ -53,7 +64,7 @@ class PixelPrompt(PromptAdapter):
                 f"a pixel prompt border of width {b} leaves nothing inside a {h}x{w} image; pass a width below "
                 f"{(min(h, w) + 1) // 2}, or region='full' to prompt every pixel."
             )
-        self.size, self.width, self.region = (h, w), b, region
+        self.size, self.width, self.region, self.any_size = (h, w), b, region, any_size
         like = next(base.parameters(), None)
         if region == "full":
             self.prompt = self.new_parameter(channels, h, w, like=like)
@@ -70,18 +81,31 @@ class PixelPrompt(PromptAdapter):
             if not param.is_meta:
                 param.zero_()  # identity at init: the image is unchanged until training moves the prompt
 
-    def pattern(self) -> torch.Tensor:
-        """The prompt as one ``(C, H, W)`` image."""
+    def pattern(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The prompt as one ``(C, H, W)`` image, at ``size`` (default: the size it was made for)."""
+        h, w = size or self.size
         if self.region == "full":
-            return self.prompt
-        h, w, b = *self.size, self.width
-        inside = self.prompt_left.new_zeros(self.prompt_left.shape[0], h - 2 * b, w - 2 * b)
-        middle = torch.cat([self.prompt_left, inside, self.prompt_right], dim=2)  # (C, H - 2b, W)
-        return torch.cat([self.prompt_top, middle, self.prompt_bottom], dim=1)  # (C, H, W)
+            if (h, w) == self.size:
+                return self.prompt
+            return functional.interpolate(self.prompt[None], size=(h, w), mode="bilinear", align_corners=True)[0]
+        b = self.width
+        if 2 * b >= min(h, w):
+            raise ValueError(
+                f"a pixel prompt border of width {b} leaves nothing inside a {h}x{w} input; use inputs larger than "
+                f"{2 * b}x{2 * b}, or inject with a width below {(min(h, w) + 1) // 2} or region='full'."
+            )
+        top, bottom = along_edge(self.prompt_top, w, dim=2), along_edge(self.prompt_bottom, w, dim=2)
+        left, right = along_edge(self.prompt_left, h - 2 * b, dim=1), along_edge(self.prompt_right, h - 2 * b, dim=1)
+        inside = left.new_zeros(left.shape[0], h - 2 * b, w - 2 * b)
+        middle = torch.cat([left, inside, right], dim=2)  # (C, H - 2b, W)
+        return torch.cat([top, middle, bottom], dim=1)  # (C, H, W)
 
     def forward(self, image: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.enabled:
-            if tuple(image.shape[-2:]) != self.size:
+            size = (int(image.shape[-2]), int(image.shape[-1]))
+            if self.any_size:
+                return self.base_layer(image + self.pattern(size).to(image.dtype), *args, **kwargs)
+            if size != self.size:
                 raise ValueError(
                     f"the pixel prompt was made for {self.size[0]}x{self.size[1]} images; got an input of shape "
                     f"{tuple(image.shape)}. Resize the images, or inject with image_size={list(image.shape[-2:])}."
@@ -90,7 +114,21 @@ class PixelPrompt(PromptAdapter):
         return self.base_layer(image, *args, **kwargs)
 
 
-DEFAULT_IMAGE_SIZE = 224  # the input size pixel prompts assume for models that declare none
+def along_edge(strip: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """``strip`` (C, a, b) linearly resized to ``length`` along ``dim`` (1 or 2) only; unchanged at its own length."""
+    if strip.shape[dim] == length:
+        return strip
+    rows = strip.transpose(1, 2) if dim == 1 else strip  # (C, across, along)
+    c, across, along = rows.shape
+    if along == 1:
+        resized = rows.expand(c, across, length)
+    else:
+        resized = functional.interpolate(rows.reshape(1, c * across, along), size=length, mode="linear",
+                                         align_corners=True).reshape(c, across, length)
+    return resized.transpose(1, 2) if dim == 1 else resized
+
+
+DEFAULT_IMAGE_SIZE = 224  # the reference size of pixel prompts on models that fix no input size
 
 
 def declared_image_size(model: nn.Module) -> tuple[int, int] | None:
@@ -130,14 +168,11 @@ def attach_pixels(model: nn.Module, config: PromptTuningConfig) -> None:
             )
         name, module = candidates[0]
     size = config.image_size or declared_image_size(model)
-    if size is None:  # Bahng et al. (2022) prompt 224x224 inputs; a border's parameters depend on the size
+    any_size = size is None  # the model takes any size (a ResNet): learn at the reference size, resize per input
+    if size is None:
         size = DEFAULT_IMAGE_SIZE
-        warnings.warn(
-            f"{type(model).__name__} declares no input size: the pixel prompt is made for {size}x{size} images (as in "
-            "Bahng et al. 2022). Pass image_size=[height, width] to PromptTuning for other sizes.",
-            PEFTWarning, stacklevel=2,
-        )
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     channels = getattr(module, "in_channels", 3)
-    adapter = PixelPrompt(module, channels, hw, config.width, config.pixel_region, init_seed(config.seed, name))
+    adapter = PixelPrompt(module, channels, hw, config.width, config.pixel_region, init_seed(config.seed, name),
+                          any_size=any_size)
     replace_module(model, name, adapter)
