@@ -352,12 +352,36 @@ def test_fsdp1_with_the_wrap_policy_matches_one_process_on_cpu(tmp_path: Path, m
         torch.testing.assert_close(sharded[name], reference[name], rtol=1e-5, atol=1e-6)
 
 
+def _one_process_trainables(method: str, steps: int, batch_size: int, **method_kwargs: object) -> dict[str, torch.Tensor]:
+    """Every trainable tensor of a :class:`CausalLM` (adapters and trainable_modules) after SGD on one process."""
+    root = inject(CausalLM(), METHODS[method](**method_kwargs))
+    optimizer = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=0.05)
+    tokens = token_data()
+    for step in range(steps):
+        batch = tokens[step * batch_size : (step + 1) * batch_size]
+        root.model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {n: p.detach().clone() for n, p in root.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_fsdp2_model_parallel_strategy_trains_adapters_on_cpu(tmp_path: Path, method: str) -> None:
-    _torchrun("fsdp2_peft.py", str(tmp_path), method)
-    report = torch.load(tmp_path / "fsdp2.pt", weights_only=True)
-    assert report["trained"] and report["frozen_unchanged"]
+def test_fsdp2_sharding_in_configure_model_matches_one_process_with_callback_and_mixin(tmp_path: Path) -> None:
+    # one launch: every method through the callback and the mixin, neither calling apply_peft() before fully_shard
+    _torchrun("fsdp2_peft.py", str(tmp_path))
+    for method in sorted(METHODS):
+        reference = _one_process_trainables(method, steps=4, batch_size=8, trainable_modules=["ln_f"])
+        assert any(n.startswith("model.transformer.ln_f.") for n in reference)
+        for glue in ("callback", "mixin"):
+            report = torch.load(tmp_path / f"{method}-{glue}.pt", weights_only=True)
+            assert report["trained"].keys() == reference.keys() == report["saved"].keys(), f"{method}-{glue}"
+            for name, tensor in reference.items():
+                for kind in ("trained", "saved"):  # after fit; in the checkpoint rank 0 wrote
+                    torch.testing.assert_close(report[kind][name], tensor, rtol=1e-5, atol=1e-5,
+                                               msg=f"{method}-{glue} {kind}: {name}")
+    refused = torch.load(tmp_path / "refused.pt", weights_only=True)["refused"]
+    assert re.match(r"lightning_peft cannot inject into HelperLM: fully_shard already sharded .*apply_peft\(\) "
+                    r"before fully_shard", refused), refused
 
 
 @pytest.mark.slow
