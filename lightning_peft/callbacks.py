@@ -469,3 +469,8 @@ class PromptTuning(PromptTuningConfig, _MethodCallback):
         trainer = L.Trainer(callbacks=[PromptTuning(num_tokens=20, init="text", init_text="Classify the sentiment:",
                                                     tokenizer="path/to/tokenizer")])
     """
+
+
+from lightning_peft.spawn import install_spawn_recovery  # noqa: E402  (it imports this module's classes lazily)
+
+install_spawn_recovery()
