@@ -8,8 +8,8 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -374,7 +374,9 @@ def test_fsdp1_with_the_wrap_policy_matches_one_process_on_cpu(tmp_path: Path, m
         torch.testing.assert_close(sharded[name], reference[name], rtol=1e-5, atol=1e-6)
 
 
-def _one_process_trainables(method: str, steps: int, batch_size: int, **method_kwargs: object) -> dict[str, torch.Tensor]:
+def _one_process_trainables(
+    method: str, steps: int, batch_size: int, **method_kwargs: object
+) -> dict[str, torch.Tensor]:
     """Every trainable tensor of a :class:`CausalLM` (adapters and trainable_modules) after SGD on one process."""
     root = inject(CausalLM(), METHODS[method](**method_kwargs))
     optimizer = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=0.05)
