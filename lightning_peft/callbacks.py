@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -63,12 +64,69 @@ def prepare_module(pl_module: pl.LightningModule, methods: list[Method]) -> None
     if methods:  # also on a later fit, whose new Trainer brings a new strategy
         _prepare_strategy(strategy)
     if todo:
+        _refuse_sharded_module(pl_module)
         inject(pl_module, *todo)
         pl_module.strict_loading = False  # checkpoints hold adapter tensors only; check_checkpoint checks them
         names = ", ".join(type(m).__name__ for m in todo)
         rank_zero_info(f"lightning_peft: {names} injected; {trainable_summary(pl_module)}")
     if methods:
         _check_fsdp1_flat_parameters(strategy, pl_module)
+
+
+def _refuse_sharded_module(pl_module: pl.LightningModule) -> None:
+    """Adapters injected after FSDP2's ``fully_shard`` would be plain tensors FSDP never reduces: every rank would
+    train its own adapters on its own data. Refused, with the fix."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [name or "<root>" for name, m in pl_module.named_modules() if isinstance(m, FSDPModule)]
+    if sharded:
+        raise ValueError(
+            f"lightning_peft cannot inject into {type(pl_module).__name__}: fully_shard already sharded "
+            f"{', '.join(sharded[:3])}{' ...' if len(sharded) > 3 else ''}, so the adapters would be plain tensors "
+            "that FSDP2 never synchronizes (each rank would train its own). Inject before sharding: in "
+            "configure_model, call fully_shard by its name from torch.distributed.fsdp in the module's own code (the "
+            "plugin injects on its first call), or use PEFTMixin and call self.apply_peft() before fully_shard."
+        )
+
+
+@contextlib.contextmanager
+def inject_before_fully_shard(pl_module: pl.LightningModule, inject_now: Callable[[], None]) -> Iterator[None]:
+    """While ``configure_model`` runs, FSDP2's ``fully_shard`` first runs ``inject_now()``, so the adapters exist
+    before the first module is sharded (a configure_model may build its layers and shard them in one method).
+
+    ``fully_shard`` is replaced where a user's code finds it: ``torch.distributed.fsdp``,
+    ``torch.distributed._composable.fsdp``, and the globals of the module's ``configure_model`` functions (a name
+    bound by ``from torch.distributed.fsdp import fully_shard``). A call the plugin cannot see (a helper in another
+    file) shards first; injecting afterwards is then refused by :func:`prepare_module`, with the fix.
+    """
+    if not torch.distributed.is_available():
+        yield
+        return
+    import torch.distributed._composable.fsdp as composable_fsdp
+    import torch.distributed.fsdp as torch_fsdp
+
+    original = torch_fsdp.fully_shard
+
+    @functools.wraps(original)
+    def fully_shard(*args: Any, **kwargs: Any) -> Any:
+        inject_now()
+        return original(*args, **kwargs)
+
+    namespaces = [vars(torch_fsdp), vars(composable_fsdp)]
+    for cls in type(pl_module).__mro__:
+        function = inspect.unwrap(cls.__dict__["configure_model"]) if "configure_model" in cls.__dict__ else None
+        if inspect.isfunction(function) and all(function.__globals__ is not n for n in namespaces):
+            namespaces.append(function.__globals__)
+    replaced = [(namespace, key) for namespace in namespaces for key, value in namespace.items() if value is original]
+    for namespace, key in replaced:
+        namespace[key] = fully_shard
+    try:
+        yield
+    finally:
+        for namespace, key in replaced:
+            namespace[key] = original
 
 
 def _check_fsdp1_flat_parameters(strategy: Any, pl_module: pl.LightningModule) -> None:
@@ -333,8 +391,12 @@ def run_inside(owner: Any, name: str, context: Callable[[Any], contextlib.Abstra
         contexts.append(context)
 
 
-def _inject_pending(pl_module: pl.LightningModule) -> None:
+def _inject_pending(pl_module: pl.LightningModule, *_: Any) -> None:
     prepare_module(pl_module, pl_module.__dict__.pop(_PENDING, []))
+
+
+def _pending_before_fully_shard(pl_module: pl.LightningModule) -> contextlib.AbstractContextManager[None]:
+    return inject_before_fully_shard(pl_module, functools.partial(_inject_pending, pl_module))
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -374,6 +436,7 @@ class _MethodCallback(*_callback_bases()):  # type: ignore[misc]
             pending = pl_module.__dict__.setdefault(_PENDING, [])
             if not any(same_method(self, m) for m in pending):
                 pending.append(self)
+            run_inside(pl_module, "configure_model", _pending_before_fully_shard)  # FSDP2 shards after injection
             run_after(pl_module, "configure_model", _inject_pending)
         else:
             prepare_module(pl_module, [self])
@@ -427,3 +490,8 @@ class PromptTuning(PromptTuningConfig, _MethodCallback):
         trainer = L.Trainer(callbacks=[PromptTuning(num_tokens=20, init="text", init_text="Classify the sentiment:",
                                                     tokenizer="path/to/tokenizer")])
     """
+
+
+from lightning_peft.spawn import install_spawn_recovery  # noqa: E402  (it imports this module's classes lazily)
+
+install_spawn_recovery()

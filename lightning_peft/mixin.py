@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ from typing_extensions import override
 
 from lightning_peft.callbacks import (
     check_checkpoint,
+    inject_before_fully_shard,
     keep_adapter_tensors,
     prepare_module,
     restore_fsdp1_after_backward,
@@ -92,17 +94,30 @@ _PEFT_STEPS: dict[str, Callable[..., None]] = {
 }
 
 
+def _peft_before_fully_shard(module: PEFTMixin) -> contextlib.AbstractContextManager[None]:
+    return inject_before_fully_shard(module, module.apply_peft)  # FSDP2: inject before configure_model shards
+
+
+#: Hooks whose outermost call runs inside a context (as the callbacks' configure_model does).
+_PEFT_CONTEXTS: dict[str, Callable[[PEFTMixin], contextlib.AbstractContextManager[None]]] = {
+    "configure_model": _peft_before_fully_shard,
+}
+
+
 def _then(hook: Callable[..., None], step: Callable[..., None]) -> Callable[..., None]:
     """``hook``, then ``step`` once: only the outermost of nested calls (a ``super()`` chain) runs the step, so
-    it always follows all of the user's code, e.g. layers built after ``super().configure_model()``."""
+    it always follows all of the user's code, e.g. layers built after ``super().configure_model()``. The outermost
+    call also runs inside the hook's context in ``_PEFT_CONTEXTS``, if any."""
 
     @functools.wraps(hook)
     def wrapped(self: PEFTMixin, *args: Any) -> None:
         depth_key = f"_peft_depth_{hook.__name__}"
         depth = self.__dict__.get(depth_key, 0)
         self.__dict__[depth_key] = depth + 1
+        context = _PEFT_CONTEXTS.get(hook.__name__) if depth == 0 else None
         try:
-            hook(self, *args)
+            with context(self) if context is not None else contextlib.nullcontext():
+                hook(self, *args)
         finally:
             self.__dict__[depth_key] = depth
         if depth == 0:

@@ -10,6 +10,7 @@ from typing import NoReturn
 
 import lightning as L
 import torch
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 VOCAB, SEQ, SAMPLES = 64, 12, 32
@@ -74,3 +75,11 @@ def end_process() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+def shard_gpt2(model: torch.nn.Module, mesh: object) -> None:
+    """FSDP2 ``fully_shard`` of :func:`tiny_gpt2`'s blocks, then of the whole model: a sharding helper in a file
+    of its own, with ``fully_shard`` bound at import, as projects keep them (lightning_peft cannot inject before
+    it runs)."""
+    for block in model.transformer.h:  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)

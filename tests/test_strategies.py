@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -45,33 +46,54 @@ def clean_env() -> Iterator[None]:
     os.environ.update(saved)
 
 
-def _fit(tmp_path: Path, method: str, name: str, *, devices: int, batch_size: int, epochs: int,
+def _run(tmp_path: Path, method: str, name: str, *, devices: int, batch_size: int, epochs: int,
          ckpt_path: str | None = None, checkpoint: bool = False, method_kwargs: dict | None = None,
-         **trainer_kwargs: object) -> dict[str, torch.Tensor]:
+         strategy: str = "ddp_spawn", **trainer_kwargs: object) -> tuple[L.Trainer, CausalLM, dict[str, torch.Tensor]]:
+    """Fit a :class:`CausalLM`; returns the trainer, the module and the adapter tensors rank 0 dumped."""
     dump = tmp_path / f"{name}.pt"
     module = CausalLM(batch_size=batch_size, dump_to=str(dump))
     callbacks = [METHODS[method](**(method_kwargs or {}))]
     if checkpoint:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / name, save_last=True))
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_epochs=epochs,
+        accelerator="cpu", devices=devices, strategy=strategy if devices > 1 else "auto", max_epochs=epochs,
         callbacks=callbacks, use_distributed_sampler=False, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=checkpoint, **trainer_kwargs,  # type: ignore[arg-type]
     )
     trainer.fit(module, ckpt_path=ckpt_path)
-    return torch.load(dump, weights_only=True)
+    return trainer, module, torch.load(dump, weights_only=True)
+
+
+def _fit(tmp_path: Path, method: str, name: str, **kwargs: Any) -> dict[str, torch.Tensor]:
+    return _run(tmp_path, method, name, **kwargs)[2]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_notebook"])  # spawned workers; forked workers
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path: Path, clean_env: None, method: str) -> None:
-    single = _fit(tmp_path, method, "single", devices=1, batch_size=8, epochs=1)
-    ddp = _fit(tmp_path, method, "ddp", devices=2, batch_size=4, epochs=1)
-    assert single.keys() == ddp.keys() and single
-    initial = adapter_state_dict(inject(tiny_gpt2(), METHODS[method]()))
+def test_spawn_and_fork_workers_match_one_process_and_the_main_process_gets_their_adapters(
+    tmp_path: Path, clean_env: None, method: str, strategy: str
+) -> None:
+    extra = {"trainable_modules": ["ln_f"]}
+    single = _fit(tmp_path, method, "single", devices=1, batch_size=8, epochs=1, method_kwargs=extra)
+    trainer, module, worker = _run(tmp_path, method, "workers", devices=2, batch_size=4, epochs=1,
+                                   method_kwargs=extra, strategy=strategy)
+    initial = adapter_state_dict(inject(CausalLM(), METHODS[method](**extra)))
+    main = adapter_state_dict(module)  # the main process's module, after fit returned
+    assert main.keys() == worker.keys() == single.keys() == initial.keys()
+    assert any(n.startswith("model.transformer.ln_f.") for n in single)
+    assert any(not torch.equal(single[n], initial[n]) for n in single), "nothing trained"
     for name in single:
-        torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6)
-    assert any(not torch.equal(single[n], initial[n.removeprefix("model.")]) for n in single), "nothing trained"
+        torch.testing.assert_close(worker[name], single[name], rtol=1e-5, atol=1e-5, msg=name)
+        assert torch.equal(main[name], worker[name]), name
+    trainer.save_checkpoint(tmp_path / "main.ckpt")  # in the main process: adapter-only, with the trained values
+    saved = torch.load(tmp_path / "main.ckpt", weights_only=False)["state_dict"]
+    assert saved.keys() == single.keys() and all(torch.equal(saved[n], main[n]) for n in saved)
+    save_adapter(module, tmp_path / "adapter")  # and evaluation: a fresh base with it gives the main's logits
+    tokens = token_data()[:2]
+    fresh = load_adapter(CausalLM().eval(), tmp_path / "adapter")
+    torch.testing.assert_close(fresh.model(input_ids=tokens).logits, module.eval().model(input_ids=tokens).logits,
+                               rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -352,12 +374,38 @@ def test_fsdp1_with_the_wrap_policy_matches_one_process_on_cpu(tmp_path: Path, m
         torch.testing.assert_close(sharded[name], reference[name], rtol=1e-5, atol=1e-6)
 
 
+def _one_process_trainables(
+    method: str, steps: int, batch_size: int, **method_kwargs: object
+) -> dict[str, torch.Tensor]:
+    """Every trainable tensor of a :class:`CausalLM` (adapters and trainable_modules) after SGD on one process."""
+    root = inject(CausalLM(), METHODS[method](**method_kwargs))
+    optimizer = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=0.05)
+    tokens = token_data()
+    for step in range(steps):
+        batch = tokens[step * batch_size : (step + 1) * batch_size]
+        root.model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {n: p.detach().clone() for n, p in root.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_fsdp2_model_parallel_strategy_trains_adapters_on_cpu(tmp_path: Path, method: str) -> None:
-    _torchrun("fsdp2_peft.py", str(tmp_path), method)
-    report = torch.load(tmp_path / "fsdp2.pt", weights_only=True)
-    assert report["trained"] and report["frozen_unchanged"]
+def test_fsdp2_sharding_in_configure_model_matches_one_process_with_callback_and_mixin(tmp_path: Path) -> None:
+    # one launch: every method through the callback and the mixin, neither calling apply_peft() before fully_shard
+    _torchrun("fsdp2_peft.py", str(tmp_path))
+    for method in sorted(METHODS):
+        reference = _one_process_trainables(method, steps=4, batch_size=8, trainable_modules=["ln_f"])
+        assert any(n.startswith("model.transformer.ln_f.") for n in reference)
+        for glue in ("callback", "mixin"):
+            report = torch.load(tmp_path / f"{method}-{glue}.pt", weights_only=True)
+            assert report["trained"].keys() == reference.keys() == report["saved"].keys(), f"{method}-{glue}"
+            for name, tensor in reference.items():
+                for kind in ("trained", "saved"):  # after fit; in the checkpoint rank 0 wrote
+                    torch.testing.assert_close(report[kind][name], tensor, rtol=1e-5, atol=1e-5,
+                                               msg=f"{method}-{glue} {kind}: {name}")
+    refused = torch.load(tmp_path / "refused.pt", weights_only=True)["refused"]
+    assert re.match(r"lightning_peft cannot inject into HelperLM: fully_shard already sharded .*apply_peft\(\) "
+                    r"before fully_shard", refused), refused
 
 
 @pytest.mark.slow
