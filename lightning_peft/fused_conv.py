@@ -73,11 +73,14 @@ class _FusedLoRAConv(torch.autograd.Function):
         hidden = per_group[:, o:]
         b_mat = lora_b.reshape(groups, o, rg)
         b_batched = b_mat.unsqueeze(0).expand(n, groups, o, rg).reshape(n * groups, o, rg)
-        result = torch.baddbmm(per_group[:, :o], b_batched, hidden, alpha=scale)  # y + s·B h, one pass
+        # y + s·B h in one pass, written into a tensor of the output's shape: a returned view would forbid the
+        # in-place ops that often follow a conv (VGG's and SqueezeNet's ReLU(inplace=True))
+        result = both.new_empty(n, out, *spatial)
+        torch.baddbmm(per_group[:, :o], b_batched, hidden, alpha=scale, out=result.view(n * groups, o, -1))
         ctx.save_for_backward(x, weight, lora_a, hidden.contiguous(), b_mat)  # parameters, not a stacked copy
         ctx.conv = (stride, padding, dilation, groups)
         ctx.scale, ctx.out = scale, out
-        return result.view(n, out, *spatial)
+        return result
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

@@ -155,3 +155,22 @@ def test_folded_gpu_path_matches_the_formula_in_output_and_adapter_gradients(kin
     torch.testing.assert_close(folded, expected, rtol=1e-8, atol=1e-8)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-8)
+
+
+def test_in_place_relu_after_the_fused_conv_trains_like_the_out_of_place_one() -> None:
+    # VGG and SqueezeNet follow each conv with ReLU(inplace=True): the fused output must not be a view
+    torch.manual_seed(0)
+    convs = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=inplace)) for inplace in (True, False)]
+    convs[1].load_state_dict(convs[0].state_dict())
+    grads = []
+    for net in convs:
+        net = inject(net, LoRA(r=4, target_modules=["0"]))
+        with torch.no_grad():
+            net[0].lora_B.normal_(generator=torch.Generator().manual_seed(2))
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        assert "FusedLoRAConv" in type(net[0](x).grad_fn).__name__  # the fused path ran
+        out = net(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), net[0].lora_A.grad, net[0].lora_B.grad))
+    for got, expected in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
