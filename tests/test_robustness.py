@@ -184,8 +184,14 @@ def test_a_failed_load_leaves_the_model_exactly_as_before(tmp_path: Path, method
         assert_same(fingerprint(model), before)
 
 
-def test_a_failed_peft_format_load_leaves_the_model_as_before(tmp_path: Path) -> None:
-    save_adapter(adapted("lora"), tmp_path, format="peft")
+@pytest.mark.parametrize("saved", ["peft format", "pissa"])
+def test_a_failed_load_of_a_wrong_shape_leaves_the_model_as_before(saved: str, tmp_path: Path) -> None:
+    # the PEFT reader has its own inject path; PiSSA rewrites the base weights when injected, before the tensors'
+    # shapes can be checked: both must give the model back bitwise
+    if saved == "pissa":
+        save_adapter(inject(tiny_gpt2(), LoRAConfig(r=2, init="pissa", target_modules=["c_attn"])), tmp_path)
+    else:
+        save_adapter(adapted("lora"), tmp_path, format="peft")
     _edit_tensors(tmp_path, lambda t: t.update({_first(t): torch.zeros(1, 1)}))
     model = tiny_gpt2().eval()
     before = fingerprint(model)
@@ -328,13 +334,3 @@ def test_prefix_on_a_transformer_encoder_returns_an_empty_output_for_an_empty_ba
     out = inject(encoder, PrefixTuningConfig(num_tokens=2))(empty)
     assert out.shape == expected.shape == empty.shape
 
-
-def test_a_failed_pissa_load_gives_the_base_weights_back_bitwise(tmp_path: Path) -> None:
-    # PiSSA rewrites the base weights when injected, before the tensors' shapes can be checked
-    save_adapter(inject(tiny_gpt2(), LoRAConfig(r=2, init="pissa", target_modules=["c_attn"])), tmp_path)
-    _edit_tensors(tmp_path, lambda t: t.update({_first(t): torch.zeros(1, 1)}))
-    model = tiny_gpt2().eval()
-    before = fingerprint(model)
-    with pytest.raises(AdapterStateError, match="other shapes"):
-        load_adapter(model, tmp_path)
-    assert_same(fingerprint(model), before)
