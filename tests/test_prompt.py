@@ -348,3 +348,22 @@ def test_model_without_a_prompt_site_gets_an_error_naming_what_was_searched() ->
         inject(model, PromptTuningConfig())
     with pytest.raises(ValueError, match=r"embedding='1' names a Linear.*nn.Embedding modules here: \['0'\]"):
         inject(model, PromptTuningConfig(embedding="1"))
+
+
+def test_token_prompt_refuses_encoder_decoder_whose_encoder_takes_no_tokens() -> None:
+    """Whisper's encoder embeds audio features with convolutions: a prompt on the decoder's token embedding was
+    attached, trained nothing and changed no output. It is refused with the alternatives named; T5, whose encoder
+    embedding is a tied copy of the shared one, is accepted and its prompt reaches the encoder's outputs."""
+    config = transformers.WhisperConfig(vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1,
+                                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                        decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+                                        max_target_positions=MAX, decoder_start_token_id=1, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"WhisperForConditionalGeneration's encoder takes no tokens .* Conv1d.*"
+                                         r"Use prefix tuning \(PrefixTuning\) or LoRA"):
+        inject(transformers.WhisperForConditionalGeneration(config), PromptTuningConfig(num_tokens=P))
+    model = inject(t5(), PromptTuningConfig(num_tokens=P))
+    ids = torch.randint(3, V, (2, 6))
+    out = model(input_ids=ids, decoder_input_ids=ids, use_cache=False)
+    out.encoder_last_hidden_state.sum().backward()
+    prompt = next(p for n, p in model.named_parameters() if p.requires_grad)
+    assert prompt.grad is not None and bool(prompt.grad.ne(0).any())

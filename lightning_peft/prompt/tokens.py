@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from lightning_peft.core import add_peft_hook, init_seed, innermost, is_inside, replace_module
+from lightning_peft.errors import TargetNotFoundError
 from lightning_peft.prompt.base import PromptAdapter
 from lightning_peft.zero3 import gathered, global_shape
 
@@ -404,12 +405,14 @@ def _max_length(config: Any) -> int | None:
 def attach_to_transformers(model: nn.Module, host: PreTrainedModel, config: PromptTuningConfig) -> TokenPrompt:
     """Prompt one transformers model: wrap its input embedding and hook its forward (and its encoder's)."""
     embedding = host.get_input_embeddings()
+    hf_config = host.config
+    if getattr(hf_config, "is_encoder_decoder", False):
+        _check_encoder_takes_tokens(host, embedding)
     name = _module_name(model, embedding)
     adapter = TokenPrompt(embedding, config.num_tokens, config.init, _init_ids(config), init_seed(config.seed, name))
     adapter.keep_virtual_outputs = config.keep_virtual_outputs
     adapter.truncation = config.truncation
     replace_module(model, name, adapter)
-    hf_config = host.config
     if getattr(hf_config, "is_encoder_decoder", False):
         encoder = host.get_encoder()
         adapter.max_length = _max_length(getattr(hf_config, "encoder", hf_config))
@@ -423,6 +426,23 @@ def attach_to_transformers(model: nn.Module, host: PreTrainedModel, config: Prom
         add_peft_hook(host, host.register_forward_pre_hook(adapter.model_pre_hook, with_kwargs=True))
         add_peft_hook(host, host.register_forward_hook(adapter.model_post_hook, with_kwargs=True))
     return adapter
+
+
+def _check_encoder_takes_tokens(host: PreTrainedModel, embedding: nn.Module) -> None:
+    """Refuse an encoder-decoder whose encoder does not embed the tokens (Whisper's encoder takes audio features):
+    a prompt on the decoder's embedding would never reach the encoder, so it would train nothing."""
+    get = getattr(host.get_encoder(), "get_input_embeddings", None)
+    try:
+        encoder_embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        encoder_embedding = None
+    weight = None if encoder_embedding is None else getattr(innermost(encoder_embedding), "weight", None)
+    if weight is None or weight is not innermost(embedding).weight:  # T5, BART: a tied copy of the embedding
+        raise TargetNotFoundError(
+            f"token prompts go in front of the encoder's input tokens, but {type(host).__name__}'s encoder takes no "
+            f"tokens (its input embedding is {type(encoder_embedding).__name__}, not the token embedding "
+            f"{type(embedding).__name__}). Use prefix tuning (PrefixTuning) or LoRA for this model."
+        )
 
 
 def attach_to_embedding(model: nn.Module, name: str, config: PromptTuningConfig) -> TokenPrompt:

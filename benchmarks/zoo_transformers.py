@@ -1,0 +1,113 @@
+"""Coverage of the transformers zoo by lightning_peft and by HF PEFT, on the same tiny models and batches.
+
+For each family of ``tests/zoo_transformers_models.py`` and each method (LoRA r=4 on all linear layers, prefix
+tuning with 4 tokens, the gated prefix, prompt tuning with 4 tokens):
+
+* lightning_peft: the cell of ``tests/test_zoo_transformers.py`` (``zoo_checks.check_cell``: identity, gradients,
+  merge, save/load); OK, or the error class and the first words of its message;
+* HF PEFT: ``get_peft_model`` with ``LoraConfig(target_modules="all-linear")``, ``PrefixTuningConfig`` or
+  ``PromptTuningConfig`` (4 virtual tokens, the task type of the model), then one forward and backward on the
+  same batch; OK means it ran and the output reached a trainable parameter, not that it is correct.
+
+Writes ``benchmarks/results/zoo-transformers.md``. Offline: models come from configs.
+Run: ``PYTHONPATH=.:tests python benchmarks/zoo_transformers.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import torch  # noqa: E402
+from test_zoo_transformers import REFUSED, base_model, method_for  # noqa: E402
+from zoo_checks import check_cell  # noqa: E402
+from zoo_transformers_models import ZOO  # noqa: E402
+
+METHODS = ("lora", "prefix", "gated", "prompt")
+SEQ2SEQ, VISION = {"t5", "bart", "whisper"}, {"vit", "swin"}
+
+
+def short(error: BaseException) -> str:
+    words = str(error).replace("\n", " ").replace("|", "/").split()
+    return f"{type(error).__name__}: {' '.join(words[:12])}"
+
+
+def ours(family: str, method: str) -> str:
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            check_cell(base_model(family), method_for(family, method), ZOO[family].inputs(), Path(folder),
+                       starts_as_identity=method in ("lora", "gated"), mergeable=method == "lora")
+        except Exception as error:  # noqa: BLE001 - the table records every failure
+            kind = "refused" if (family, method) in REFUSED else "FAIL"
+            return f"{kind} ({short(error)})"
+    return "OK"
+
+
+def peft_config(family: str, method: str) -> Any:
+    import peft
+
+    task = ("SEQ_2_SEQ_LM" if family in SEQ2SEQ else "FEATURE_EXTRACTION" if family in VISION | {"clip"}
+            or family in {"bert", "roberta", "distilbert", "electra", "deberta-v2"} else "CAUSAL_LM")
+    if method == "lora":
+        return peft.LoraConfig(r=4, target_modules="all-linear")
+    if method == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=4, task_type=task)
+    if method == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=4, task_type=task)
+    return None  # PEFT has no gated prefix (adaption prompts exist for Llama-like models only)
+
+
+def theirs(family: str, method: str) -> str:
+    import copy
+
+    import peft
+
+    config = peft_config(family, method)
+    if config is None:
+        return "n/a"
+    try:
+        model = peft.get_peft_model(copy.deepcopy(base_model(family)), config)
+        output = model(**ZOO[family].inputs())
+        values = output[0] if isinstance(output, tuple) else next(v for v in output.values()
+                                                                 if isinstance(v, torch.Tensor))
+        values.float().square().mean().backward()
+        if not any(p.grad is not None for p in model.parameters() if p.requires_grad):
+            return "FAIL (no trainable parameter got a gradient)"
+    except Exception as error:  # noqa: BLE001
+        return f"error ({short(error)})"
+    return "OK"
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    import peft
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    lines = [
+        "# Transformers zoo: lightning_peft vs HF PEFT", "",
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}. "
+        "lightning_peft cells pass every check of `tests/zoo_checks.py`; a PEFT OK only means forward and backward "
+        "ran. Reproduce: `PYTHONPATH=.:tests python benchmarks/zoo_transformers.py`.", "",
+        "| family | " + " | ".join(f"{m} (ours) | {m} (PEFT)" for m in METHODS) + " |",
+        "|---" * (1 + 2 * len(METHODS)) + "|",
+    ]
+    for family in ZOO:
+        cells = [cell for m in METHODS for cell in (ours(family, m), theirs(family, m))]
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    out = ROOT / "benchmarks" / "results" / "zoo-transformers.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
