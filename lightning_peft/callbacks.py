@@ -108,10 +108,14 @@ def inject_before_fully_shard(pl_module: pl.LightningModule, inject_now: Callabl
     import torch.distributed.fsdp as torch_fsdp
 
     original = torch_fsdp.fully_shard
+    injected = False
 
     @functools.wraps(original)
     def fully_shard(*args: Any, **kwargs: Any) -> Any:
-        inject_now()
+        nonlocal injected
+        if not injected:  # once: configure_model calls fully_shard per block, the adapters exist after the first
+            inject_now()
+            injected = True
         return original(*args, **kwargs)
 
     namespaces = [vars(torch_fsdp), vars(composable_fsdp)]

@@ -122,17 +122,20 @@ def check_adapter_state(model: nn.Module, state: dict[str, Any], source: str = "
         )
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
+def load_adapter_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True, source: str = "the adapter state"
+) -> nn.Module:
     """Copy saved adapter tensors into an injected ``model``; with ``strict``, extra tensors are an error too.
 
     Under DeepSpeed ZeRO-3 call it on every rank with the same ``state``: rank 0's copy is scattered to all.
+    ``source`` is how error messages name where ``state`` came from (``load_adapter`` passes its directory).
 
     Raises:
         AdapterStateError: Tensors are missing, extra (with ``strict``), of other shapes, NaN/inf, integers where the
             model has floats (or the reverse), or the model's adapters are merged (unmerge first)."""
-    _refuse_merged(model, "the adapter state")
-    check_adapter_state(model, state, "the adapter state")
-    check_tensor_values(state)
+    _refuse_merged(model, source)
+    check_adapter_state(model, state, source)
+    check_tensor_values(state, source)
     expected = dict(adapter_tensors(model))
     kinds = [f"{n}: saved {state[n].dtype}, model {t.dtype}" for n, t in expected.items()
              if state[n].is_floating_point() != t.is_floating_point()]
@@ -289,12 +292,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             raise AdapterStateError(f"{directory} has no {key!r} in its config: it was not written by save_adapter.")
     check_base_shapes(model, meta["base_shapes"], str(directory))
     state = read_tensors(directory)
-    check_tensor_values(state, str(directory))
     pissa = any(m.get("init") == "pissa" for m in meta["methods"])  # PiSSA changes base weights when injected
     with restored_on_error(model, values=pissa and not is_injected(model)):
         if not is_injected(model):
             inject(model, *[cast(Method, MethodConfig.from_dict(m)) for m in meta["methods"]])  # registered configs
-        return load_adapter_state_dict(model, state)
+        return load_adapter_state_dict(model, state, source=str(directory))  # values checked there, once
 
 
 def check_tensor_values(state: dict[str, torch.Tensor], source: str = "the adapter state") -> None:

@@ -193,3 +193,30 @@ def test_injection_is_idempotent_per_method_across_fits_copies_and_repeated_setu
         assert not any("base_layer.base_layer" in n for n, _ in model.named_parameters())
     assert len(applied_methods(again)) == 1
     assert any(not torch.equal(trained[n], t) for n, t in adapter_state_dict(again).items()), "second fit trained nothing"
+
+
+def test_inject_before_fully_shard_injects_once_before_the_first_shard_and_restores_fully_shard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch.distributed.fsdp as torch_fsdp
+
+    from lightning_peft.callbacks import inject_before_fully_shard
+
+    events: list[str] = []
+
+    def recorded_fully_shard(module: torch.nn.Module) -> torch.nn.Module:
+        events.append(f"shard {type(module).__name__}")
+        return module
+
+    monkeypatch.setattr(torch_fsdp, "fully_shard", recorded_fully_shard)
+
+    class Sharded(torch.nn.Module):
+        def configure_model(self) -> None:
+            for block in (torch.nn.Linear(2, 2), torch.nn.ReLU()):
+                torch_fsdp.fully_shard(block)  # per block, as Lightning's FSDP2 pattern does
+
+    module = Sharded()
+    with inject_before_fully_shard(module, lambda: events.append("inject")):  # type: ignore[arg-type]
+        module.configure_model()
+    assert events == ["inject", "shard Linear", "shard ReLU"]
+    assert torch_fsdp.fully_shard is recorded_fully_shard  # put back after configure_model
