@@ -36,7 +36,7 @@ from lightning_peft.lora.layers import (
     lora_scale,
     pissa_factors,
 )
-from lightning_peft.lora.tied import untie
+from lightning_peft.lora.tied import tied_parameter_ids, untie
 from lightning_peft.targets import Targets, matches, select_modules, transformers_conv1d_type
 
 __all__ = [
@@ -162,12 +162,14 @@ class LoRAConfig(MethodConfig):
             model, targets, supported=supported, exclude=self.exclude_modules, layers=self.layers,
             layers_pattern=self.layers_pattern, method="LoRA",
         )
+        tied = tied_parameter_ids(model)  # one walk; untie re-checks the few layers that hold one
         for name, module in _outermost(_lift_attention_projections(model, selected)):
             r = _pattern_value(self.rank_pattern, name, module, self.r)
             alpha = _pattern_value(self.alpha_pattern, name, module, self.alpha)
             adapter_cls = lora_layer_for(innermost(module))
             seed = init_seed(self.seed, name)
-            untie(model, name, innermost(module))
+            if any(id(p) in tied for p in innermost(module)._parameters.values()):
+                untie(model, name, innermost(module))
             extra = {"conv_groups": self.conv_groups} if issubclass(adapter_cls, LoRAConv) else {}
             try:
                 adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, seed, **extra)

@@ -16,6 +16,17 @@ from torch import nn
 from lightning_peft.errors import PEFTWarning
 
 
+def tied_parameter_ids(model: nn.Module) -> set[int]:
+    """``id()`` of every parameter of ``model`` that more than one module holds (a tied weight)."""
+    seen: set[int] = set()
+    tied: set[int] = set()
+    for module in model.modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                (tied if id(param) in seen else seen).add(id(param))
+    return tied
+
+
 def untie(model: nn.Module, name: str, layer: nn.Module) -> list[str]:
     """Give ``layer`` (named ``name`` in ``model``) its own copy of every parameter it shares; returns their names."""
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
