@@ -3,21 +3,11 @@
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lightning_peft.adapter import Adapter, adapters
 from lightning_peft.attention import register_attention_handler
-from lightning_peft.core import (
-    Adapter,
-    adapters,
-    disable_adapters,
-    enable_input_grads,
-    inject,
-    merge,
-    merge_and_unload,
-    trainable_summary,
-    unload,
-    unmerge,
-)
 from lightning_peft.distributed import fsdp_auto_wrap_policy, restore_fsdp1_parameters
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, PEFTWarning, TargetNotFoundError
+from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig, register_lora_layer
 from lightning_peft.named import (
     active_adapter,
@@ -26,6 +16,15 @@ from lightning_peft.named import (
     disable_adapter,
     list_adapters,
     set_adapter,
+)
+from lightning_peft.operations import (
+    disable_adapters,
+    enable_input_grads,
+    merge,
+    merge_and_unload,
+    trainable_summary,
+    unload,
+    unmerge,
 )
 from lightning_peft.prefix import PrefixTuningConfig, fold_prefix
 from lightning_peft.prompt import PromptTuningConfig

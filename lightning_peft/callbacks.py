@@ -22,22 +22,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.overrides import is_overridden
 from typing_extensions import override
 
-from lightning_peft.core import (
-    Adapter,
-    Method,
-    adapter_name_test,
-    adapter_tensors,
-    applied_methods,
-    clean_name,
-    inject,
-    trainable_summary,
-)
+from lightning_peft.adapter import Adapter
 from lightning_peft.distributed import restore_fsdp1_parameters
 from lightning_peft.errors import AdapterStateError
+from lightning_peft.injection import applied_methods, inject
 from lightning_peft.lora import LoRAConfig
+from lightning_peft.methods import Method
+from lightning_peft.operations import trainable_summary
 from lightning_peft.prefix import PrefixTuningConfig
 from lightning_peft.prompt import PromptTuningConfig
 from lightning_peft.state import check_adapter_state, check_base_shapes, checkpoint_metadata
+from lightning_peft.tensors import adapter_name_test, adapter_tensors, clean_name
 from lightning_peft.zero3 import is_partitioned
 
 CHECKPOINT_KEY = "lightning_peft"

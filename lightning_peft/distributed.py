@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.core import Adapter, marked
+from lightning_peft.adapter import Adapter
 from lightning_peft.errors import PEFTWarning
+from lightning_peft.record import find_record
+from lightning_peft.tensors import marked
 
 
 def fsdp_auto_wrap_policy(*layer_classes: type[nn.Module]) -> object:
@@ -42,7 +44,7 @@ def fsdp_auto_wrap_policy(*layer_classes: type[nn.Module]) -> object:
             return module.fsdp_unit
         if isinstance(module, layer_classes):
             return True
-        if module.__dict__.get("_peft_is_base", False):  # the frozen layer inside an adapter
+        if getattr(find_record(module), "wrapped_base", False):  # the frozen layer inside an adapter
             return True
         return any(name in marked(module) for name, _ in module.named_parameters(recurse=False))
 

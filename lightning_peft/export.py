@@ -35,7 +35,8 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from lightning_peft.core import Method, MethodConfig, inject
+from lightning_peft.injection import inject
+from lightning_peft.methods import Method, MethodConfig
 from lightning_peft.state import (
     load_adapter_state_dict,
     relative_rules,

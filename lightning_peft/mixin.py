@@ -16,7 +16,8 @@ from lightning_peft.callbacks import (
     prepare_module,
     restore_fsdp1_after_backward,
 )
-from lightning_peft.core import Method, applied_methods
+from lightning_peft.injection import applied_methods
+from lightning_peft.methods import Method
 
 if TYPE_CHECKING:  # type-checked as the LightningModule it is mixed into; at run time a plain mixin
     from lightning.pytorch import LightningModule as _MixinBase

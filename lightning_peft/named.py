@@ -3,9 +3,9 @@
 Design: the model's module tree always holds exactly one adapter set, the active one, so every name in it is the
 single-adapter name (``x.lora_A``) and everything else (``adapter_state_dict``, ``save_adapter``, ``merge``,
 checkpoints, optimizers built afterwards) works on the active adapter unchanged. Each named adapter is the set of
-:class:`~lightning_peft.core.Adapter` modules one :func:`~lightning_peft.core.inject` built, one per adapted layer,
-each self-contained (tensors, rank, scale, hooks' switch); all of them wrap the *same* base layer objects. The
-inactive sets are parked outside the tree in one registry on the root module::
+:class:`~lightning_peft.adapter.Adapter` modules one :func:`~lightning_peft.injection.inject` built, one per
+adapted layer, each self-contained (tensors, rank, scale, hooks' switch); all of them wrap the *same* base layer
+objects. The inactive sets are parked outside the tree in one registry on the root module::
 
     model.lin = LoRALinear(base=lin, lora_A, lora_B)      ◄── active "a"
     registry: {"a": [("lin", <LoRALinear a>)], "b": [("lin", <LoRALinear b>), ("out", <LoRALinear b>)]}
@@ -29,20 +29,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_peft.core import (
-    _METHODS,
-    _SAVED_TENSORS,
-    Adapter,
-    Method,
-    adapters,
-    inject,
-    is_injected,
-    marked,
-    refresh_trainable,
-    replace_module,
-)
+from lightning_peft.adapter import Adapter, adapters, is_injected
+from lightning_peft.injection import applied_methods, inject, replace_module
+from lightning_peft.methods import Method
+from lightning_peft.record import find_record, record
+from lightning_peft.tensors import marked, refresh_trainable
 
-_REGISTRY = "_peft_named_adapters"  # attribute on the root module
 DEFAULT = "default"
 
 
@@ -65,13 +57,13 @@ class _Registry:
 
 
 def _registry(model: nn.Module) -> _Registry:
-    registry = model.__dict__.get(_REGISTRY)
+    registry = record(model).named_adapters
     if registry is None:
         registry = _Registry()
         if is_injected(model):
             registry.entries[DEFAULT] = _Entry()
             registry.active = DEFAULT
-        model.__dict__[_REGISTRY] = registry
+        record(model).named_adapters = registry
     return registry
 
 
@@ -84,7 +76,8 @@ def list_adapters(model: nn.Module) -> list[str]:
         >>> list_adapters(add_adapter(model, "other", LoRAConfig(r=1, target_modules=["0"])))
         ['default', 'other']
     """
-    registry = model.__dict__.get(_REGISTRY)
+    found = find_record(model)
+    registry = found.named_adapters if found is not None else None
     if registry is None:
         return [DEFAULT] if is_injected(model) else []
     return list(registry.entries)
@@ -92,7 +85,8 @@ def list_adapters(model: nn.Module) -> list[str]:
 
 def active_adapter(model: nn.Module) -> str | None:
     """The name of the adapter in use, or ``None`` when adapters are disabled (or there are none)."""
-    registry = model.__dict__.get(_REGISTRY)
+    found = find_record(model)
+    registry = found.named_adapters if found is not None else None
     if registry is None:
         return DEFAULT if is_injected(model) else None
     return registry.active
@@ -120,7 +114,7 @@ def add_adapter(model: nn.Module, name: str, *methods: Method) -> nn.Module:
     _park(model, registry)
     marked_before = _marked(model)
     inject(model, *methods)
-    entry = _Entry(layers=list(adapters(model)), methods=list(model.__dict__.get(_METHODS, [])), marks=_marked(model))
+    entry = _Entry(layers=list(adapters(model)), methods=applied_methods(model), marks=_marked(model))
     for module, marks in _marked(model):
         for local in marks:
             key = (id(module), local)
@@ -201,16 +195,16 @@ def _park(model: nn.Module, registry: _Registry) -> None:
                          "unmerge(model) before switching, so the next adapter starts from the base weights.")
     entry = registry.entries[registry.active]
     entry.layers = list(adapters(model))
-    entry.methods = list(model.__dict__.get(_METHODS, []))
+    entry.methods = applied_methods(model)
     entry.marks = _marked(model)
     entry.values = {(id(m), local): _tensor(m, local).detach().clone() for m, marks in entry.marks for local in marks}
     for module, _ in entry.marks:
         registry.modules[id(module)] = module
-        module.__dict__.pop(_SAVED_TENSORS, None)
+        record(module).saved_tensors = frozenset()
     for layer_name, adapter in reversed(entry.layers):
         replace_module(model, layer_name, adapter.unwrap())
         adapter.enabled = False  # hooks of parked prompts (registered on the model) must do nothing
-    model.__dict__[_METHODS] = []
+    record(model).methods = []
     registry.active = None
 
 
@@ -224,8 +218,8 @@ def _activate(model: nn.Module, registry: _Registry, name: str | None) -> None:
             adapter.to(device)
     _restore_values(registry, entry)
     for module, marks in entry.marks:
-        module.__dict__[_SAVED_TENSORS] = marks
-    model.__dict__[_METHODS] = list(entry.methods)
+        record(module).saved_tensors = marks
+    record(model).methods = list(entry.methods)
     registry.active = name
     refresh_trainable(model)
 
@@ -246,7 +240,7 @@ def _discard_and_restore(model: nn.Module, registry: _Registry, previous: str | 
     for layer_name, adapter in reversed(list(adapters(model))):
         replace_module(model, layer_name, adapter.unwrap())
     for module, _ in _marked(model):
-        module.__dict__.pop(_SAVED_TENSORS, None)
+        record(module).saved_tensors = frozenset()
     _activate(model, registry, previous)
 
 

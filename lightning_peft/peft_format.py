@@ -35,9 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.core import Adapter, adapter_tensors, adapters, inject, is_injected, is_inside, marked
+from lightning_peft.adapter import Adapter, adapters, is_injected
 from lightning_peft.errors import AdapterStateError, PEFTWarning
 from lightning_peft.files import CONFIG_NAME, read_config, read_tensors, write_adapter_files
+from lightning_peft.injection import inject
+from lightning_peft.targets import is_inside
+from lightning_peft.tensors import adapter_tensors, marked
 from lightning_peft.zero3 import gathered, is_nonzero_rank
 
 PREFIX = "base_model.model."

@@ -23,23 +23,22 @@ from typing import ClassVar
 
 from torch import nn
 
+from lightning_peft.adapter import Adapter, adapters
 from lightning_peft.attention import AttentionMatch, MultiheadPrefixAttention, match_attention
 from lightning_peft.attention.base import PrefixAttention, PrefixEncoder
-from lightning_peft.core import (
-    _METHODS,
-    Adapter,
+from lightning_peft.errors import TargetNotFoundError
+from lightning_peft.injection import replace_module
+from lightning_peft.methods import (
     BatchNormMode,
     MethodConfig,
-    adapters,
     check_choice,
     check_layer_indices,
     check_positive_int,
     init_seed,
-    refresh_trainable,
-    replace_module,
 )
-from lightning_peft.errors import TargetNotFoundError
+from lightning_peft.record import find_record
 from lightning_peft.targets import describe, layer_index, matches
+from lightning_peft.tensors import refresh_trainable
 
 
 @dataclass(eq=False)
@@ -181,7 +180,7 @@ def fold_prefix(model: nn.Module) -> nn.Module:
     for _, adapter in adapters(model):
         if isinstance(adapter, PrefixAttention):
             adapter.fold()
-    methods = model.__dict__.get(_METHODS, [])
+    methods = getattr(find_record(model), "methods", [])
     for i, method in enumerate(methods):
         if isinstance(method, PrefixTuningConfig) and method.reparameterize:
             methods[i] = dataclasses.replace(method, reparameterize=False)

@@ -17,8 +17,9 @@ import importlib.util
 from collections.abc import Callable
 from typing import Any
 
-from lightning_peft.core import adapter_tensors, applied_methods
 from lightning_peft.errors import AdapterStateError
+from lightning_peft.injection import applied_methods
+from lightning_peft.tensors import adapter_tensors
 
 _LAUNCHER_MODULES = ("lightning.pytorch.strategies.launchers.multiprocessing",
                      "pytorch_lightning.strategies.launchers.multiprocessing")

@@ -17,21 +17,14 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from lightning_peft.core import (
-    _ORIGIN,
-    Adapter,
-    Method,
-    MethodConfig,
-    adapter_tensors,
-    adapters,
-    applied_methods,
-    clean_name,
-    inject,
-    is_injected,
-)
+from lightning_peft.adapter import Adapter, adapters, is_injected
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, TargetNotFoundError
 from lightning_peft.files import read_config, read_tensors, write_adapter_files
+from lightning_peft.injection import applied_methods, inject
+from lightning_peft.methods import Method, MethodConfig
+from lightning_peft.record import find_record
 from lightning_peft.targets import select_names
+from lightning_peft.tensors import adapter_tensors, clean_name
 from lightning_peft.zero3 import gathered, global_shape, is_nonzero_rank, is_partitioned
 
 FORMAT_VERSION = 1
@@ -173,16 +166,17 @@ def method_configs(model: nn.Module) -> list[dict[str, Any]]:
         return [method.to_dict() for method in recorded]
     found: dict[int, dict[str, Any]] = {}
     for local, adapter in adapters(model):
-        position, method, full = adapter.__dict__.get(_ORIGIN, (None, None, ""))
+        origin = getattr(find_record(adapter), "origin", None)
+        full = origin.name if origin is not None else ""
         local = clean_name(local)
         if not local:
             raise ValueError(f"save the module holding this {type(adapter).__name__}, not the adapter itself.")
-        if method is None or not full.endswith(local) or (full != local and full[-len(local) - 1] != "."):
+        if origin is None or not full.endswith(local) or (full != local and full[-len(local) - 1] != "."):
             raise ValueError(
                 f"{type(model).__name__} holds a {type(adapter).__name__} at {local!r} that inject() did not make "
                 "here; save the model the methods were injected into."
             )
-        found.setdefault(position, relative_rules(method.to_dict(), full[: len(full) - len(local)]))
+        found.setdefault(origin.position, relative_rules(origin.method.to_dict(), full[: len(full) - len(local)]))
     return [_within(model, found[position]) for position in sorted(found)]
 
 

@@ -96,6 +96,11 @@ def output_heads(model: nn.Module) -> set[str]:
     return heads
 
 
+def is_inside(name: str, outers: Iterable[str]) -> bool:
+    """Whether the module ``name`` lies below one of the modules ``outers`` (``""``, the root, holds them all)."""
+    return any(outer == "" or name.startswith(f"{outer}.") for outer in outers)
+
+
 def layer_index(name: str, layers_pattern: str | None = None) -> int | None:
     """The layer number in a module name: the integer after ``layers_pattern``, else the first integer part.
 

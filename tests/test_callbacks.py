@@ -16,7 +16,8 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
 from lightning_peft import LoRA, adapter_state_dict, trainable_summary
-from lightning_peft.core import adapters, applied_methods, is_injected
+from lightning_peft.adapter import adapters, is_injected
+from lightning_peft.injection import applied_methods
 
 
 class Snapshot(L.Callback):

@@ -15,7 +15,8 @@ import yaml
 
 import lightning_peft
 from lightning_peft import inject
-from lightning_peft.core import Method, applied_methods
+from lightning_peft.injection import applied_methods
+from lightning_peft.methods import Method
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter:UserWarning")
 

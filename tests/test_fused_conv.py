@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft import LoRA, inject
-from lightning_peft import fused_conv
+from lightning_peft import LoRA, fused_conv, inject
 from lightning_peft.lora import LoRAConv
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from lightning_peft import fused_conv
-from lightning_peft.core import adapter_tensors, disable_adapters, inject, merge, merge_and_unload, unmerge
+from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig, LoRALayer, LoRAMultiheadAttention
+from lightning_peft.operations import disable_adapters, merge, merge_and_unload, unmerge
+from lightning_peft.tensors import adapter_tensors
 
 
 class Attention(nn.Module):

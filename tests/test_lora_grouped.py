@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft import LoRA, inject, merge, save_adapter, unmerge
-from lightning_peft.core import MethodConfig
 from lightning_peft.lora import LoRAConfig, LoRAConv
+from lightning_peft.methods import MethodConfig
 
 CONVS = {
     "depthwise2d": (nn.Conv2d(8, 8, 3, padding=1, groups=8), (2, 8, 7, 7)),

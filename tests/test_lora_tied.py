@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lightning_peft import LoRA, inject, load_adapter, merge, merge_and_unload, save_adapter, unmerge
-from lightning_peft.core import adapter_tensors
 from lightning_peft.errors import PEFTWarning
+from lightning_peft.tensors import adapter_tensors
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 TARGETS = {"wte": ["transformer.wte"], "lm_head": ["lm_head"], "both": ["transformer.wte", "lm_head"]}

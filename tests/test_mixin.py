@@ -13,7 +13,7 @@ from glue_models import PEFTLateTask, PEFTTask, dataset
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import AdapterStateError, BaseModelMismatchError, LoRA, PEFTMixin, adapter_state_dict
-from lightning_peft.core import adapters, is_injected
+from lightning_peft.adapter import adapters, is_injected
 
 
 def _fit_and_save(module: L.LightningModule, make_trainer: Callable[..., L.Trainer], path: Path, **kw: Any) -> Path:

@@ -62,8 +62,7 @@ def test_optional_libraries_are_not_imported_at_module_level(path: Path) -> None
 
 
 def test_import_lightning_peft_loads_no_optional_library_and_no_lightning() -> None:
-    code = "import sys, lightning_peft; print(sorted(m for m in {!r} if m in sys.modules))".format(
-        sorted(LAZY | LIGHTNING))
+    code = f"import sys, lightning_peft; print(sorted(m for m in {sorted(LAZY | LIGHTNING)!r} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lightning_peft import LoRAConfig, PrefixTuningConfig, PromptTuningConfig, inject, load_adapter, save_adapter
-from lightning_peft.core import adapters
+from lightning_peft.adapter import adapters
 from lightning_peft.state import FORMAT_VERSION
 
 peft = pytest.importorskip("peft")

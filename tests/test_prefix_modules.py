@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_peft import LoRA, PrefixTuning, TargetNotFoundError, adapters, inject, register_attention_handler
-from lightning_peft.attention import AttentionMatch, PrefixAttention, PrefixShape, _HANDLERS
+from lightning_peft.attention import _HANDLERS, AttentionMatch, PrefixAttention, PrefixShape
 from lightning_peft.attention.base import prefixed_attention
 
 TOL = dict(atol=1e-5, rtol=1e-4)

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_peft.files
 from lightning_peft import LoRA, LoRAConfig, PrefixTuningConfig, PromptTuningConfig, inject, load_adapter, save_adapter
-from lightning_peft.core import merge, unload, unmerge
 from lightning_peft.errors import AdapterStateError, TargetNotFoundError
+from lightning_peft.operations import merge, unload, unmerge
 from lightning_peft.state import adapter_state_dict
 
 pytest.importorskip("transformers")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_peft.core import inject
 from lightning_peft.errors import TargetNotFoundError
+from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig, LoRALayer
 from lightning_peft.targets import layer_index, select_modules, select_names
 

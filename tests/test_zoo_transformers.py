@@ -13,8 +13,8 @@ from zoo_checks import check_cell, seeded
 from zoo_transformers_models import ZOO
 
 from lightning_peft import LoRAConfig, PrefixTuningConfig, PromptTuningConfig, inject
-from lightning_peft.core import Method
 from lightning_peft.errors import TargetNotFoundError
+from lightning_peft.methods import Method
 
 pytest.importorskip("transformers")
 

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from lightning_peft import disable_adapters, inject, load_adapter, merge, save_adapter, unmerge
-from lightning_peft.core import Method, adapter_tensors
+from lightning_peft.methods import Method
+from lightning_peft.tensors import adapter_tensors
 
 Inputs = Mapping[str, Any] | Sequence[Any]
 

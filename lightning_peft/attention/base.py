@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core import Adapter
+from lightning_peft.adapter import Adapter
 
 
 @dataclass(frozen=True)

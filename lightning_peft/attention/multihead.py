@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.attention.base import PrefixAttention, PrefixShape, additive_mask, causal_bias, prefixed_attention
-from lightning_peft.core import add_peft_hook
+from lightning_peft.record import add_peft_hook
 
 
 def _no_fused_fast_path(module: nn.Module, args: Any) -> None:

@@ -16,18 +16,18 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from lightning_peft.attention.base import PrefixAttention, PrefixShape, causal_bias, pad_columns
+from lightning_peft.record import find_record, record
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 _NAME = "ALL_ATTENTION_FUNCTIONS"
-_ADAPTER = "_peft_prefix_adapter"  # back-reference from the attention module to its adapter
 
 
 class TransformersPrefixAttention(PrefixAttention):
@@ -37,16 +37,16 @@ class TransformersPrefixAttention(PrefixAttention):
 
     def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(base, *args, **kwargs)
-        base.__dict__[_ADAPTER] = self
+        record(base).prefix_adapter = self  # back-reference from the attention module to its adapter
         _install_proxy(type(base))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.base_layer.__dict__[_ADAPTER] = self  # again: unwrap() drops it, and named adapters re-wrap the base
+        record(self.base_layer).prefix_adapter = self  # again: unwrap() drops it, and named adapters re-wrap the base
         return self.base_layer(*args, **kwargs)
 
     def unwrap(self) -> nn.Module:
         base = super().unwrap()
-        base.__dict__.pop(_ADAPTER, None)
+        record(base).prefix_adapter = None
         return base
 
 
@@ -91,7 +91,8 @@ def _install_proxy(cls: type[nn.Module]) -> None:
 
 def _prefixed_call(inner: Callable[..., Any], implementation: str, module: nn.Module, query: torch.Tensor,
                    key: torch.Tensor, value: torch.Tensor, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
-    adapter: PrefixAttention | None = module.__dict__.get(_ADAPTER)
+    found = find_record(module)
+    adapter = cast("PrefixAttention | None", found.prefix_adapter if found is not None else None)
     if adapter is None or not adapter.enabled:
         return inner(module, query, key, value, attention_mask, *args, **kwargs)
     _check_shape(adapter, key, value)

@@ -10,19 +10,8 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from lightning_peft.core import (
-    Adapter,
-    BatchNormMode,
-    MethodConfig,
-    check_choice,
-    check_layer_indices,
-    check_positive_int,
-    init_seed,
-    innermost,
-    is_inside,
-    mark_trainable,
-    replace_module,
-)
+from lightning_peft.adapter import Adapter, innermost
+from lightning_peft.injection import replace_module
 from lightning_peft.lora.layers import (
     LAYER_NAME,
     ConvGroups,
@@ -37,7 +26,16 @@ from lightning_peft.lora.layers import (
     pissa_factors,
 )
 from lightning_peft.lora.tied import tied_parameter_ids, untie
-from lightning_peft.targets import Targets, matches, select_modules, transformers_conv1d_type
+from lightning_peft.methods import (
+    BatchNormMode,
+    MethodConfig,
+    check_choice,
+    check_layer_indices,
+    check_positive_int,
+    init_seed,
+)
+from lightning_peft.targets import Targets, is_inside, matches, select_modules, transformers_conv1d_type
+from lightning_peft.tensors import mark_trainable
 
 __all__ = [
     "LoRAConfig",

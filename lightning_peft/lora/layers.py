@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_peft.core import Adapter, innermost
+from lightning_peft.adapter import Adapter, innermost
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.fused_conv import fused_lora_conv
 from lightning_peft.zero3 import global_shape, is_partitioned

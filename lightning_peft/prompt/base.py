@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_peft.core import Adapter
+from lightning_peft.adapter import Adapter
 
 
 class PromptAdapter(Adapter):

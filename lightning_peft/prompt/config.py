@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
-from lightning_peft.core import BatchNormMode, MethodConfig, check_choice, check_positive_int
+from lightning_peft.methods import BatchNormMode, MethodConfig, check_choice, check_positive_int
 from lightning_peft.prompt.base import is_prompted
 from lightning_peft.prompt.patches import attach_patches, find_vits
 from lightning_peft.prompt.pixels import attach_pixels, image_inputs

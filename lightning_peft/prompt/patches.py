@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lightning_peft.core import init_seed, is_inside, replace_module
+from lightning_peft.injection import replace_module
+from lightning_peft.methods import init_seed
 from lightning_peft.prompt.base import PromptAdapter
+from lightning_peft.targets import is_inside
 
 if TYPE_CHECKING:
     from lightning_peft.prompt.config import PromptTuningConfig

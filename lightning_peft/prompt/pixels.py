@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from lightning_peft.core import init_seed, replace_module
+from lightning_peft.injection import replace_module
+from lightning_peft.methods import init_seed
 from lightning_peft.prompt.base import PromptAdapter
 
 if TYPE_CHECKING:

@@ -35,9 +35,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import torch
 from torch import nn
 
-from lightning_peft.core import add_peft_hook, init_seed, innermost, is_inside, replace_module
+from lightning_peft.adapter import innermost
 from lightning_peft.errors import TargetNotFoundError
+from lightning_peft.injection import replace_module
+from lightning_peft.methods import init_seed
 from lightning_peft.prompt.base import PromptAdapter
+from lightning_peft.record import add_peft_hook
+from lightning_peft.targets import is_inside
 from lightning_peft.zero3 import gathered, global_shape
 
 if TYPE_CHECKING:
