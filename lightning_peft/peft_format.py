@@ -38,7 +38,7 @@ from torch import nn
 from lightning_peft.adapter import Adapter, adapters, is_injected
 from lightning_peft.errors import AdapterStateError, PEFTWarning
 from lightning_peft.files import CONFIG_NAME, read_config, read_tensors, write_adapter_files
-from lightning_peft.injection import inject
+from lightning_peft.injection import applied_methods, inject
 from lightning_peft.targets import is_inside
 from lightning_peft.tensors import adapter_tensors, marked
 from lightning_peft.zero3 import gathered, is_nonzero_rank
@@ -113,7 +113,7 @@ def _name_or_path(model: nn.Module) -> str | None:
 
 
 def _lora_to_peft(model: nn.Module, found: list[tuple[str, Adapter]]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    methods = [m for m in model.__dict__.get("_peft_methods", []) if getattr(m, "method_name", "") == "lora"]
+    methods = [m for m in applied_methods(model) if getattr(m, "method_name", "") == "lora"]
     rslora = bool(methods) and all(m.rslora for m in methods)
     dropouts = {float(getattr(m, "dropout", 0.0)) for m in methods} or {0.0}
     if len(dropouts) > 1:

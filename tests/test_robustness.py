@@ -284,7 +284,7 @@ def test_resuming_with_another_lora_rank_names_the_rank(tmp_path: Path, make_tra
     (lambda: PrefixTuningConfig(num_tokens=0), r"num_tokens must be a positive integer"),
     (lambda: PrefixTuningConfig(init_std=float("inf")), r"init_std must be a finite number >= 0"),
     (lambda: PrefixTuningConfig(gate=True, init_std=0.0), r"gate=True, init_std=0\) never learns"),
-    (lambda: PrefixTuningConfig(layers=[]), r"PrefixTuning layers must be a non-empty list"),
+    (lambda: PrefixTuningConfig(layers=[]), r"prefix tuning layers must be a non-empty list"),
     (lambda: PromptTuningConfig(num_tokens=0), r"num_tokens must be a positive integer"),
     (lambda: PromptTuningConfig(width=0), r"width must be a positive integer"),
     (lambda: PromptTuningConfig(image_size=0), r"image_size must be a positive int or \[height, width\]"),
