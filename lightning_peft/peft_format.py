@@ -62,8 +62,8 @@ def save_peft(model: nn.Module, path: str | Path) -> Path:
     Raises:
         ValueError: The adapter uses something PEFT has no equivalent for; the message names it and why.
     """
-    from lightning_peft.attention.base import PrefixAttention
     from lightning_peft.lora import LoRALayer
+    from lightning_peft.prefix.attention.base import PrefixAttention
     from lightning_peft.prompt.tokens import TokenPrompt
 
     found = list(adapters(model))
@@ -113,7 +113,9 @@ def _name_or_path(model: nn.Module) -> str | None:
 
 
 def _lora_to_peft(model: nn.Module, found: list[tuple[str, Adapter]]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    methods = [m for m in applied_methods(model) if getattr(m, "method_name", "") == "lora"]
+    from lightning_peft.lora import LoRAConfig
+
+    methods = [m for m in applied_methods(model) if isinstance(m, LoRAConfig)]
     rslora = bool(methods) and all(m.rslora for m in methods)
     dropouts = {float(getattr(m, "dropout", 0.0)) for m in methods} or {0.0}
     if len(dropouts) > 1:
@@ -417,8 +419,8 @@ def _load_prompt(model: nn.Module, config: dict[str, Any], state: dict[str, torc
 
 
 def _load_prefix(model: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
-    from lightning_peft.attention.base import PrefixAttention
     from lightning_peft.prefix import PrefixTuningConfig
+    from lightning_peft.prefix.attention.base import PrefixAttention
 
     p = int(config["num_virtual_tokens"])
     if not any(isinstance(a, PrefixAttention) for _, a in adapters(model)):

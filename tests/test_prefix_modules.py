@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lightning_peft import LoRA, PrefixTuning, TargetNotFoundError, adapters, inject, register_attention_handler
-from lightning_peft.attention import _HANDLERS, AttentionMatch, PrefixAttention, PrefixShape
-from lightning_peft.attention.base import prefixed_attention
+from lightning_peft.prefix.attention import _HANDLERS, AttentionMatch, PrefixAttention, PrefixShape
+from lightning_peft.prefix.attention.base import prefixed_attention
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 

@@ -53,9 +53,17 @@ _REGISTRY: list[tuple[type[nn.Module], type[LoRALayer]]] = [
 ]
 
 
-def register_lora_layer(base_type: type[nn.Module], adapter: type[LoRALayer]) -> None:
-    """Teach LoRA a new layer type (checked before the built-in ones; the first match wins)."""
+def register_lora_layer(base_type: type[nn.Module], adapter: type[LoRALayer]) -> type[LoRALayer]:
+    """Teach LoRA a new layer type: ``adapter`` (a :class:`LoRALayer` subclass) wraps modules of ``base_type``.
+
+    Registrations are asked newest first, before the built-in ones; the first match wins (as for
+    ``register_attention_handler`` and ``register_vit_locator``).
+
+    Returns:
+        ``adapter``.
+    """
     _REGISTRY.insert(0, (base_type, adapter))
+    return adapter
 
 
 def lora_layer_types() -> list[tuple[type[nn.Module], type[LoRALayer]]]:

@@ -83,12 +83,17 @@ def _transformers_vit(name: str, module: nn.Module) -> VitSite | None:
 _LOCATORS: list[VitLocator] = [_torchvision_vit, _timm_vit, _transformers_vit]
 
 
-def register_vit_locator(locator: VitLocator) -> None:
+def register_vit_locator(locator: VitLocator) -> VitLocator:
     """Teach patch prompts another ViT family: ``locator(name, module)`` returns a :class:`VitSite` or ``None``.
 
-    Locators are asked in order, the newest first; the first answer wins.
+    Locators are asked newest first, before the built-in ones; the first answer wins (as for
+    ``register_lora_layer`` and ``register_attention_handler``).
+
+    Returns:
+        ``locator``, so this also works as a decorator.
     """
     _LOCATORS.insert(0, locator)
+    return locator
 
 
 def find_vits(model: nn.Module) -> list[VitSite]:

@@ -11,7 +11,7 @@ Scores are ``n x (p + n)`` and outputs keep ``n`` rows: queries, hidden sizes an
 rest of the model never change. Masks gain ``p`` always-visible columns (causal stays causal over the real
 tokens, padding stays masked). A KV cache holds real tokens only; the prefix enters once per layer and step.
 
-Attention families are found by the handlers of :mod:`lightning_peft.attention` (transformers models through
+Attention families are found by the handlers of :mod:`lightning_peft.prefix.attention` (transformers models through
 their attention interface, ``nn.MultiheadAttention``, timm ``Attention``; users can register more).
 """
 
@@ -24,10 +24,10 @@ from typing import ClassVar
 from torch import nn
 
 from lightning_peft.adapter import Adapter, adapters
-from lightning_peft.attention import AttentionMatch, MultiheadPrefixAttention, match_attention
-from lightning_peft.attention.base import PrefixAttention, PrefixEncoder
 from lightning_peft.errors import TargetNotFoundError
 from lightning_peft.methods import Site, TargetedConfig, check_positive_int, init_seed
+from lightning_peft.prefix.attention import AttentionMatch, MultiheadPrefixAttention, match_attention
+from lightning_peft.prefix.attention.base import PrefixAttention, PrefixEncoder
 from lightning_peft.record import find_record
 from lightning_peft.tensors import refresh_trainable
 
