@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lightning_peft.adapter import Adapter
+from lightning_peft.errors import TargetNotFoundError
 from lightning_peft.methods import LAYER_NAME, BatchNormMode, Method, Site, init_seed
 from lightning_peft.record import Origin, add_peft_hook, find_record, record, remove_peft_hooks
 from lightning_peft.targets import select_names
@@ -55,7 +56,13 @@ def inject(model: nn.Module, *methods: Method) -> nn.Module:
             raise TypeError(f"inject() takes method objects such as LoRA(r=8); got {type(method).__name__}.")
         origin = len(applied_methods(model))
         built: list[tuple[str, Adapter]] = []
-        for site in method.sites(model):
+        sites = method.sites(model)
+        if not sites:  # an empty selection (target_modules=[]) would train nothing, silently
+            raise TargetNotFoundError(
+                f"{_label(method)} selected nothing to adapt in {type(model).__name__} (an empty target_modules, and "
+                "no target_parameters?). Name the modules to adapt."
+            )
+        for site in sites:
             if not site.name:
                 raise TypeError(f"{_label(method)} adapts modules inside a model; pass the model that holds "
                                 f"this {type(site.module).__name__}.")

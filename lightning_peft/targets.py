@@ -55,6 +55,11 @@ def _matches_rule(rule: TargetRule, name: str, module: nn.Module) -> bool:
         return isinstance(module, rule)
     if any(rule in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}") for cls in type(module).__mro__):
         return True  # a class name selects subclasses, as a class does (and as saved configs spell classes)
+    return _matches_name(rule, name)
+
+
+def _matches_name(rule: str, name: str) -> bool:
+    """An exact name, a dotted suffix or a full-match regex (an invalid regex matches nothing)."""
     if name == rule or name.endswith("." + rule):
         return True
     try:
@@ -239,6 +244,29 @@ def outermost(selected: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.M
     """The entries of ``selected`` that lie inside no other entry (one adapter per sub-tree: the outermost wins)."""
     names = [n for n, _ in selected]
     return [(n, m) for n, m in selected if not is_inside(n, (p for p in names if p != n))]
+
+
+def select_parameters(model: nn.Module, rules: Sequence[str], *, what: str = "target_parameters"
+                      ) -> list[tuple[str, str]]:
+    """``(module name, local name)`` of every parameter whose full name a rule selects (an exact name, a dotted suffix
+    such as ``"experts.gate_up_proj"``, or a full-match regex), in model order.
+
+    Raises:
+        TargetNotFoundError: A rule matches no parameter; the message names the closest parameter names.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    chosen: set[str] = set()
+    for rule in rules:
+        hits = [name for name in names if _matches_name(rule, name)]
+        if not hits:
+            close = difflib.get_close_matches(rule, names, n=6, cutoff=0.3) or [
+                n for n in names if n.rsplit(".", 1)[-1] in rule or rule.rsplit(".", 1)[-1] in n][:6]
+            raise TargetNotFoundError(
+                f"{what}={rule!r} matched no parameter of {type(model).__name__}. Closest parameter names: "
+                f"{', '.join(close) or '<none>'}. Pass full names, dotted suffixes or a full-match regex."
+            )
+        chosen.update(hits)
+    return [(owner, local) for owner, _, local in (name.rpartition(".") for name in names if name in chosen)]
 
 
 def _check_regex(rules: Targets | None, what: str) -> None:

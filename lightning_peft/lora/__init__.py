@@ -23,9 +23,10 @@ from lightning_peft.lora.layers import (
     lora_scale,
     pissa_factors,
 )
+from lightning_peft.lora.parameters import LoRAParameters
 from lightning_peft.lora.tied import tied_parameter_ids, untie
 from lightning_peft.methods import Site, TargetedConfig, check_choice, check_positive_int
-from lightning_peft.targets import Targets, matches, outermost, transformers_conv1d_type
+from lightning_peft.targets import Targets, is_inside, matches, outermost, select_parameters, transformers_conv1d_type
 from lightning_peft.tensors import mark_trainable
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "LoRAEmbedding",
     "LoRALayer",
     "LoRALinear",
+    "LoRAParameters",
     "LoRAMultiheadAttention",
     "lora_layer_for",
     "lora_layer_types",
@@ -86,6 +88,15 @@ class LoRASite:
     tied: bool  # the layer shares a weight with another module (GPT-2's wte and lm_head)
 
 
+@dataclass(frozen=True)
+class ParameterSite:
+    """What LoRA decided for a module whose parameters it adapts (``target_parameters``)."""
+
+    names: list[str]
+    r: int
+    alpha: float
+
+
 @dataclass(eq=False)
 class LoRAConfig(TargetedConfig):
     """Configuration of LoRA; ``LoRA`` (the callback) takes the same arguments.
@@ -100,6 +111,12 @@ class LoRAConfig(TargetedConfig):
         init: ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"`` or ``"pissa"`` (SVD of W; W keeps the
             residual, recomputed identically whenever LoRA is injected into the same base weights).
         bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (train the biases of adapted layers).
+        target_parameters: Parameters adapted directly, for weights a module reads itself rather than through an
+            ``nn.Linear`` (the 3-D expert weights of transformers 5 MoE models: ``["experts.gate_up_proj",
+            "experts.down_proj"]``): full names, dotted suffixes or a full-match regex, as PEFT's option of that name.
+            Each expert gets its own rank-``r`` update (see :mod:`lightning_peft.lora.parameters`). Combine with
+            ``target_modules`` (``"all-linear"`` also adapts attention), or pass ``target_modules=[]`` for the
+            parameters alone.
         conv_groups: LoRA on grouped and depthwise convolutions: ``"shared"`` (default: one low-rank update of the
             ``(out, in/groups·prod(k))`` weight matrix, any ``r``, exactly mergeable) or ``"per_group"`` (a rank
             ``r/groups`` update per group; ``r`` must be a multiple of ``groups``). See :class:`LoRAConv`.
@@ -128,6 +145,7 @@ class LoRAConfig(TargetedConfig):
     init: LoRAInit = "default"
     bias: Literal["none", "all", "lora_only"] = "none"
     conv_groups: ConvGroups = "shared"
+    target_parameters: list[str] | None = None
     target_modules: Targets | None = field(default="all-linear", kw_only=True)
 
     #: files saved before ``conv_groups`` existed hold per-group grouped-conv adapters
@@ -150,23 +168,54 @@ class LoRAConfig(TargetedConfig):
         check_choice("bias", self.bias, Literal["none", "all", "lora_only"])
         check_choice("conv_groups", self.conv_groups, ConvGroups)
 
-    def sites(self, model: nn.Module) -> list[Site[LoRASite]]:
-        """Every selected layer LoRA can adapt (attention projections lifted to their attention module)."""
+    def sites(self, model: nn.Module) -> list[Site[LoRASite | ParameterSite]]:
+        """Every selected layer LoRA can adapt (attention projections lifted to their attention module), then every
+        module holding ``target_parameters``."""
         types = lora_layer_types()
         supported = tuple(base_type for base_type, _ in types)
         candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, supported)]
         selected = self.select(model, candidates, ", ".join(t.__name__ for t in supported))
         tied = tied_parameter_ids(model)  # one walk; untie re-checks the few layers that hold one
-        return [
+        sites: list[Site[LoRASite | ParameterSite]] = [
             Site(name, module, LoRASite(lora_layer_for(innermost(module)),
                                         _pattern_value(self.rank_pattern, name, module, self.r),
                                         _pattern_value(self.alpha_pattern, name, module, self.alpha),
                                         any(id(p) in tied for p in innermost(module)._parameters.values())))
             for name, module in outermost(_lift_attention_projections(model, selected))
         ]
+        return sites + self._parameter_sites(model, [site.name for site in sites])
 
-    def build(self, model: nn.Module, site: Site[LoRASite], seed: int) -> LoRALayer:
+    def _parameter_sites(self, model: nn.Module, layers: list[str]) -> list[Site[LoRASite | ParameterSite]]:
+        if not self.target_parameters:
+            return []
+        owners: dict[str, list[str]] = {}
+        for owner, local in select_parameters(model, self.target_parameters):
+            owners.setdefault(owner, []).append(local)
+        sites: list[Site[LoRASite | ParameterSite]] = []
+        for owner, names in owners.items():
+            module = model.get_submodule(owner)
+            clash = [n for n in layers if n == owner or is_inside(owner, [n]) or is_inside(n, [owner])]
+            if clash or isinstance(module, Adapter):
+                raise ValueError(
+                    f"target_parameters selects {names} of {owner!r}, which target_modules also adapts "
+                    f"({clash[:3] or owner!r}); one LoRA per weight. Leave it out of one of the two."
+                )
+            sites.append(Site(owner, module, ParameterSite(names, _pattern_value(self.rank_pattern, owner, module,
+                                                                                   self.r),
+                                                           _pattern_value(self.alpha_pattern, owner, module,
+                                                                          self.alpha))))
+        return sites
+
+    def build(self, model: nn.Module, site: Site[LoRASite | ParameterSite], seed: int) -> Adapter:
         """Wrap the site's layer in its LoRA adapter (a tied weight gets its own copy first)."""
+        if isinstance(site.detail, ParameterSite):
+            if self.dropout:
+                raise ValueError(
+                    f"dropout={self.dropout} cannot apply to target_parameters (the update acts on the weights, so "
+                    "there is no adapter input to drop); use dropout=0, or a second LoRA for the parameters."
+                )
+            return LoRAParameters(site.module, site.detail.names, site.detail.r, site.detail.alpha, self.rslora,
+                                  self.init, seed)
         if site.detail.tied:
             untie(model, site.name, innermost(site.module))
         extra = {"conv_groups": self.conv_groups} if issubclass(site.detail.adapter, LoRAConv) else {}
