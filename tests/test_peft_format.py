@@ -1,4 +1,4 @@
-"""Hugging Face PEFT's adapter directory both ways (lightning_peft.peft_format), and the versioned native format.
+"""Hugging Face PEFT's adapter directory both ways (lightning_peft.adapter_files), and the versioned native format.
 
 Every round trip compares outputs of our adapted model with HF PEFT's on the same weights (atol 1e-5).
 """
@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_peft import LoRAConfig, PrefixTuningConfig, PromptTuningConfig, inject, load_adapter, save_adapter
 from lightning_peft.adapter import adapters
-from lightning_peft.state import FORMAT_VERSION
+from lightning_peft.adapter_files.constants import FORMAT_VERSION
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_peft.files
+import lightning_peft.adapter_files.disk
 from lightning_peft import LoRA, LoRAConfig, PrefixTuningConfig, PromptTuningConfig, inject, load_adapter, save_adapter
 from lightning_peft.errors import AdapterStateError, TargetNotFoundError
 from lightning_peft.operations import merge, unload, unmerge
-from lightning_peft.state import adapter_state_dict
+from lightning_peft.tensors import adapter_state_dict
 
 pytest.importorskip("transformers")
 from strategy_models import tiny_gpt2  # noqa: E402
@@ -65,7 +65,7 @@ def _fail_on_call(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, call: 
 
 
 FAILURES = {  # where a save can break: the tensor file, the JSON, renaming the tensors, renaming the config
-    "tensor file": (lightning_peft.files, "save_file", 1),
+    "tensor file": (lightning_peft.adapter_files.disk, "save_file", 1),
     "config write": (Path, "write_text", 1),
     "tensor rename": (os, "replace", 1),
     "config rename": (os, "replace", 2),

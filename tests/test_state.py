@@ -12,11 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lightning_peft.adapter_files import load_adapter, save_adapter
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError
 from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig
-from lightning_peft.state import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
-from lightning_peft.tensors import adapter_tensors
+from lightning_peft.state import load_adapter_state_dict
+from lightning_peft.tensors import adapter_state_dict, adapter_tensors
 
 
 class Net(nn.Module):

@@ -20,11 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lightning_peft.adapter_files.constants import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME
 from lightning_peft.errors import AdapterStateError
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-_PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
 def write_adapter_files(
@@ -117,7 +114,7 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _refuse_missing(directory: Path, path: Path) -> None:
-    pickles = [name for name in _PICKLE_NAMES if (directory / name).is_file()]
+    pickles = [name for name in PICKLE_NAMES if (directory / name).is_file()]
     if pickles:
         raise FileNotFoundError(
             f"{directory} holds {', '.join(pickles)} but no {WEIGHTS_NAME}: lightning_peft refuses pickle files on "
