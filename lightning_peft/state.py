@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from lightning_peft.adapter import Adapter, adapters
-from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, TargetNotFoundError
+from lightning_peft.errors import AdapterStateError, BaseModelMismatchError
 from lightning_peft.injection import applied_methods
 from lightning_peft.record import find_record
-from lightning_peft.targets import select_names
+from lightning_peft.targets import SHORTCUTS, matches
 from lightning_peft.tensors import adapter_tensors, clean_name
 from lightning_peft.zero3 import gathered, global_shape
 
@@ -130,8 +130,8 @@ def method_configs(model: nn.Module) -> list[dict[str, Any]]:
 
     For the root passed to :func:`inject` (a LightningModule, with the callbacks or the mixin) these are the
     recorded methods. For a module inside it (``lit_module.model``) they are the methods of the adapters it holds,
-    with target rules written as full names from the root made relative to it, so the saved adapter loads into
-    that module alone (a fresh ``transformers`` model, say).
+    with their rules rewritten for it (:func:`rules_within`), so the saved adapter loads into that module alone (a
+    fresh ``transformers`` model, say) and adapts exactly the modules it adapted there.
 
     Raises:
         ValueError: ``model`` holds adapters whose origin is unknown (they were not made by :func:`inject`).
@@ -151,24 +151,68 @@ def method_configs(model: nn.Module) -> list[dict[str, Any]]:
                 f"{type(model).__name__} holds a {type(adapter).__name__} at {local!r} that inject() did not make "
                 "here; save the model the methods were injected into."
             )
-        found.setdefault(origin.position, relative_rules(origin.method.to_dict(), full[: len(full) - len(local)]))
-    return [_within(model, found[position]) for position in sorted(found)]
+        found.setdefault(origin.position, rules_within(model, origin.method.to_dict(), full[: len(full) - len(local)]))
+    return [found[position] for position in sorted(found)]
 
 
-def _within(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` without the ``trainable_modules`` rules that select nothing in ``model`` (a Lightning head)."""
-    rules = config.get("trainable_modules")
-    if not rules:
-        return config
-    kept = [rule for rule in ([rules] if isinstance(rules, str) else rules) if _selects(model, rule)]
-    return {**config, "trainable_modules": (kept[0] if isinstance(rules, str) else kept) if kept else None}
+_RULE_FIELDS = ("target_modules", "trainable_modules", "exclude_modules")  # rules that select module names
+_PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")  # {rule: value}; the first rule that matches wins
 
 
-def _selects(model: nn.Module, rule: Any) -> bool:
-    try:
-        return bool(select_names(model, rule if isinstance(rule, str) else [rule]))
-    except TargetNotFoundError:
-        return False
+def rules_within(model: nn.Module, config: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``config`` with its module rules, written for the root in which ``model`` sits at ``prefix`` (``"model."``),
+    rewritten to select in ``model`` alone exactly the modules they selected in it there.
+
+    A rule loses ``prefix`` where that selects the same modules (``"model.lin"`` -> ``"lin"``; suffix rules such as
+    ``"ln_f"`` stay), and becomes a regex of the exact names where it would select more (``"model.lin"`` when
+    ``model`` also has a ``block.lin``). Rules selecting nothing in ``model`` (a LightningModule's head) are left
+    out; shortcuts (``"all-linear"``) and class names are kept as they are.
+
+    Example:
+        >>> model = nn.ModuleDict({"lin": nn.Linear(2, 2), "block": nn.ModuleDict({"lin": nn.Linear(2, 2)})})
+        >>> rules_within(model, {"target_modules": ["model.lin", "block.lin"], "trainable_modules": ["head"]},
+        ...              "model.")
+        {'target_modules': ['(?:lin)', 'block.lin'], 'trainable_modules': None}
+    """
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    out = dict(config)
+    for key in _RULE_FIELDS:
+        rules = config.get(key)
+        if isinstance(rules, str):
+            kept = [_rule_within(modules, rules, prefix, entry=False)]
+        elif isinstance(rules, list):
+            kept = [_rule_within(modules, rule, prefix) for rule in rules]
+        else:
+            continue
+        found = [rule for rule in kept if rule is not None]
+        if key == "target_modules" and not found:
+            continue  # nothing to aim at here: loading says which rule matched nothing
+        out[key] = None if not found else found[0] if isinstance(rules, str) else found
+    for key in _PATTERN_FIELDS:
+        pattern: dict[str, Any] = {}
+        for rule, value in (config.get(key) or {}).items():
+            inside = _rule_within(modules, rule, prefix)
+            if inside is not None and inside not in pattern:  # as before, the first rule for a module wins
+                pattern[inside] = value
+        if key in config:
+            out[key] = pattern
+    return out
+
+
+def _rule_within(modules: list[tuple[str, nn.Module]], rule: Any, prefix: str, entry: bool = True) -> Any:
+    """One rule (a list ``entry``, or a whole-string regex) for the sub-module at ``prefix``; ``None`` where it
+    selects nothing there."""
+    if not isinstance(rule, str) or rule in SHORTCUTS:
+        return rule
+
+    def chosen(candidate: str, above: str) -> set[str]:
+        return {name for name, module in modules if matches([candidate] if entry else candidate, above + name, module)}
+
+    selected = chosen(rule, prefix)
+    if not selected:
+        return None
+    short = rule[len(prefix):] if rule.startswith(prefix) else rule
+    return short if chosen(short, "") == selected else "|".join(f"(?:{re.escape(n)})" for n in sorted(selected))
 
 
 def relative_rules(method: dict[str, Any], prefix: str) -> dict[str, Any]:
