@@ -4,6 +4,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from lightning_peft.adapter import Adapter, adapters
+from lightning_peft.adapter_files import load_adapter, save_adapter
 from lightning_peft.distributed import fsdp_auto_wrap_policy, restore_fsdp1_parameters
 from lightning_peft.errors import (
     AdapterStateError,
@@ -34,7 +35,8 @@ from lightning_peft.operations import (
 )
 from lightning_peft.prefix import PrefixTuningConfig, fold_prefix, register_attention_handler
 from lightning_peft.prompt import PromptTuningConfig, register_vit_locator
-from lightning_peft.state import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
+from lightning_peft.state import load_adapter_state_dict
+from lightning_peft.tensors import adapter_state_dict
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them on first use
     from lightning_peft.callbacks import LoRA, PrefixTuning, PromptTuning

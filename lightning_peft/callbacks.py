@@ -23,6 +23,7 @@ from lightning_utilities.core.overrides import is_overridden
 from typing_extensions import override
 
 from lightning_peft.adapter import Adapter
+from lightning_peft.adapter_files.native import checkpoint_metadata
 from lightning_peft.distributed import restore_fsdp1_parameters
 from lightning_peft.errors import AdapterStateError
 from lightning_peft.injection import applied_methods, inject
@@ -31,7 +32,7 @@ from lightning_peft.methods import Method
 from lightning_peft.operations import trainable_summary
 from lightning_peft.prefix import PrefixTuningConfig
 from lightning_peft.prompt import PromptTuningConfig
-from lightning_peft.state import check_adapter_state, check_base_shapes, checkpoint_metadata
+from lightning_peft.state import check_adapter_state, check_base_shapes
 from lightning_peft.tensors import adapter_name_test, adapter_tensors, clean_name
 from lightning_peft.zero3 import is_partitioned
 

@@ -3,6 +3,7 @@ and the renamed (deprecated) names."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -145,8 +146,11 @@ def test_shared_fields_are_keyword_only_and_validated_once_for_every_method() ->
         with pytest.raises(ValueError, match="seed must be an integer; got 1.5"):
             config(seed=1.5)  # type: ignore[arg-type]
     assert LoRAConfig(4, 8.0).r == 4 and LoRAConfig(4, 8.0).alpha == 8.0  # the method's own numbers stay positional
-    with pytest.raises(TypeError):
-        LoRAConfig(4, 8.0, 0.0, {}, {}, False, "default", "none", "shared", ["q"])  # type: ignore[misc]
+    shared = {"trainable_modules", "batchnorm", "seed", "adapter_dtype"}
+    targeted = {"target_modules", "exclude_modules", "layers", "layers_pattern"}
+    for config, expected in [(LoRAConfig, shared | targeted), (PrefixTuningConfig, shared | targeted),
+                             (PromptTuningConfig, shared)]:
+        assert {f.name for f in dataclasses.fields(config) if f.kw_only} == expected
 
 
 def test_renamed_names_still_work_and_warn_with_their_replacement() -> None:

@@ -103,3 +103,59 @@ def test_package_lints_clean_with_ruff() -> None:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"ruff reports problems in lightning_peft:\n{result.stdout}{result.stderr}"
     assert "All checks passed" in result.stdout
+
+
+def _imports_of_package() -> dict[str, set[str]]:
+    """Module → the lightning_peft modules it imports anywhere (function bodies included): ``from a import b``
+    counts as importing ``a.b`` where that is a module, else ``a``. Parent packages run on import but are no edge."""
+    modules = {_module_name(path): path for path in SOURCES}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                          for a in node.names}
+        graph[name] = {target for target in found if target in modules and target != name}
+    return graph
+
+
+FILES_ROOM = ("lightning_peft.adapter_files", "lightning_peft.state", "lightning_peft.tensors")
+
+
+def test_adapter_files_state_and_tensors_are_on_no_import_cycle() -> None:
+    graph = _imports_of_package()
+    on_cycle = []
+    for start in [name for name in graph if name.startswith(FILES_ROOM)]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph[name])
+        if start in seen:
+            on_cycle.append(start)
+    assert on_cycle == [], f"{on_cycle} import themselves through other modules; move the shared code down"
+    below = [(name, target) for name in graph if name.startswith(FILES_ROOM[1:])
+             for target in graph[name] if target.startswith(FILES_ROOM[0])]
+    assert below == [], f"the in-memory modules import the files room above them: {below}"
+
+
+@pytest.mark.parametrize("old,new,names", [
+    ("lightning_peft.peft_format", "lightning_peft.adapter_files", ["save_peft", "load_peft", "is_peft_directory"]),
+    ("lightning_peft.export", "lightning_peft.adapter_files.export", ["export", "main", "read_checkpoint"]),
+])
+def test_moved_modules_still_import_with_a_warning_naming_the_new_place(old: str, new: str, names: list[str]) -> None:
+    sys.modules.pop(old, None)
+    with pytest.warns(lightning_peft.PEFTWarning, match=f"{old} moved to {new}"):
+        module = importlib.import_module(old)
+    moved = importlib.import_module(new)
+    assert [getattr(module, name) for name in names] == [getattr(moved, name) for name in names]
+
+
+def test_the_old_export_command_path_still_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "lightning_peft.export", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "lightning-peft-export" in result.stdout, result.stderr[-2000:]

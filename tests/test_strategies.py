@@ -27,7 +27,7 @@ from lightning_peft import (
     merge,
     save_adapter,
 )
-from lightning_peft.export import export, read_checkpoint
+from lightning_peft.adapter_files.export import export, read_checkpoint
 
 METHODS: dict[str, Callable[..., L.Callback]] = {
     "lora": lambda **kw: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"], **kw),
