@@ -44,7 +44,7 @@ from lightning_peft.state import (
     write_adapter_directory,
 )
 
-CHECKPOINT_KEY = "lightning_peft"  # as lightning_peft.callbacks writes it (not imported: no lightning needed here)
+CHECKPOINT_KEY = "lightning_peft"  # as lightning_peft.glue.checkpoints writes it (not imported: it needs lightning)
 _ZERO3_OPTIMIZER_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
 
 
