@@ -54,8 +54,6 @@ class Record:
     pending: list[Method] = field(default_factory=list)
     #: On a PEFTMixin module: whether ``configure_peft`` was applied.
     configured: bool = False
-    #: On a LightningModule: how deep the calls of each extended hook are nested now.
-    hook_depth: dict[str, int] = field(default_factory=dict)
 
 
 def record(module: nn.Module) -> Record:
