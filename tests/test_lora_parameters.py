@@ -14,6 +14,8 @@ import torch
 import transformers
 from torch import nn
 
+from zoo_checks import check_cell, seeded
+
 from lightning_peft import LoRAConfig, TargetNotFoundError, adapters, inject, load_adapter, merge, save_adapter, unmerge
 from lightning_peft.lora import LoRAParameters
 
@@ -168,3 +170,61 @@ def test_bad_target_parameters_are_refused_with_the_fix() -> None:
         inject(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(target_modules=["0"], target_parameters=["0.weight"]))
     with pytest.raises(ValueError, match=r"adapts 2-D and 3-D weights; Linear\.bias has shape \[4\]"):
         inject(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(target_modules=[], target_parameters=["0.bias"]))
+
+
+def test_peft_format_round_trips_expert_updates_both_ways(tmp_path: Path) -> None:
+    base = mixtral()
+    ours = inject(copy.deepcopy(base), LoRAConfig(r=2, alpha=6.0, target_modules=["q_proj"], target_parameters=PARAMS))
+    randomize(ours)
+    save_adapter(ours, tmp_path / "ours", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        expected = ours(ids()).logits
+        torch.testing.assert_close(theirs(ids()).logits, expected, **TOL)  # PEFT computes what we do
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    assert [type(a).__name__ for _, a in adapters(back)] == ["LoRALinear", "LoRAParameters"] * 2
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids()).logits, expected, **TOL)
+
+
+def test_peft_format_refuses_expert_ranks_peft_cannot_hold(tmp_path: Path) -> None:
+    model = inject(mixtral(), LoRAConfig(r=2, target_modules=["q_proj"], target_parameters=PARAMS,
+                                         rank_pattern={"experts": 4}))
+    with pytest.raises(ValueError, match=r"target_parameters of 'model\.layers\.0\.mlp\.experts' use r=4.*PEFT applies "
+                                         r"the file's r=2"):
+        save_adapter(model, tmp_path, format="peft")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+#: transformers 5 MoE families and the config fields that size their experts; GPT-OSS stores (experts, in, out).
+MOE = {
+    "Mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "Qwen2Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16),
+    "Qwen3Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8),
+    "Olmoe": dict(num_experts=4, num_experts_per_tok=2, eos_token_id=None),
+    "GptOss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, layer_types=["full_attention"] * 2),
+}
+
+
+def moe(family: str) -> nn.Module:
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, **MOE[family])
+    return seeded(lambda: getattr(transformers, f"{family}ForCausalLM")(config)).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(MOE))
+def test_moe_zoo_expert_lora_passes_the_zoo_checks_and_equals_hf_peft(family: str, tmp_path: Path) -> None:
+    base = moe(family)
+    config = LoRAConfig(r=2, alpha=4.0, target_modules=[], target_parameters=PARAMS)
+    report = check_cell(base, config, {"input_ids": ids()}, tmp_path / "cell", starts_as_identity=True,
+                        mergeable=True)
+    assert report.moved > 1e-3 and report.reloaded == 0.0
+    ours = inject(copy.deepcopy(base), config)
+    randomize(ours)
+    save_adapter(ours, tmp_path / "peft", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids()).logits, ours(ids()).logits, **TOL)

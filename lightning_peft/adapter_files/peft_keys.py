@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable
 from typing import cast
 
+import torch
+
 from lightning_peft.lora.layers import (
     LoRAConv,
     LoRAConv1D,
@@ -98,6 +100,41 @@ def peft_lora_keys(name: str, layer: LoRALayer) -> dict[str, str]:
     raise ValueError(
         f"LoRA layer {name!r} is a {type(layer).__name__}, a layer type PEFT does not know; save with format='native'."
     )
+
+
+def peft_parameter_keys(name: str, parameters: list[str]) -> dict[str, str]:
+    """Our names of the ``target_parameters`` factors of the module ``name`` → PEFT's keys.
+
+    PEFT wraps the module once per parameter, in the order the module registered them, so the last one is outermost
+    (``name.lora_A.weight``) and each earlier one sits one ``base_layer`` deeper.
+
+    Example:
+        >>> peft_parameter_keys("experts", ["gate_up_proj", "down_proj"])["lora_A.gate_up_proj"]
+        'experts.base_layer.lora_A.weight'
+    """
+    keys = {}
+    for depth, parameter in enumerate(reversed(parameters)):
+        wrapper = name + ".base_layer" * depth
+        for factor in ("lora_A", "lora_B"):
+            keys[f"{factor}.{parameter}"] = f"{wrapper}.{factor}.weight"
+    return keys
+
+
+def experts_to_peft(factor: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Our per-expert factor in PEFT's layout: A ``(experts, r, in)`` → ``(experts·r, in)`` (expert-major rows), B
+    ``(experts, out, r)`` → ``(out, r·experts)`` (expert-minor columns, as PEFT's ``lora_B`` reshapes it)."""
+    if factor == "A":
+        return tensor.reshape(-1, tensor.shape[-1])
+    experts, out, r = tensor.shape
+    return tensor.permute(1, 2, 0).reshape(out, r * experts)
+
+
+def experts_from_peft(factor: str, tensor: torch.Tensor, experts: int) -> torch.Tensor:
+    """The inverse of :func:`experts_to_peft` for a parameter of ``experts`` experts."""
+    if factor == "A":
+        return tensor.reshape(experts, -1, tensor.shape[-1])
+    out = tensor.shape[0]
+    return tensor.reshape(out, -1, experts).permute(2, 0, 1)
 
 
 def is_conv1d(layer: LoRALayer) -> bool:

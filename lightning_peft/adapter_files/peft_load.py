@@ -16,17 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.adapter import adapters, is_injected
+from lightning_peft.adapter import adapters, innermost, is_injected
 from lightning_peft.adapter_files.constants import CONFIG_NAME, PEFT_PREFIX, PEFT_VERSION
 from lightning_peft.adapter_files.disk import read_config, read_tensors
-from lightning_peft.adapter_files.peft_keys import LORA_KEY, MHA_BUG
+from lightning_peft.adapter_files.peft_keys import LORA_KEY, MHA_BUG, experts_from_peft, peft_parameter_keys
 from lightning_peft.errors import AdapterStateError, PEFTWarning
 from lightning_peft.injection import inject
-from lightning_peft.lora import LoRAConfig
+from lightning_peft.lora import LoRAConfig, LoRAParameters
 from lightning_peft.prefix import PrefixTuningConfig
 from lightning_peft.prefix.attention.base import PrefixAttention
 from lightning_peft.prompt import PromptTuningConfig, TokenPrompt
 from lightning_peft.state import load_adapter_state_dict
+from lightning_peft.targets import select_parameters
 
 
 def is_peft_directory(path: str | Path) -> bool:
@@ -89,14 +90,16 @@ def _exact(name: str) -> str:
 
 
 def _load_lora(model: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
-    unsupported = {k: config.get(k) for k in ("use_dora", "lora_bias", "trainable_token_indices", "target_parameters",
-                                               "layer_replication", "alora_invocation_tokens", "use_qalora",
-                                               "use_bdlora", "arrow_config", "megatron_config") if config.get(k)}
+    unsupported = {k: config.get(k) for k in ("use_dora", "lora_bias", "trainable_token_indices", "layer_replication",
+                                               "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config",
+                                               "megatron_config") if config.get(k)}
     if config.get("bias", "none") != "none":
         unsupported["bias"] = config["bias"]
     if unsupported:
         raise ValueError(f"this PEFT LoRA uses {unsupported}, which lightning_peft's LoRA does not implement.")
-    ours: dict[str, torch.Tensor] = {}
+    targets = list(config.get("target_parameters") or [])
+    state = dict(state)
+    ours = _parameters_from_peft(model, targets, state)  # takes their tensors out of state
     ranks: dict[str, int] = {}
     for key, tensor in state.items():
         match = LORA_KEY.match(key)
@@ -118,12 +121,44 @@ def _load_lora(model: nn.Module, config: dict[str, Any], state: dict[str, torch.
         saved = [n for n in names if any(n.endswith(k) for k in config.get("modules_to_save") or [])]
         inject(model, LoRAConfig(
             r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
-            target_modules="|".join(_exact(n) for n in ranks), rslora=bool(config.get("use_rslora")),
+            target_modules="|".join(_exact(n) for n in ranks) if ranks else [],
+            target_parameters=[f"{o}.{p}" for o, names in _parameter_owners(model, targets).items() for p in names]
+            or None,
+            rslora=bool(config.get("use_rslora")),
             rank_pattern={_exact(n): r for n, r in ranks.items() if r != config["r"]},
             alpha_pattern={_exact(n): float(a) for n, a in alphas.items() if a != config["lora_alpha"]},
             trainable_modules=[_exact(n) for n in saved] or None,
         ))
     return _copy_in(model, ours)
+
+
+def _parameter_owners(model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
+    """Module name → the parameters ``targets`` selects there, in the module's own order (PEFT's nesting order)."""
+    if not targets:
+        return {}
+    adapted = {name: adapter for name, adapter in adapters(model) if isinstance(adapter, LoRAParameters)}
+    if adapted:  # already injected: the parameters sit under base_layer
+        return {name: [p for p in a.base_layer._parameters if p in a.lora_A] for name, a in adapted.items()}
+    owners: dict[str, list[str]] = {}
+    for owner, local in select_parameters(model, targets):
+        owners.setdefault(owner, []).append(local)
+    return owners
+
+
+def _parameters_from_peft(model: nn.Module, targets: list[str], state: dict[str, torch.Tensor]
+                          ) -> dict[str, torch.Tensor]:
+    """Our ``target_parameters`` factors from PEFT's nested wrappers' tensors (removed from ``state``)."""
+    ours = {}
+    for owner, names in _parameter_owners(model, targets).items():
+        module = innermost(model.get_submodule(owner))
+        for key, theirs in peft_parameter_keys(owner, names).items():
+            if theirs not in state:
+                raise AdapterStateError(f"the PEFT file lacks {theirs}, the LoRA factor of {owner}.{key.split('.')[1]} "
+                                        "its target_parameters name; it was saved for another model.")
+            parameter = module._parameters[key.split(".")[1]]
+            experts = parameter.shape[0] if parameter is not None and parameter.dim() == 3 else 1
+            ours[f"{owner}.{key}"] = experts_from_peft(key[5], state.pop(theirs), experts)
+    return ours
 
 
 def _peft_pattern(pattern: dict[str, Any], name: str, default: Any) -> Any:

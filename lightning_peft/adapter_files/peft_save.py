@@ -37,8 +37,8 @@ from torch import nn
 from lightning_peft.adapter import Adapter, adapters
 from lightning_peft.adapter_files.constants import PEFT_PREFIX, PEFT_TENSOR_METADATA, PEFT_VERSION
 from lightning_peft.adapter_files.disk import write_adapter_files
-from lightning_peft.adapter_files.peft_keys import is_conv1d, peft_lora_keys
-from lightning_peft.lora import LoRAConfig, LoRALayer
+from lightning_peft.adapter_files.peft_keys import experts_to_peft, is_conv1d, peft_lora_keys, peft_parameter_keys
+from lightning_peft.lora import LoRAConfig, LoRALayer, LoRAParameters
 from lightning_peft.methods import Method
 from lightning_peft.prefix.attention.base import PrefixAttention
 from lightning_peft.prompt.tokens import TokenPrompt
@@ -91,8 +91,8 @@ def save_peft(model: nn.Module, path: str | Path) -> Path:
     return write_adapter_files(directory, tensors, {**base, **config}, PEFT_TENSOR_METADATA, sort_keys=True)
 
 
-_METHODS: tuple[tuple[type[Adapter], str], ...] = ((LoRALayer, "lora"), (TokenPrompt, "prompt"),
-                                                   (PrefixAttention, "prefix"))
+_METHODS: tuple[tuple[type[Adapter], str], ...] = ((LoRALayer, "lora"), (LoRAParameters, "lora"),
+                                                   (TokenPrompt, "prompt"), (PrefixAttention, "prefix"))
 
 
 def _kind(adapter: Adapter) -> str:
@@ -117,7 +117,11 @@ def _lora_to_peft(model: nn.Module, found: list[tuple[str, Adapter]]) -> tuple[d
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     conv1d = []
+    parameters: dict[str, LoRAParameters] = {}
     for name, adapter in found:
+        if isinstance(adapter, LoRAParameters):
+            parameters[name] = adapter
+            continue
         layer = cast(LoRALayer, adapter)  # save_peft sends LoRA layers only
         for ours, theirs in peft_lora_keys(name, layer).items():
             tensors[PEFT_PREFIX + theirs] = getattr(layer, ours)
@@ -129,18 +133,45 @@ def _lora_to_peft(model: nn.Module, found: list[tuple[str, Adapter]]) -> tuple[d
         module = model.get_submodule(name)
         for local, tensor in module.state_dict(keep_vars=True).items():
             tensors[f"{PEFT_PREFIX}{name}.{local}"] = tensor
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else next(iter(parameters.values())).r
+    alpha = (Counter(alphas.values()).most_common(1)[0][0] if ranks
+             else _alpha(next(iter(parameters.values())), rslora))
+    tensors.update(_parameters_to_peft(parameters, r, alpha, rslora, any(conv1d)))
     config = {
         "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha, "use_rslora": rslora,
-        "lora_dropout": dropouts.pop(), "bias": "none", "fan_in_fan_out": all(conv1d),
-        "target_modules": "|".join(f"(?:{re.escape(n)})" for n in ranks),
+        "lora_dropout": dropouts.pop(), "bias": "none", "fan_in_fan_out": bool(conv1d) and all(conv1d),
+        "target_modules": "|".join(f"(?:{re.escape(n)})" for n in ranks) if ranks else [],
+        "target_parameters": [f"{n}.{p}" for n, adapter in parameters.items() for p in adapter.lora_A] or None,
         "rank_pattern": {_anchored(n): v for n, v in ranks.items() if v != r},
         "alpha_pattern": {_anchored(n): v for n, v in alphas.items() if v != alpha},
         "modules_to_save": modules_to_save or None, "init_lora_weights": True, "use_dora": False,
         "lora_bias": False, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
     }
     return config, tensors
+
+
+def _alpha(layer: LoRALayer | LoRAParameters, rslora: bool) -> float:
+    return layer.scale * (layer.r ** 0.5 if rslora else layer.r)
+
+
+def _parameters_to_peft(parameters: dict[str, LoRAParameters], r: int, alpha: float, rslora: bool, conv1d: bool
+                        ) -> dict[str, torch.Tensor]:
+    """PEFT's tensors for ``target_parameters`` adapters, which PEFT gives the file's one ``r`` and ``lora_alpha``."""
+    tensors = {}
+    for name, adapter in parameters.items():
+        if adapter.r != r or _alpha(adapter, rslora) != alpha or conv1d:
+            raise ValueError(
+                f"target_parameters of {name!r} use r={adapter.r}, alpha={_alpha(adapter, rslora):g} (or sit beside "
+                f"transformers Conv1D layers); PEFT applies the file's r={r}, lora_alpha={alpha:g} and "
+                "fan_in_fan_out=False to every parameter target. Give them the same rank and alpha, or save with "
+                "format='native'."
+            )
+        order = [p for p in adapter.base_layer._parameters if p in adapter.lora_A]  # the module's own order
+        for ours, theirs in peft_parameter_keys(name, order).items():
+            factor, _, parameter = ours.partition(".")
+            source = adapter.lora_A if factor == "lora_A" else adapter.lora_B
+            tensors[PEFT_PREFIX + theirs] = experts_to_peft(factor[-1], source[parameter])
+    return tensors
 
 
 def _methods_of(found: list[tuple[str, Adapter]]) -> list[Method]:
