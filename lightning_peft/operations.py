@@ -77,11 +77,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge(model)
     for _, adapter in adapters(model):
         adapter.merged = False  # the updates now belong to the base weights: unload() must not take them out
-    return unload(model)
+    return _remove_adapters(model, keep_weights=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging, restoring the base modules (trained updates are dropped)."""
+    """Remove every adapter without merging, restoring the base modules (trained updates are dropped) and the ties
+    LoRA undid (see :mod:`lightning_peft.lora.tied`)."""
+    return _remove_adapters(model, keep_weights=False)
+
+
+def _remove_adapters(model: nn.Module, keep_weights: bool) -> nn.Module:
     for name, adapter in reversed(list(adapters(model))):
         if adapter.merged:
             adapter.unmerge()
@@ -90,7 +95,7 @@ def unload(model: nn.Module) -> nn.Module:
             replace_module(model, name, base)
         else:
             raise TypeError("unload() needs the model that holds the adapter, not the adapter itself.")
-    forget_injection(model)  # marks, hooks, methods, parked named adapters (lightning_peft.named)
+    forget_injection(model, keep_weights)  # marks, hooks, methods, parked named adapters, undo steps
     for param in model.parameters():
         param.requires_grad_(True)
     return model
