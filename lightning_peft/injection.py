@@ -99,7 +99,7 @@ def _label(method: Method) -> str:
 def _record_adapter(adapter: Adapter, origin: Origin, dtype: str) -> None:
     record(adapter).origin = origin
     if "base_layer" in adapter._modules and adapter.fsdp_unit:
-        record(adapter.unwrap()).wrapped_base = True  # for fsdp_auto_wrap_policy
+        record(adapter._modules["base_layer"]).wrapped_base = True  # for fsdp_auto_wrap_policy (unwrap() has effects)
     if dtype != "auto":
         adapter.pin_dtype(getattr(torch, dtype))
 
