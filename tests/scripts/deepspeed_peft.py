@@ -28,7 +28,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from strategy_models import CausalLM, end_process, tiny_gpt2
+from strategy_models import METHODS, CausalLM, end_process, tiny_gpt2
 
 from lightning_peft import adapter_state_dict, load_adapter_state_dict, save_adapter
 from lightning_peft.zero3 import gathered
@@ -82,8 +82,6 @@ class Snapshot(L.Callback):
 
 def fit(out: Path, run: str, method: str, stage: int, *, epochs: int, module: CausalLM | None = None,
         ckpt_path: str | None = None, checkpoint: bool = False, precision: str = "32-true") -> None:
-    from test_strategies import METHODS
-
     config = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
               "train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True}
     strategy = CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")  # exclude_frozen set by the callback
