@@ -12,9 +12,10 @@ Runs, each rank reading every other sample (the same 8 samples per step as one p
 in ``configure_model`` (under ZeRO-3 inside ``deepspeed.zero.Init``, so base weights are partitioned before the
 adapters are injected); ``bf16``: 1 epoch under ``bf16-mixed`` with a checkpoint (DeepSpeed then names its optimizer
 files ``bf16_zero_pp_rank_*``).
-Rank 0 writes each run's gathered adapter tensors at the start and end of training to ``OUT/<run>-start.pt`` and
-``OUT/<run>.pt``, with the token embedding's spread (a random prompt's scale) in ``OUT/<run>-info.pt``.
-Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 deepspeed_peft.py OUT METHOD STAGE``.
+Every METHOD given runs in one launch, into ``OUT/<method>``. Rank 0 writes each run's gathered adapter tensors at the
+start and end of training to ``OUT/<method>/<run>-start.pt`` and ``OUT/<method>/<run>.pt``, with the token
+embedding's spread (a random prompt's scale) in ``OUT/<method>/<run>-info.pt``.
+Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 deepspeed_peft.py OUT STAGE METHOD...``.
 """
 
 from __future__ import annotations
@@ -121,5 +122,6 @@ def main(out: Path, method: str, stage: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    for method in sys.argv[3:]:
+        main(Path(sys.argv[1]) / method, method, int(sys.argv[2]))
     end_process()

@@ -6,7 +6,7 @@ connector), and gives FSDP the CPU's device index ``None``, which FSDP1 reads as
 (``fsdp_auto_wrap_policy``), saving and restoring are Lightning's own code.
 Each CELL is ``<method>-callback`` or ``<method>-mixin`` (the adapters from ``PEFTMixin.configure_peft``), always
 with a ``trainable_modules`` entry; one launch runs every cell given. Rank r trains on samples r, r+N, ... in
-batches of 4 (SGD with momentum). For ``state_dict_type="full"`` (one file) and ``"sharded"`` (a
+batches of 8 / N (SGD with momentum). For ``state_dict_type="full"`` (one file) and ``"sharded"`` (a
 torch.distributed.checkpoint directory) with Lightning's default ``use_orig_params=True``, and ``"sharded"`` with
 ``use_orig_params=False`` (flat parameters): train 1 epoch with a checkpoint (``cut``); train 2 epochs straight;
 resume the checkpoint for a second epoch. Rank 0 writes ``OUT/<cell>/<mode>-<use_orig_params>.pt``: each run's
@@ -93,7 +93,7 @@ def fit(out: Path, run: str, method: str, mode: str, orig_params: bool, epochs: 
                         max_epochs=epochs, logger=False, callbacks=callbacks, enable_checkpointing=checkpoint,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
     MixinLM.method = method
-    module = (MixinLM if mixin else MomentumLM)(batch_size=4)
+    module = (MixinLM if mixin else MomentumLM)(batch_size=8 // int(os.environ["WORLD_SIZE"]))  # 4 steps an epoch
     (trainer.validate if validate else trainer.fit)(module, ckpt_path=ckpt_path)
     with FSDP.summon_full_params(trainer.strategy.model):
         return {name: tensor.clone() for name, tensor in adapter_state_dict(module).items()}
