@@ -41,9 +41,8 @@ def clean_env() -> Iterator[None]:
     os.environ.update(saved)
 
 
-
 def _script_env() -> dict[str, str]:
-    """The environment of a launched test script: it imports strategy_models and test_strategies from here."""
+    """The environment of a launched test script: it imports strategy_models from here."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
 
 
@@ -55,7 +54,7 @@ def test_spawn_and_fork_workers_match_one_process_and_the_main_process_gets_thei
 ) -> None:
     single = one_process_trainables(method, trainable_modules=TRAINABLE)
     trainer, module, worker = fit_lm(tmp_path, method, "workers", devices=2, batch_size=4, epochs=1,
-                                   method_kwargs={"trainable_modules": TRAINABLE}, strategy=strategy)
+                                     method_kwargs={"trainable_modules": TRAINABLE}, strategy=strategy)
     assert any(n.startswith("model.transformer.ln_f.") for n in single)
     assert_same_tensors(worker, single, "worker rank 0")
     assert_same_tensors(adapter_state_dict(module), worker, "the main process after fit", exact=True)
@@ -90,7 +89,8 @@ def test_ddp_matches_one_process_saves_the_trained_tensors_and_resumes_under_ddp
                              f"{method} 2 epochs")
         assert_same_tensors(runs["resumed"], runs["straight"], f"{method} resumed", exact=True)
         on_one = fit_adapters(tmp_path, method, f"{method}-one", devices=1, batch_size=8, epochs=2,
-                      ckpt_path=str(tmp_path / method / "last.ckpt"), method_kwargs={"trainable_modules": TRAINABLE})
+                              ckpt_path=str(tmp_path / method / "last.ckpt"),
+                              method_kwargs={"trainable_modules": TRAINABLE})
         assert_same_tensors(on_one, runs["straight"], f"{method} resumed on one device")
 
 

@@ -40,7 +40,7 @@ def test_16_mixed_trains_float32_adapters_in_float16_compute_close_to_32_bit(tmp
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_float32_adapters_on_a_bf16_true_base_stay_float32_and_train(tmp_path: Path, method: str) -> None:
     trained = fit_adapters(tmp_path, method, "pinned", devices=1, batch_size=16, epochs=1, precision="bf16-true",
-                   method_kwargs={"adapter_dtype": "float32"})
+                           method_kwargs={"adapter_dtype": "float32"})
     initial = adapter_state_dict(inject(tiny_gpt2(), METHODS[method]()))
     assert {t.dtype for t in trained.values()} == {torch.float32}
     assert all(torch.isfinite(t).all() for t in trained.values())
