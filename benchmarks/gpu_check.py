@@ -220,7 +220,7 @@ def check_deepspeed(stage: int, method: L.Callback) -> str:
         raise RuntimeError("deepspeed is not installed (carry its wheel: see README 'Scaling out')")
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    from lightning_peft.export import read_checkpoint
+    from lightning_peft.adapter_files.export import read_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         strategy = DeepSpeedStrategy(stage=stage)  # the callback sets exclude_frozen_parameters=True

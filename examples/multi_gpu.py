@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft import LoRA, adapter_state_dict, inject, trainable_summary
-from lightning_peft.export import read_checkpoint
+from lightning_peft.adapter_files.export import read_checkpoint
 
 
 class DigitsTransformer(L.LightningModule):

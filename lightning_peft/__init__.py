@@ -4,9 +4,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from lightning_peft.adapter import Adapter, adapters
-from lightning_peft.attention import register_attention_handler
+from lightning_peft.adapter_files import load_adapter, save_adapter
 from lightning_peft.distributed import fsdp_auto_wrap_policy, restore_fsdp1_parameters
-from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, PEFTWarning, TargetNotFoundError
+from lightning_peft.errors import (
+    AdapterStateError,
+    BaseModelMismatchError,
+    PEFTDeprecationWarning,
+    PEFTWarning,
+    TargetNotFoundError,
+)
 from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig, register_lora_layer
 from lightning_peft.named import (
@@ -18,6 +24,7 @@ from lightning_peft.named import (
     set_adapter,
 )
 from lightning_peft.operations import (
+    adapters_disabled,
     disable_adapters,
     enable_input_grads,
     merge,
@@ -26,9 +33,10 @@ from lightning_peft.operations import (
     unload,
     unmerge,
 )
-from lightning_peft.prefix import PrefixTuningConfig, fold_prefix
-from lightning_peft.prompt import PromptTuningConfig
-from lightning_peft.state import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
+from lightning_peft.prefix import PrefixTuningConfig, fold_prefix, register_attention_handler
+from lightning_peft.prompt import PromptTuningConfig, register_vit_locator
+from lightning_peft.state import load_adapter_state_dict
+from lightning_peft.tensors import adapter_state_dict
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them on first use
     from lightning_peft.callbacks import LoRA, PrefixTuning, PromptTuning
@@ -54,6 +62,7 @@ __all__ = [
     "BaseModelMismatchError",
     "LoRA",
     "LoRAConfig",
+    "PEFTDeprecationWarning",
     "PEFTMixin",
     "PEFTWarning",
     "PrefixTuning",
@@ -65,6 +74,7 @@ __all__ = [
     "add_adapter",
     "adapter_state_dict",
     "adapters",
+    "adapters_disabled",
     "delete_adapter",
     "disable_adapter",
     "disable_adapters",
@@ -79,6 +89,7 @@ __all__ = [
     "merge_and_unload",
     "register_attention_handler",
     "register_lora_layer",
+    "register_vit_locator",
     "restore_fsdp1_parameters",
     "save_adapter",
     "set_adapter",

@@ -1,7 +1,8 @@
 """The one injection path every method shares.
 
-``inject(model, method)`` asks the method to attach its adapters, marks what the user wants trained, and then
-freezes everything else.
+``inject(model, method)`` owns the loop: it asks the method where its adapters go (``sites``), has it build one
+adapter per site, puts each in place and records where it came from, lets the method finish what spans its sites,
+marks what the user wants trained, and then freezes everything else (see :mod:`lightning_peft.methods`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.adapter import Adapter, adapters
-from lightning_peft.methods import BatchNormMode, Method
+from lightning_peft.adapter import Adapter
+from lightning_peft.errors import TargetNotFoundError
+from lightning_peft.methods import LAYER_NAME, BatchNormMode, Method, Site, init_seed
 from lightning_peft.record import Origin, add_peft_hook, find_record, record, remove_peft_hooks
+from lightning_peft.targets import select_names
 from lightning_peft.tensors import clean_name, mark_trainable, marked, refresh_trainable
 
 
@@ -27,15 +30,20 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def inject(model: nn.Module, *methods: Method) -> nn.Module:
     """Add the adapters of ``methods`` to ``model`` in place, freeze the rest, and return ``model``.
 
+    For each method in turn: every site it selects is replaced by the adapter it builds (seeded from the site's
+    name), the method finishes what spans its sites, its ``trainable_modules`` are marked, and BatchNorm layers
+    are set up; finally only adapter tensors and marked tensors keep ``requires_grad``.
+
     Args:
         model: Any ``nn.Module`` (a LightningModule too).
-        methods: Method objects such as ``LoRA(r=8)``; several compose (each attaches its own adapters).
+        methods: Method objects such as ``LoRA(r=8)``; several compose (each adds its own adapters).
 
     Returns:
         ``model``, with only adapter parameters and ``trainable_modules`` left trainable.
 
     Raises:
         TargetNotFoundError: A method's targets or ``trainable_modules`` match nothing.
+        ValueError: A method cannot adapt a selected module (the message names it and the fix).
 
     Example:
         >>> from lightning_peft import LoRA
@@ -46,22 +54,25 @@ def inject(model: nn.Module, *methods: Method) -> nn.Module:
     for method in methods:
         if not isinstance(method, Method):
             raise TypeError(f"inject() takes method objects such as LoRA(r=8); got {type(method).__name__}.")
-        existing = {id(adapter) for _, adapter in adapters(model)}
-        method.attach(model)
-        dtype = getattr(method, "adapter_dtype", "auto")
-        position = len(applied_methods(model))
-        for name, adapter in adapters(model):
-            if id(adapter) in existing:
-                continue
-            record(adapter).origin = Origin(position, method, clean_name(name))
-            if "base_layer" in adapter._modules and adapter.fsdp_unit:
-                record(adapter.unwrap()).wrapped_base = True  # for fsdp_auto_wrap_policy
-            if dtype != "auto":
-                adapter.pin_dtype(getattr(torch, dtype))
+        origin = len(applied_methods(model))
+        built: list[tuple[str, Adapter]] = []
+        sites = method.sites(model)
+        if not sites:  # an empty selection (target_modules=[]) would train nothing, silently
+            raise TargetNotFoundError(
+                f"{_label(method)} selected nothing to adapt in {type(model).__name__} (an empty target_modules, and "
+                "no target_parameters?). Name the modules to adapt."
+            )
+        for site in sites:
+            if not site.name:
+                raise TypeError(f"{_label(method)} adapts modules inside a model; pass the model that holds "
+                                f"this {type(site.module).__name__}.")
+            adapter = _build(model, method, site)
+            replace_module(model, site.name, adapter)
+            _record_adapter(adapter, Origin(origin, method, clean_name(site.name)), method.adapter_dtype)
+            built.append((site.name, adapter))
+        method.finish(model, built)
         rules = method.trainable_rules()
         if rules:
-            from lightning_peft.targets import select_names
-
             for name in select_names(model, rules, what="trainable_modules"):
                 for sub in model.get_submodule(name).modules():
                     if not isinstance(sub, Adapter):
@@ -70,6 +81,27 @@ def inject(model: nn.Module, *methods: Method) -> nn.Module:
         record(model).methods.append(method)
     refresh_trainable(model)
     return model
+
+
+def _build(model: nn.Module, method: Method, site: Site[Any]) -> Adapter:
+    """The method's adapter for ``site``; an error raised while building names the layer (the one error text)."""
+    try:
+        return method.build(model, site, init_seed(method.seed, site.name))
+    except ValueError as error:
+        message = str(error).replace(LAYER_NAME, repr(site.name))
+        raise type(error)(f"{_label(method)} cannot adapt {site.name!r}: {message}") from None
+
+
+def _label(method: Method) -> str:
+    return str(getattr(method, "label", type(method).__name__))
+
+
+def _record_adapter(adapter: Adapter, origin: Origin, dtype: str) -> None:
+    record(adapter).origin = origin
+    if "base_layer" in adapter._modules and adapter.fsdp_unit:
+        record(adapter.unwrap()).wrapped_base = True  # for fsdp_auto_wrap_policy
+    if dtype != "auto":
+        adapter.pin_dtype(getattr(torch, dtype))
 
 
 def _configure_batchnorm(model: nn.Module, mode: BatchNormMode) -> None:

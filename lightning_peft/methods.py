@@ -1,26 +1,66 @@
-"""What a method is: the protocol ``inject`` accepts, the base of method configurations, and their checks."""
+"""What a method is: the protocol ``inject`` accepts, the bases of method configurations, and their checks.
+
+A method tells :func:`~lightning_peft.injection.inject` where its adapters go and builds them; inject owns the loop
+(replace each site by its adapter, record it, mark what trains, freeze the rest)::
+
+    for site in method.sites(model):                                  # where: selected by the method's rules
+        adapter = method.build(model, site, init_seed(method.seed, site.name))
+        replace_module(model, site.name, adapter)
+    method.finish(model, built)                                       # what spans sites (a shared MLP, hooks)
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from torch import nn
 
+from lightning_peft.targets import Targets, outermost, select_modules
+
+if TYPE_CHECKING:
+    from lightning_peft.adapter import Adapter
+
 #: What frozen BatchNorm layers do with their running statistics (every method's ``batchnorm`` argument).
 BatchNormMode = Literal["frozen", "update"]
+#: Dtype of adapter tensors (every method's ``adapter_dtype`` argument).
+AdapterDtype = Literal["auto", "float32", "bfloat16", "float16"]
+#: Placeholder for the adapted layer's name in errors raised while building; inject puts the real name in.
+LAYER_NAME = "<layer name>"
+
+Detail = TypeVar("Detail")
+
+
+@dataclass(frozen=True)
+class Site(Generic[Detail]):
+    """Where one adapter goes: the module named ``name`` in the model, and what the method found out about it."""
+
+    name: str
+    module: nn.Module
+    detail: Detail
 
 
 @runtime_checkable
 class Method(Protocol):
     """What ``inject`` accepts: a method configuration (``LoRAConfig``) or a callback holding one (``LoRA``)."""
 
-    def attach(self, model: nn.Module) -> None: ...
-
     @property
     def batchnorm(self) -> BatchNormMode: ...  # read-only here, so a config's ``Literal`` field satisfies it
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def adapter_dtype(self) -> AdapterDtype: ...
+
+    def sites(self, model: nn.Module) -> Sequence[Site[Any]]: ...
+
+    def build(self, model: nn.Module, site: Site[Any], seed: int) -> Adapter: ...
+
+    def finish(self, model: nn.Module, built: list[tuple[str, Adapter]]) -> None: ...
 
     def trainable_rules(self) -> list[str]: ...
 
@@ -29,19 +69,41 @@ class Method(Protocol):
 
 @dataclass(eq=False)
 class MethodConfig:
-    """Base of method configurations. Subclasses add typed fields and implement :meth:`attach`."""
+    """Base of method configurations: the fields every method has, keyword-only, and the steps inject asks for.
+
+    Args:
+        trainable_modules: Modules trained fully alongside the adapters (heads, norms) and saved with them.
+        batchnorm: Frozen BatchNorm layers keep their running statistics (``"frozen"``, default: they normalise as
+            in eval mode, also while training) or update them (``"update"``; the statistics are then saved with the
+            adapter).
+        seed: Base seed of the adapters' initialisation; each adapter derives its own from its name, so 1 and N
+            processes (and resumed runs) start from the same weights.
+        adapter_dtype: Dtype of the adapter tensors: ``"auto"`` follows the model (a bf16-true run trains bf16
+            adapters), a dtype name pins them (``"float32"``: fp32 adapters on a bf16 or quantized base; inputs are
+            cast at the adapter).
+    """
 
     method_name: ClassVar[str] = "method"
+    #: How error messages name the method ("LoRA", "prefix tuning").
+    label: ClassVar[str] = "this method"
     registry: ClassVar[dict[str, type[MethodConfig]]] = {}
     #: Values of fields that files saved before the field existed lack (the behaviour those files were made with).
     defaults_of_old_files: ClassVar[dict[str, Any]] = {}
-    #: Dtype of the adapter tensors: ``"auto"`` follows the model (a bf16-true run trains bf16 adapters), a dtype
-    #: name pins them (``"float32"``: fp32 adapters on a bf16 or quantized base; inputs are cast at the adapter).
-    adapter_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", kw_only=True)
+
+    trainable_modules: list[str] | None = field(default=None, kw_only=True)
+    batchnorm: BatchNormMode = field(default="frozen", kw_only=True)
+    seed: int = field(default=0, kw_only=True)
+    adapter_dtype: AdapterDtype = field(default="auto", kw_only=True)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.registry.setdefault(cls.method_name, cls)  # the config class, not callbacks that reuse its name
+
+    def __post_init__(self) -> None:
+        check_choice("batchnorm", self.batchnorm, BatchNormMode)
+        check_choice("adapter_dtype", self.adapter_dtype, AdapterDtype)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer; got {self.seed!r}.")
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> MethodConfig:
@@ -55,17 +117,60 @@ class MethodConfig:
         target = cls.registry[name]
         return target(**{**target.defaults_of_old_files, **fields})
 
-    def attach(self, model: nn.Module) -> None:
-        """Add this method's adapters to ``model`` in place."""
+    def sites(self, model: nn.Module) -> Sequence[Site[Any]]:
+        """Where this method's adapters go in ``model``, in module order (raises when it finds none)."""
         raise NotImplementedError
 
+    def build(self, model: nn.Module, site: Site[Any], seed: int) -> Adapter:
+        """The adapter for ``site``, initialised from ``seed``; inject puts it in the site's place."""
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, built: list[tuple[str, Adapter]]) -> None:
+        """What spans the adapters just built (a shared encoder, hooks on the model); nothing by default."""
+
     def trainable_rules(self) -> list[str]:
-        return list(getattr(self, "trainable_modules", None) or [])
+        return list(self.trainable_modules or [])
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description, stored in checkpoints and adapter files."""
         fields = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
         return {"method": self.method_name, **fields}
+
+
+@dataclass(eq=False)
+class TargetedConfig(MethodConfig):
+    """Base of methods that adapt modules selected by rules (see :mod:`lightning_peft.targets`).
+
+    Args:
+        target_modules: Which modules to adapt: names, dotted suffixes, a full-match regex string, module classes
+            or class names, ``"all-linear"``/``"all-conv"``; ``None`` takes every module the method can adapt.
+        exclude_modules: Modules to skip, same syntax; a module is skipped if it or a parent matches.
+        layers: Only modules whose layer index is in this list (``encoder.layer.3.…`` has index 3).
+        layers_pattern: Regex of the container name before the index (``"layer"``, ``"h"``); first integer otherwise.
+    """
+
+    target_modules: Targets | None = field(default=None, kw_only=True)
+    exclude_modules: Targets | None = field(default=None, kw_only=True)
+    layers: list[int] | None = field(default=None, kw_only=True)
+    layers_pattern: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_layer_indices(self.label, self.layers)
+
+    def select(
+        self, model: nn.Module, candidates: Sequence[tuple[str, nn.Module]], kinds: str
+    ) -> list[tuple[str, nn.Module]]:
+        """The outermost of ``candidates`` (what the method can adapt, described by ``kinds``) that the rules select.
+
+        Raises:
+            TargetNotFoundError: The rules select nothing adaptable; the message names the closest candidates.
+        """
+        selected = select_modules(
+            model, self.target_modules, candidates=candidates, kinds=kinds, exclude=self.exclude_modules,
+            layers=self.layers, layers_pattern=self.layers_pattern, method=self.label,
+        )
+        return outermost(selected)
 
 
 def _jsonable(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_peft.adapter import adapters
+from lightning_peft.errors import PEFTDeprecationWarning
 from lightning_peft.injection import replace_module
 from lightning_peft.record import add_peft_hook, forget_injection
 from lightning_peft.zero3 import global_shape, is_partitioned
@@ -75,11 +77,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge(model)
     for _, adapter in adapters(model):
         adapter.merged = False  # the updates now belong to the base weights: unload() must not take them out
-    return unload(model)
+    return _remove_adapters(model, keep_weights=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging, restoring the base modules (trained updates are dropped)."""
+    """Remove every adapter without merging, restoring the base modules (trained updates are dropped) and the ties
+    LoRA undid (see :mod:`lightning_peft.lora.tied`)."""
+    return _remove_adapters(model, keep_weights=False)
+
+
+def _remove_adapters(model: nn.Module, keep_weights: bool) -> nn.Module:
     for name, adapter in reversed(list(adapters(model))):
         if adapter.merged:
             adapter.unmerge()
@@ -88,7 +95,7 @@ def unload(model: nn.Module) -> nn.Module:
             replace_module(model, name, base)
         else:
             raise TypeError("unload() needs the model that holds the adapter, not the adapter itself.")
-    forget_injection(model)  # marks, hooks, methods, parked named adapters (lightning_peft.named)
+    forget_injection(model, keep_weights)  # marks, hooks, methods, parked named adapters, undo steps
     for param in model.parameters():
         param.requires_grad_(True)
     return model
@@ -126,13 +133,15 @@ def _output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) ->
 
 
 @contextlib.contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: inside this context every adapter is switched off.
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: inside this ``with`` block every adapter is switched off, afterwards back on.
+
+    (To switch adapters off for good, ``set_adapter(model, None)``; see :mod:`lightning_peft.named`.)
 
     Example:
         >>> from lightning_peft import LoRA, inject
         >>> model = inject(nn.Sequential(nn.Linear(4, 4)), LoRA(r=2, target_modules=["0"]))
-        >>> with disable_adapters(model):
+        >>> with adapters_disabled(model):
         ...     y = model(torch.ones(1, 4))
     """
     switched = [adapter for _, adapter in adapters(model) if adapter.enabled]
@@ -143,6 +152,14 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for adapter in switched:
             adapter.enabled = True
+
+
+def disable_adapters(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """Deprecated name of :func:`adapters_disabled` (it read like :func:`~lightning_peft.named.disable_adapter`,
+    which switched adapters off for good)."""
+    warnings.warn("lightning_peft.disable_adapters(model) is now adapters_disabled(model), a context manager for a "
+                  "`with` block; the old name will be removed.", PEFTDeprecationWarning, stacklevel=2)
+    return adapters_disabled(model)
 
 
 @dataclass(frozen=True)

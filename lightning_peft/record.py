@@ -8,6 +8,7 @@ the module's ``__dict__`` under one key. ``deepcopy`` and pickling copy it with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -50,12 +51,13 @@ class Record:
     named_adapters: Any = None
     #: On an attention module of transformers: the prefix adapter that wraps it.
     prefix_adapter: nn.Module | None = None
+    #: What ``unload`` undoes on this module besides removing adapters and hooks (a tie LoRA undid), newest last;
+    #: each is called with ``keep_weights``: whether the layers keep their weights (``merge_and_unload``).
+    undo: list[Callable[[bool], None]] = field(default_factory=list)
     #: On a LightningModule: methods to inject right after its ``configure_model``.
     pending: list[Method] = field(default_factory=list)
     #: On a PEFTMixin module: whether ``configure_peft`` was applied.
     configured: bool = False
-    #: On a LightningModule: how deep the calls of each extended hook are nested now.
-    hook_depth: dict[str, int] = field(default_factory=dict)
 
 
 def record(module: nn.Module) -> Record:
@@ -85,12 +87,16 @@ def remove_peft_hooks(module: nn.Module) -> None:
         found.hooks.clear()
 
 
-def forget_injection(model: nn.Module) -> None:
-    """Remove every hook lightning_peft registered under ``model`` and what inject recorded there (``unload``)."""
+def forget_injection(model: nn.Module, keep_weights: bool = False) -> None:
+    """Remove every hook lightning_peft registered under ``model`` and what inject recorded there, and run the undo
+    steps (``unload``; ``keep_weights`` for ``merge_and_unload``, whose layers keep their merged weights)."""
     for module in model.modules():
         found = find_record(module)
         if found is not None:
             remove_peft_hooks(module)
+            for step in reversed(found.undo):
+                step(keep_weights)
+            found.undo.clear()
             found.saved_tensors, found.frozen_stats, found.wrapped_base = frozenset(), False, False
             found.methods, found.named_adapters, found.origin = [], None, None
             if all(getattr(found, f.name) == getattr(_EMPTY, f.name) for f in fields(Record)):

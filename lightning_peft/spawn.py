@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning_peft.errors import AdapterStateError
+from lightning_peft.glue.prepare import MethodCallback, owns_peft_setup
 from lightning_peft.injection import applied_methods
 from lightning_peft.tensors import adapter_tensors
 
@@ -58,11 +59,8 @@ def _recovering(original: Callable[..., None]) -> Callable[..., None]:
 
 def _adapt_main_process_module(trainer: Any, module: Any) -> bool:
     """Inject the methods the workers injected; whether the module has adapters now."""
-    from lightning_peft.callbacks import _MethodCallback
-    from lightning_peft.mixin import PEFTMixin
-
-    callbacks = [callback for callback in trainer.callbacks if isinstance(callback, _MethodCallback)]
-    if not callbacks and not isinstance(module, PEFTMixin):
+    callbacks = [callback for callback in trainer.callbacks if isinstance(callback, MethodCallback)]
+    if not callbacks and not owns_peft_setup(module):  # neither method callbacks nor PEFTMixin
         return False
     for callback in callbacks:  # the checkpoint hooks; injects now, or right after configure_model
         callback.setup(trainer, module, "fit")

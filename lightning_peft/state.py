@@ -1,8 +1,8 @@
-"""Adapter state: collect it, check it against a model, and save or load it as safetensors + JSON.
+"""Adapter state in memory: check it against a model, copy it in, and describe the methods that made it.
 
-A saved adapter is a directory with ``adapter_model.safetensors`` (adapter tensors and the tensors of
-``trainable_modules``, nothing else) and ``adapter_config.json`` (format version, method configurations and
-the base model's parameter shapes). Loading never executes code.
+Everything here works on tensors and modules, never on files: :mod:`lightning_peft.adapter_files` writes and reads
+them (and imports this module; this module imports nothing from there). The tensors themselves are collected by
+:func:`lightning_peft.tensors.adapter_state_dict`.
 """
 
 from __future__ import annotations
@@ -11,43 +11,18 @@ import contextlib
 import copy
 import re
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_peft.adapter import Adapter, adapters, is_injected
-from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, TargetNotFoundError
-from lightning_peft.files import read_config, read_tensors, write_adapter_files
-from lightning_peft.injection import applied_methods, inject
-from lightning_peft.methods import Method, MethodConfig
+from lightning_peft.adapter import Adapter, adapters
+from lightning_peft.errors import AdapterStateError, BaseModelMismatchError
+from lightning_peft.injection import applied_methods
 from lightning_peft.record import find_record
-from lightning_peft.targets import select_names
+from lightning_peft.targets import SHORTCUTS, matches
 from lightning_peft.tensors import adapter_tensors, clean_name
-from lightning_peft.zero3 import gathered, global_shape, is_nonzero_rank, is_partitioned
-
-FORMAT_VERSION = 1
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter checkpoint holds: adapter parameters and buffers, plus ``trainable_modules``.
-
-    Keys are the names in ``model.state_dict()``; the frozen base weights are left out. Under DeepSpeed ZeRO-3
-    the partitioned tensors are gathered, so call it on every rank; the result holds full copies.
-
-    Example:
-        >>> from lightning_peft import LoRA, inject
-        >>> model = inject(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), LoRA(r=2, target_modules=["0"],
-        ...                trainable_modules=["1"]))
-        >>> sorted(adapter_state_dict(model))
-        ['0.lora_A', '0.lora_B', '1.bias', '1.weight']
-    """
-    tensors = dict(adapter_tensors(model))
-    with gathered(tensors.values()) as partitioned:
-        if partitioned:  # the gathered data is released on exit
-            return {name: tensor.detach().clone() for name, tensor in tensors.items()}
-    return {name: tensor.detach() for name, tensor in tensors.items()}
+from lightning_peft.zero3 import gathered, global_shape
 
 
 def base_shapes(model: nn.Module, state_dict: dict[str, Any] | None = None) -> dict[str, list[int]]:
@@ -126,7 +101,7 @@ def load_adapter_state_dict(
     Raises:
         AdapterStateError: Tensors are missing, extra (with ``strict``), of other shapes, NaN/inf, integers where the
             model has floats (or the reverse), or the model's adapters are merged (unmerge first)."""
-    _refuse_merged(model, source)
+    refuse_merged(model, source)
     check_adapter_state(model, state, source)
     check_tensor_values(state, source)
     expected = dict(adapter_tensors(model))
@@ -155,8 +130,8 @@ def method_configs(model: nn.Module) -> list[dict[str, Any]]:
 
     For the root passed to :func:`inject` (a LightningModule, with the callbacks or the mixin) these are the
     recorded methods. For a module inside it (``lit_module.model``) they are the methods of the adapters it holds,
-    with target rules written as full names from the root made relative to it, so the saved adapter loads into
-    that module alone (a fresh ``transformers`` model, say).
+    with their rules rewritten for it (:func:`rules_within`), so the saved adapter loads into that module alone (a
+    fresh ``transformers`` model, say) and adapts exactly the modules it adapted there.
 
     Raises:
         ValueError: ``model`` holds adapters whose origin is unknown (they were not made by :func:`inject`).
@@ -176,24 +151,68 @@ def method_configs(model: nn.Module) -> list[dict[str, Any]]:
                 f"{type(model).__name__} holds a {type(adapter).__name__} at {local!r} that inject() did not make "
                 "here; save the model the methods were injected into."
             )
-        found.setdefault(origin.position, relative_rules(origin.method.to_dict(), full[: len(full) - len(local)]))
-    return [_within(model, found[position]) for position in sorted(found)]
+        found.setdefault(origin.position, rules_within(model, origin.method.to_dict(), full[: len(full) - len(local)]))
+    return [found[position] for position in sorted(found)]
 
 
-def _within(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` without the ``trainable_modules`` rules that select nothing in ``model`` (a Lightning head)."""
-    rules = config.get("trainable_modules")
-    if not rules:
-        return config
-    kept = [rule for rule in ([rules] if isinstance(rules, str) else rules) if _selects(model, rule)]
-    return {**config, "trainable_modules": (kept[0] if isinstance(rules, str) else kept) if kept else None}
+_RULE_FIELDS = ("target_modules", "trainable_modules", "exclude_modules")  # rules that select module names
+_PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")  # {rule: value}; the first rule that matches wins
 
 
-def _selects(model: nn.Module, rule: Any) -> bool:
-    try:
-        return bool(select_names(model, rule if isinstance(rule, str) else [rule]))
-    except TargetNotFoundError:
-        return False
+def rules_within(model: nn.Module, config: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``config`` with its module rules, written for the root in which ``model`` sits at ``prefix`` (``"model."``),
+    rewritten to select in ``model`` alone exactly the modules they selected in it there.
+
+    A rule loses ``prefix`` where that selects the same modules (``"model.lin"`` -> ``"lin"``; suffix rules such as
+    ``"ln_f"`` stay), and becomes a regex of the exact names where it would select more (``"model.lin"`` when
+    ``model`` also has a ``block.lin``). Rules selecting nothing in ``model`` (a LightningModule's head) are left
+    out; shortcuts (``"all-linear"``) and class names are kept as they are.
+
+    Example:
+        >>> model = nn.ModuleDict({"lin": nn.Linear(2, 2), "block": nn.ModuleDict({"lin": nn.Linear(2, 2)})})
+        >>> rules_within(model, {"target_modules": ["model.lin", "block.lin"], "trainable_modules": ["head"]},
+        ...              "model.")
+        {'target_modules': ['(?:lin)', 'block.lin'], 'trainable_modules': None}
+    """
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    out = dict(config)
+    for key in _RULE_FIELDS:
+        rules = config.get(key)
+        if isinstance(rules, str):
+            kept = [_rule_within(modules, rules, prefix, entry=False)]
+        elif isinstance(rules, list):
+            kept = [_rule_within(modules, rule, prefix) for rule in rules]
+        else:
+            continue
+        found = [rule for rule in kept if rule is not None]
+        if key == "target_modules" and not found:
+            continue  # nothing to aim at here: loading says which rule matched nothing
+        out[key] = None if not found else found[0] if isinstance(rules, str) else found
+    for key in _PATTERN_FIELDS:
+        pattern: dict[str, Any] = {}
+        for rule, value in (config.get(key) or {}).items():
+            inside = _rule_within(modules, rule, prefix)
+            if inside is not None and inside not in pattern:  # as before, the first rule for a module wins
+                pattern[inside] = value
+        if key in config:
+            out[key] = pattern
+    return out
+
+
+def _rule_within(modules: list[tuple[str, nn.Module]], rule: Any, prefix: str, entry: bool = True) -> Any:
+    """One rule (a list ``entry``, or a whole-string regex) for the sub-module at ``prefix``; ``None`` where it
+    selects nothing there."""
+    if not isinstance(rule, str) or rule in SHORTCUTS:
+        return rule
+
+    def chosen(candidate: str, above: str) -> set[str]:
+        return {name for name, module in modules if matches([candidate] if entry else candidate, above + name, module)}
+
+    selected = chosen(rule, prefix)
+    if not selected:
+        return None
+    short = rule[len(prefix):] if rule.startswith(prefix) else rule
+    return short if chosen(short, "") == selected else "|".join(f"(?:{re.escape(n)})" for n in sorted(selected))
 
 
 def relative_rules(method: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -207,92 +226,6 @@ def relative_rules(method: dict[str, Any], prefix: str) -> dict[str, Any]:
     return out
 
 
-def checkpoint_metadata(model: nn.Module, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What an adapter checkpoint records beside the tensors: format, method configurations, base shapes."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "methods": method_configs(model),
-        "base_shapes": base_shapes(model, state_dict),
-    }
-
-
-def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "peft"] = "native") -> Path:
-    """Save the adapter of ``model`` to the directory ``path`` (safetensors + JSON config); returns the directory.
-
-    ``format="peft"`` writes Hugging Face PEFT's layout instead (``peft.PeftModel.from_pretrained(base, path)``
-    loads it), and raises a ``ValueError`` for features PEFT has no equivalent for; see
-    :mod:`lightning_peft.peft_format`. Under DeepSpeed ZeRO-3 call it on every rank: the partitioned tensors are
-    gathered collectively, and rank 0 writes.
-
-    Example:
-        >>> import tempfile
-        >>> from lightning_peft import LoRA, inject
-        >>> model = inject(nn.Sequential(nn.Linear(4, 4)), LoRA(r=2, target_modules=["0"]))
-        >>> sorted(p.name for p in save_adapter(model, tempfile.mkdtemp()).iterdir())
-        ['adapter_config.json', 'adapter_model.safetensors']
-    """
-    if format == "peft":
-        from lightning_peft.peft_format import save_peft
-
-        return save_peft(model, path)
-    if format != "native":
-        raise ValueError(f"format={format!r} is not one of 'native', 'peft'.")
-    if not is_injected(model):
-        raise ValueError(f"{type(model).__name__} holds no adapter to save; inject a method first (inject(model, "
-                         "LoRA(r=8))), or save the model that holds the adapters.")
-    directory = Path(path)
-    tensors = {name: tensor.contiguous().clone() for name, tensor in adapter_state_dict(model).items()}
-    if is_nonzero_rank() and any(is_partitioned(t) for _, t in adapter_tensors(model)):
-        return directory  # ZeRO-3: every rank took part in the gather, rank 0 writes
-    return write_adapter_directory(directory, tensors, checkpoint_metadata(model))
-
-
-def write_adapter_directory(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write an adapter directory in the native format: ``tensors`` as safetensors, ``meta`` (methods, base shapes)
-    as JSON with this format's version; returns ``directory``. The write is atomic: a failed save leaves the adapter
-    the directory held before (see :func:`~lightning_peft.files.write_adapter_files`)."""
-    return write_adapter_files(directory, tensors, {**meta, "format_version": FORMAT_VERSION},
-                               {"format": "lightning_peft"})
-
-
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load an adapter saved by :func:`save_adapter` into ``model``; inject its methods first if needed.
-
-    A directory saved by Hugging Face PEFT (or with ``format="peft"``) is recognised and read too. The load is all
-    or nothing: when it fails, ``model`` is left as it was (no adapters injected, hooks, ``requires_grad`` flags and
-    values unchanged).
-
-    Raises:
-        BaseModelMismatchError: ``model`` is not the base model the adapter was saved from.
-        AdapterStateError: The file's tensors do not fit the model's adapters, hold NaN/inf or integers where the
-            model has floats, a file is corrupt, or ``model``'s adapters are merged.
-        FileNotFoundError: The directory lacks a file (a pickle-only folder is refused, with how to convert it).
-    """
-    from lightning_peft.peft_format import is_peft_directory, load_peft
-
-    directory = Path(path)
-    _refuse_merged(model, str(directory))
-    if is_peft_directory(directory):
-        with restored_on_error(model):
-            return load_peft(model, directory)
-    meta = read_config(directory)
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterStateError(
-            f"{directory} uses adapter format {meta['format_version']}; this lightning_peft reads up to "
-            f"{FORMAT_VERSION}. Upgrade lightning_peft."
-        )
-    for key in ("methods", "base_shapes"):
-        if not isinstance(meta.get(key), (list, dict)):
-            raise AdapterStateError(f"{directory} has no {key!r} in its config: it was not written by save_adapter.")
-    check_base_shapes(model, meta["base_shapes"], str(directory))
-    state = read_tensors(directory)
-    pissa = any(m.get("init") == "pissa" for m in meta["methods"])  # PiSSA changes base weights when injected
-    with restored_on_error(model, values=pissa and not is_injected(model)):
-        if not is_injected(model):
-            inject(model, *[cast(Method, MethodConfig.from_dict(m)) for m in meta["methods"]])  # registered configs
-        return load_adapter_state_dict(model, state, source=str(directory))  # values checked there, once
-
-
 def check_tensor_values(state: dict[str, torch.Tensor], source: str = "the adapter state") -> None:
     """Raise :class:`AdapterStateError` for saved tensors holding NaN or infinity (a diverged run)."""
     bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
@@ -303,7 +236,8 @@ def check_tensor_values(state: dict[str, torch.Tensor], source: str = "the adapt
         )
 
 
-def _refuse_merged(model: nn.Module, source: str) -> None:
+def refuse_merged(model: nn.Module, source: str) -> None:
+    """Raise :class:`AdapterStateError` if the adapters of ``model`` are merged: loading would keep the old update."""
     merged = [name for name, adapter in adapters(model) if adapter.merged]
     if merged:
         raise AdapterStateError(

@@ -55,6 +55,11 @@ def _matches_rule(rule: TargetRule, name: str, module: nn.Module) -> bool:
         return isinstance(module, rule)
     if any(rule in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}") for cls in type(module).__mro__):
         return True  # a class name selects subclasses, as a class does (and as saved configs spell classes)
+    return _matches_name(rule, name)
+
+
+def _matches_name(rule: str, name: str) -> bool:
+    """An exact name, a dotted suffix or a full-match regex (an invalid regex matches nothing)."""
     if name == rule or name.endswith("." + rule):
         return True
     try:
@@ -154,71 +159,114 @@ def closest_names(model: nn.Module, rules: Targets, candidates: Sequence[str], l
 
 def select_modules(
     model: nn.Module,
-    targets: Targets,
+    targets: Targets | None,
     *,
-    supported: tuple[type[nn.Module], ...],
+    candidates: Sequence[tuple[str, nn.Module]],
+    kinds: str,
     exclude: Targets | None = None,
     layers: Sequence[int] | None = None,
     layers_pattern: str | None = None,
     method: str = "this method",
 ) -> list[tuple[str, nn.Module]]:
-    """Return ``(name, module)`` for every module selected by ``targets`` and adaptable by the method.
+    """Return ``(name, module)`` for every one of ``candidates`` selected by the rules, in model order.
+
+    The one selection every method uses: a method passes what it can adapt (its layer types, the attention modules
+    it found), the user's rules pick among them.
 
     Args:
         model: The model to search.
-        targets: Selection rules (see the module docstring).
-        supported: Module types the method can adapt; a selected module of another type is an error.
+        targets: Selection rules (see the module docstring); ``None`` selects every candidate.
+        candidates: ``(name, module)`` the method can adapt.
+        kinds: What the candidates are, for error messages (``"Linear, Conv2d"``, ``"attention modules"``).
         exclude: Rules for modules to skip; a module is skipped if it or any parent matches.
         layers: Keep only modules whose layer index (see :func:`layer_index`) is in this list.
         layers_pattern: Regex for the container name before the layer index (``"layer"``, ``"h"``, ``"blocks"``).
         method: Method name used in error messages.
 
     Raises:
-        TargetNotFoundError: Nothing matched, or a match is of a type the method cannot adapt.
+        TargetNotFoundError: A rule matched nothing, matched only modules the method cannot adapt, or the filters
+            left nothing.
         ValueError: A single-string rule is not a valid regular expression.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 2))
-        >>> [name for name, _ in select_modules(model, "all-conv", supported=(nn.Conv2d, nn.Linear))]
+        >>> adaptable = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        >>> [name for name, _ in select_modules(model, "all-conv", candidates=adaptable, kinds="Conv2d, Linear")]
         ['0', '2']
-        >>> [name for name, _ in select_modules(model, ["4", nn.Conv2d], supported=(nn.Conv2d, nn.Linear))]
+        >>> [name for name, _ in select_modules(model, ["4", nn.Conv2d], candidates=adaptable, kinds="Conv2d, Linear")]
         ['0', '2', '4']
     """
     _check_regex(targets, "target_modules")
     _check_regex(exclude, "exclude_modules")
     modules = {name: module for name, module in model.named_modules() if name}
-    candidates = [n for n, m in modules.items() if isinstance(m, supported)]
+    adaptable = dict(candidates)
+    candidate_names = list(adaptable)
     heads = output_heads(model)
-    kinds = ", ".join(t.__name__ for t in supported)
-    rules: list[Targets] = [targets] if isinstance(targets, str) else [[rule] for rule in targets]
     wanted = None if layers is None else set(layers)
-    selected: dict[str, nn.Module] = {}
-    for rule in rules:  # every rule of a list must select something adaptable
-        hits = [
-            (name, module)
-            for name, module in modules.items()
-            if matches(rule, name, module, heads) and not _excluded(name, exclude, modules)
-            and (wanted is None or layer_index(name, layers_pattern) in wanted)
-        ]
-        adaptable = [(name, module) for name, module in hits if isinstance(module, supported)]
-        if hits and not adaptable:
+    filters = [f"exclude_modules={_show(exclude)}"] if exclude else []
+    filters += [f"layers={list(layers)}"] if layers is not None else []
+    after = f" after {' and '.join(filters)}" if filters else ""
+
+    def kept(name: str) -> bool:
+        return not _excluded(name, exclude, modules) and (wanted is None or layer_index(name, layers_pattern) in wanted)
+
+    if targets is None:
+        selected = {name for name in candidate_names if kept(name)}
+        if not selected:
             raise TargetNotFoundError(
-                f"target_modules={_show(rule)} selected {describe(model, [n for n, _ in hits])}, which {method} "
-                f"cannot adapt (it adapts {kinds}). Closest adaptable modules: "
-                f"{describe(model, closest_names(model, rule, candidates))}. "
+                f"{method} found {kinds} in {type(model).__name__} ({describe(model, candidate_names)}), but none is "
+                f"left{after}. Loosen the filters."
+            )
+        return [(name, module) for name, module in model.named_modules() if name in selected]  # the root too
+    rules: list[Targets] = [targets] if isinstance(targets, str) else [[rule] for rule in targets]
+    chosen: set[str] = set()
+    for rule in rules:  # every rule of a list must select something adaptable
+        hits = [name for name, module in modules.items() if matches(rule, name, module, heads) and kept(name)]
+        adaptable_hits = [name for name in hits if name in adaptable]
+        if hits and not adaptable_hits:
+            raise TargetNotFoundError(
+                f"target_modules={_show(rule)} selected {describe(model, hits)}, which {method} cannot adapt (it "
+                f"adapts {kinds}). Closest adaptable modules: "
+                f"{describe(model, closest_names(model, rule, candidate_names))}. "
                 "Select those, or register an adapter for the type."
             )
-        if not adaptable:
-            filters = [f"exclude_modules={_show(exclude)}"] if exclude else []
-            filters += [f"layers={list(layers)}"] if layers is not None else []
-            after = f" after {' and '.join(filters)}" if filters else ""
+        if not adaptable_hits:
             raise TargetNotFoundError(
                 f"target_modules={_show(rule)} matched nothing in {type(model).__name__}{after}. "
-                f"Closest module names: {describe(model, closest_names(model, rule, candidates))}. "
+                f"Closest module names: {describe(model, closest_names(model, rule, candidate_names))}. "
                 "Pass exact names, dotted suffixes, a full-match regex, a module type, 'all-linear' or 'all-conv'."
             )
-        selected.update(adaptable)
-    return [(name, module) for name, module in modules.items() if name in selected]
+        chosen.update(adaptable_hits)
+    return [(name, module) for name, module in modules.items() if name in chosen]
+
+
+def outermost(selected: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The entries of ``selected`` that lie inside no other entry (one adapter per sub-tree: the outermost wins)."""
+    names = [n for n, _ in selected]
+    return [(n, m) for n, m in selected if not is_inside(n, (p for p in names if p != n))]
+
+
+def select_parameters(model: nn.Module, rules: Sequence[str], *, what: str = "target_parameters"
+                      ) -> list[tuple[str, str]]:
+    """``(module name, local name)`` of every parameter whose full name a rule selects (an exact name, a dotted suffix
+    such as ``"experts.gate_up_proj"``, or a full-match regex), in model order.
+
+    Raises:
+        TargetNotFoundError: A rule matches no parameter; the message names the closest parameter names.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    chosen: set[str] = set()
+    for rule in rules:
+        hits = [name for name in names if _matches_name(rule, name)]
+        if not hits:
+            close = difflib.get_close_matches(rule, names, n=6, cutoff=0.3) or [
+                n for n in names if n.rsplit(".", 1)[-1] in rule or rule.rsplit(".", 1)[-1] in n][:6]
+            raise TargetNotFoundError(
+                f"{what}={rule!r} matched no parameter of {type(model).__name__}. Closest parameter names: "
+                f"{', '.join(close) or '<none>'}. Pass full names, dotted suffixes or a full-match regex."
+            )
+        chosen.update(hits)
+    return [(owner, local) for owner, _, local in (name.rpartition(".") for name in names if name in chosen)]
 
 
 def _check_regex(rules: Targets | None, what: str) -> None:

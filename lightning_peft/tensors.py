@@ -2,7 +2,8 @@
 
 An adapter checkpoint holds the tensors adapters own (outside their ``base_layer``) and the base tensors marked to
 train with them (``trainable_modules``, ``batchnorm="update"``). Both are found from the module tree, so any
-sub-tree of an adapted model can be saved or loaded on its own; :func:`adapter_name_test` decides from names alone.
+sub-tree of an adapted model can be saved or loaded on its own; :func:`adapter_name_test` decides from names alone,
+and :func:`adapter_state_dict` collects them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from lightning_peft.adapter import Adapter
 from lightning_peft.record import find_record, record
+from lightning_peft.zero3 import gathered
 
 
 def mark_trainable(module: nn.Module, names: set[str] | None = None) -> None:
@@ -90,3 +92,23 @@ def adapter_name_test(model: nn.Module) -> Callable[[str], bool]:
         return False
 
     return test
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter checkpoint holds: adapter parameters and buffers, plus ``trainable_modules``.
+
+    Keys are the names in ``model.state_dict()``; the frozen base weights are left out. Under DeepSpeed ZeRO-3
+    the partitioned tensors are gathered, so call it on every rank; the result holds full copies.
+
+    Example:
+        >>> from lightning_peft import LoRA, inject
+        >>> model = inject(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), LoRA(r=2, target_modules=["0"],
+        ...                trainable_modules=["1"]))
+        >>> sorted(adapter_state_dict(model))
+        ['0.lora_A', '0.lora_B', '1.bias', '1.weight']
+    """
+    tensors = dict(adapter_tensors(model))
+    with gathered(tensors.values()) as partitioned:
+        if partitioned:  # the gathered data is released on exit
+            return {name: tensor.detach().clone() for name, tensor in tensors.items()}
+    return {name: tensor.detach() for name, tensor in tensors.items()}

@@ -17,7 +17,8 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from lightning_peft import AdapterStateError, LoRA, PrefixTuning, PromptTuning, add_adapter, inject, set_adapter
 from lightning_peft.adapter import Adapter
-from lightning_peft.callbacks import _partial_sharded_load, keep_adapter_tensors
+from lightning_peft.glue.checkpoints import keep_adapter_tensors
+from lightning_peft.glue.strategies import _partial_sharded_load
 from lightning_peft.state import check_adapter_state
 from lightning_peft.tensors import adapter_name_test, adapter_tensors, clean_name, marked
 

@@ -201,7 +201,7 @@ def test_inject_before_fully_shard_injects_once_before_the_first_shard_and_resto
 ) -> None:
     import torch.distributed.fsdp as torch_fsdp
 
-    from lightning_peft.callbacks import inject_before_fully_shard
+    from lightning_peft.glue.strategies import inject_before_fully_shard
 
     events: list[str] = []
 

@@ -28,7 +28,7 @@ from strategy_models import (
 )
 
 from lightning_peft import adapter_state_dict, inject, load_adapter, save_adapter
-from lightning_peft.export import export, read_checkpoint
+from lightning_peft.adapter_files.export import export, read_checkpoint
 
 
 @pytest.fixture

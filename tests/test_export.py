@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import LoRA, load_adapter
-from lightning_peft.export import export, main
+from lightning_peft.adapter_files.export import export, main
 
 transformers = pytest.importorskip("transformers")
 TOL = dict(atol=1e-5, rtol=1e-4)
@@ -106,8 +106,9 @@ def test_checkpoint_pickling_unknown_classes_is_refused_unless_trusted(trained: 
 
 @pytest.mark.slow
 def test_python_dash_m_runs_the_command(trained: dict[str, Any], tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "lightning_peft.export", trained["ckpt"], str(tmp_path / "m"),
-                             "--prefix", "model.", "--base", "none"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "lightning_peft.adapter_files.export", trained["ckpt"],
+                             str(tmp_path / "m"), "--prefix", "model.", "--base", "none"],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     model = load_adapter(base_model(trained), tmp_path / "m")
     with torch.no_grad():

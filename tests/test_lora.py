@@ -19,7 +19,7 @@ from torch import nn
 from lightning_peft import fused_conv
 from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig, LoRALayer, LoRAMultiheadAttention
-from lightning_peft.operations import disable_adapters, merge, merge_and_unload, unmerge
+from lightning_peft.operations import adapters_disabled, merge, merge_and_unload, unmerge
 from lightning_peft.tensors import adapter_tensors
 
 
@@ -187,7 +187,7 @@ def test_merge_unmerge_and_merge_and_unload_reproduce_adapter_outputs(kind: str,
 def test_disable_adapters_gives_base_outputs(kind: str) -> None:
     base, adapted, x = _setup(kind)
     _randomize_adapters(adapted)
-    with disable_adapters(adapted):
+    with adapters_disabled(adapted):
         torch.testing.assert_close(adapted(x), base(x), atol=1e-6, rtol=1e-6)
     assert (adapted(x) - base(x)).abs().max() > 1e-2  # switched back on afterwards
 
@@ -408,7 +408,7 @@ def test_meta_device_injection_materializes_to_identity_after_reset_parameters()
             reset()
     assert not any(t.is_meta for t in model.parameters())
     ids = torch.randint(0, 10, (2, 5))
-    with disable_adapters(model):
+    with adapters_disabled(model):
         base_out = _run_meta_model(model, ids)
     torch.testing.assert_close(_run_meta_model(model, ids), base_out, atol=1e-6, rtol=1e-6)
     direct = inject(_meta_model(), config)  # built on CPU: the same per-name adapter initialisation
@@ -424,7 +424,7 @@ def test_dropout_acts_on_the_adapter_input_in_training_only() -> None:
     torch.testing.assert_close(dropped.eval()(x), plain(x), atol=1e-6, rtol=1e-6)
     dropped.train()
     assert (dropped(x) - plain(x)).abs().max() > 1e-3
-    with disable_adapters(dropped):  # the base layer never sees the dropout
+    with adapters_disabled(dropped):  # the base layer never sees the dropout
         torch.testing.assert_close(dropped(x), base(x), atol=1e-6, rtol=1e-6)
 
 

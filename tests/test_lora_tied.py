@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_peft import LoRA, inject, load_adapter, merge, merge_and_unload, save_adapter, unmerge
+from lightning_peft import LoRA, inject, load_adapter, merge, merge_and_unload, save_adapter, unload, unmerge
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.tensors import adapter_tensors
 
@@ -96,3 +96,24 @@ def test_peft_format_of_adapted_tied_weights_computes_the_same_in_peft(which: st
     with pytest.warns(PEFTWarning, match="the tie is undone"):
         ours = load_adapter(_gpt2(), tmp_path / "peft")
     torch.testing.assert_close(_logits(ours), _logits(model), **TOL)
+
+
+@pytest.mark.parametrize("which", list(TARGETS))
+def test_unload_ties_the_weights_again_and_restores_transformers_bookkeeping(which: str, tmp_path: Path) -> None:
+    fresh = _gpt2()
+    keys, tie = dict(fresh.all_tied_weights_keys), fresh.config.tie_word_embeddings
+    plain = unload(_adapted(TARGETS[which]))
+    assert plain.lm_head.weight is plain.transformer.wte.weight
+    assert dict(plain.all_tied_weights_keys) == keys and plain.config.tie_word_embeddings is tie
+    assert torch.equal(plain.transformer.wte.weight, fresh.transformer.wte.weight)
+    torch.testing.assert_close(_logits(plain), _logits(fresh), atol=0, rtol=0)
+    model = _adapted(TARGETS[which])
+    unmerge(merge(model))  # after a round trip (rounding residue in the weights) unload ties again too
+    again_plain = unload(model)
+    assert again_plain.lm_head.weight is again_plain.transformer.wte.weight
+    torch.testing.assert_close(_logits(again_plain), _logits(fresh), **TOL)
+    plain.save_pretrained(tmp_path)  # one weight again: transformers saves the tie
+    from transformers import GPT2LMHeadModel
+
+    again = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert again.lm_head.weight is again.transformer.wte.weight

@@ -22,7 +22,6 @@ from lightning_peft import (
     adapters,
     add_adapter,
     delete_adapter,
-    disable_adapter,
     inject,
     list_adapters,
     merge_and_unload,
@@ -92,7 +91,7 @@ def test_active_adapter_keeps_the_single_adapter_names_and_alone_trains() -> Non
 def test_disable_gives_the_base_outputs_and_delete_removes_inactive_adapters() -> None:
     model, base, a, _ = two_adapters()
     with torch.no_grad():
-        torch.testing.assert_close(disable_adapter(model)(X), base(X))
+        torch.testing.assert_close(set_adapter(model, None)(X), base(X))
     assert active_adapter(model) is None and not list(adapters(model))
     with pytest.raises(ValueError, match="active adapter"):
         delete_adapter(set_adapter(model, "b"), "b")
@@ -114,7 +113,7 @@ def test_trainable_modules_are_kept_per_adapter_and_restored_to_base() -> None:
         trained = copy.deepcopy(base)
         trained[2].weight.copy_(a["2.weight"]), trained[2].bias.copy_(a["2.bias"])
         torch.testing.assert_close(model(X), lora_formula(trained, X, a, {"0": 8.0}), **TOL)
-        torch.testing.assert_close(disable_adapter(model)(X), base(X))
+        torch.testing.assert_close(set_adapter(model, None)(X), base(X))
 
 
 def test_adding_an_adapter_without_a_head_trained_before_naming_raises_and_keeps_the_model() -> None:
@@ -156,7 +155,7 @@ def test_named_prefix_and_prompt_adapters_switch_on_a_transformers_model(kind: s
     torch.testing.assert_close(long, alone.detach(), **TOL)
     assert (short - long).abs().max() > 1e-3
     torch.testing.assert_close(set_adapter(model, "short")(ids).logits, short, **TOL)
-    torch.testing.assert_close(disable_adapter(model)(ids).logits, base(ids).logits, **TOL)
+    torch.testing.assert_close(set_adapter(model, None)(ids).logits, base(ids).logits, **TOL)
     set_adapter(model, "long")
     names = {"prefix_keys", "prefix_values"} if kind == "prefix" else {"prompt"}
     assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == names

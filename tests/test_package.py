@@ -14,7 +14,8 @@ import pytest
 import lightning_peft
 
 PACKAGE = Path(lightning_peft.__file__).parent
-GLUE = {"callbacks.py", "mixin.py"}  # the only modules allowed to import Lightning
+# the only modules allowed to import Lightning (paths inside the package)
+GLUE = {"callbacks.py", "mixin.py", "glue/checkpoints.py", "glue/prepare.py", "glue/strategies.py"}
 LIGHTNING = {"lightning", "pytorch_lightning"}
 LAZY = {"transformers", "timm", "torchvision"}  # imported inside the code that needs them, never at import time
 SOURCES = sorted(PACKAGE.rglob("*.py"))
@@ -47,7 +48,7 @@ def _relative(path: Path) -> str:
     return str(path.relative_to(PACKAGE))
 
 
-@pytest.mark.parametrize("path", [p for p in SOURCES if p.name not in GLUE], ids=_relative)
+@pytest.mark.parametrize("path", [p for p in SOURCES if _relative(p) not in GLUE], ids=_relative)
 def test_core_module_never_imports_lightning(path: Path) -> None:
     tree = ast.parse(path.read_text(), str(path))
     found = [(node.lineno, name) for node in ast.walk(tree) for name in _imported(node) if name in LIGHTNING]
@@ -70,6 +71,62 @@ def test_import_lightning_peft_loads_no_optional_library_and_no_lightning() -> N
 def _module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports_of(tree: ast.Module, modules: set[str]) -> set[str]:
+    """The package's modules ``tree`` imports anywhere (function bodies too), except under ``if TYPE_CHECKING:``.
+
+    ``from a.b import c`` names the module ``a.b.c`` if there is one, else ``a.b``; the packages above an imported
+    module are not counted (a package's ``__init__`` importing its own submodules makes no circle)."""
+    found: set[str] = set()
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                      for a in node.names}
+        todo.extend(ast.iter_child_nodes(node))
+    return found & modules
+
+
+def _import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module: sets of modules that import each other."""
+    reach: dict[str, set[str]] = {}
+    for start in graph:
+        seen, todo = set(), [start]
+        while todo:
+            for name in graph[todo.pop()] - seen:
+                seen.add(name)
+                todo.append(name)
+        reach[start] = seen
+    circles = {frozenset({a} | {b for b in graph if b in reach[a] and a in reach[b]}) for a in graph if a in reach[a]}
+    return sorted(sorted(circle) for circle in circles)
+
+
+def test_import_circle_finder_finds_a_circle_through_a_function_body_and_none_under_type_checking() -> None:
+    modules = {"p.a", "p.b", "p.c"}
+    sources = {"p.a": "from p.b import x", "p.b": "def f():\n    import p.a", "p.c": (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from p import a\nelse:\n    import p.b")}
+    graph = {name: _imports_of(ast.parse(code), modules) - {name} for name, code in sources.items()}
+    assert graph == {"p.a": {"p.b"}, "p.b": {"p.a"}, "p.c": {"p.b"}}
+    assert _import_circles(graph) == [["p.a", "p.b"]]
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module of lightning_peft → the package's modules it imports (see :func:`_imports_of`)."""
+    modules = {_module_name(path): path for path in SOURCES}
+    return {name: _imports_of(ast.parse(path.read_text(), str(path)), set(modules)) - {name}
+            for name, path in modules.items()}
+
+
+def test_no_import_circles_in_the_package() -> None:
+    circles = _import_circles(_package_imports())
+    assert circles == [], f"modules of lightning_peft import each other (also inside functions): {circles}"
 
 
 def test_docstring_examples_run() -> None:
@@ -103,3 +160,31 @@ def test_package_lints_clean_with_ruff() -> None:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"ruff reports problems in lightning_peft:\n{result.stdout}{result.stderr}"
     assert "All checks passed" in result.stdout
+
+
+FILES_ROOM = ("lightning_peft.adapter_files", "lightning_peft.state", "lightning_peft.tensors")
+
+
+def test_the_in_memory_state_modules_never_import_the_adapter_files_room_above_them() -> None:
+    graph = _package_imports()
+    below = [(name, target) for name in graph if name.startswith(FILES_ROOM[1:])
+             for target in graph[name] if target.startswith(FILES_ROOM[0])]
+    assert below == [], f"the in-memory modules import the files room above them: {below}"
+
+
+@pytest.mark.parametrize("old,new,names", [
+    ("lightning_peft.peft_format", "lightning_peft.adapter_files", ["save_peft", "load_peft", "is_peft_directory"]),
+    ("lightning_peft.export", "lightning_peft.adapter_files.export", ["export", "main", "read_checkpoint"]),
+])
+def test_moved_modules_still_import_with_a_warning_naming_the_new_place(old: str, new: str, names: list[str]) -> None:
+    sys.modules.pop(old, None)
+    with pytest.warns(lightning_peft.PEFTWarning, match=f"{old} moved to {new}"):
+        module = importlib.import_module(old)
+    moved = importlib.import_module(new)
+    assert [getattr(module, name) for name in names] == [getattr(moved, name) for name in names]
+
+
+def test_the_old_export_command_path_still_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "lightning_peft.export", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "lightning-peft-export" in result.stdout, result.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Hugging Face PEFT's adapter directory both ways (lightning_peft.peft_format), and the versioned native format.
+"""Hugging Face PEFT's adapter directory both ways (lightning_peft.adapter_files), and the versioned native format.
 
 Every round trip compares outputs of our adapted model with HF PEFT's on the same weights (atol 1e-5).
 """
@@ -18,7 +18,9 @@ from torch import nn
 
 from lightning_peft import LoRAConfig, PrefixTuningConfig, PromptTuningConfig, inject, load_adapter, save_adapter
 from lightning_peft.adapter import adapters
-from lightning_peft.state import FORMAT_VERSION
+from lightning_peft.adapter_files.constants import FORMAT_VERSION
+from lightning_peft.adapter_files.peft_keys import peft_lora_keys
+from lightning_peft.lora.layers import LoRALayer, LoRALinear
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -262,3 +264,47 @@ def _write_native_v1_fixture(directory: Path) -> None:  # how tests/data/native_
     randomize(model)
     shutil.rmtree(directory, ignore_errors=True)
     save_adapter(model, directory)
+
+
+class _QuantLinear(LoRALinear):
+    """A user's LoRALinear subclass: it stores its tensors as its parent does."""
+
+
+class LoRAEmbedding(LoRALinear):
+    """Named like our embedding layer but a linear one: its PEFT keys follow its class, not its name."""
+
+
+class _Unknown(LoRALayer):
+    """A LoRA layer kind PEFT has no layout for (shaped like a linear one, but no LoRALinear)."""
+
+    a_shape, b_shape, lora_delta = LoRALinear.a_shape, LoRALinear.b_shape, LoRALinear.lora_delta
+
+
+@pytest.mark.parametrize("cls,keys", [
+    (LoRALinear, {"lora_A": "m.lora_A.weight", "lora_B": "m.lora_B.weight"}),
+    (_QuantLinear, {"lora_A": "m.lora_A.weight", "lora_B": "m.lora_B.weight"}),
+    (LoRAEmbedding, {"lora_A": "m.lora_A.weight", "lora_B": "m.lora_B.weight"}),
+])
+def test_peft_lora_keys_follow_the_layer_class_subclasses_included(cls: type[LoRALayer], keys: dict[str, str]) -> None:
+    assert peft_lora_keys("m", cls(nn.Linear(4, 4), r=2, alpha=2.0)) == keys
+    embedding = inject(nn.Sequential(nn.Embedding(5, 4)), LoRAConfig(r=2, target_modules=["0"]))[0]
+    assert peft_lora_keys("e", embedding) == {"lora_A": "e.lora_embedding_A", "lora_B": "e.lora_embedding_B"}
+
+
+def test_a_lora_layer_class_peft_does_not_know_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="'m' is a _Unknown, a layer type PEFT does not know; save with format='native'"):
+        peft_lora_keys("m", _Unknown(nn.Linear(4, 4), r=2, alpha=2.0))
+
+
+def test_a_sub_module_saved_for_peft_keeps_the_methods_dropout_and_rslora(tmp_path: Path) -> None:
+    # the methods come from the adapters' records: the saved module is not the root they were injected into
+    base = tiny_lm("gpt2")
+    root = inject(nn.ModuleDict({"model": copy.deepcopy(base)}),
+                  LoRAConfig(r=4, alpha=8.0, dropout=0.25, rslora=True, target_modules=["c_attn"]))
+    randomize(root)
+    save_adapter(root["model"], tmp_path, format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["lora_dropout"], config["use_rslora"], config["lora_alpha"], config["r"]) == (0.25, True, 8.0, 4)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**lm_batch()).logits, root["model"].eval()(**lm_batch()).logits, **TOL)

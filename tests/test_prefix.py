@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_peft import PrefixTuning, adapters, disable_adapters, fold_prefix, inject, unload
-from lightning_peft.attention import PrefixAttention
+from lightning_peft import PrefixTuning, adapters, adapters_disabled, fold_prefix, inject, unload
+from lightning_peft.prefix.attention import PrefixAttention
 
 transformers = pytest.importorskip("transformers")
 P = 3  # prefix length used throughout
@@ -202,7 +202,7 @@ def test_hf_vit_gets_prefixes_on_every_layer() -> None:
     model = inject(tiny("vit"), PrefixTuning(num_tokens=P))
     pixels = torch.randn(2, 3, 16, 16)
     out = model(pixel_values=pixels).last_hidden_state
-    with disable_adapters(model):
+    with adapters_disabled(model):
         base = model(pixel_values=pixels).last_hidden_state
     assert len(prefix_adapters(model)) == 2 and out.shape == base.shape == (2, 5, 32)
     assert (out - base).abs().max() > 1e-3

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lightning_peft import LoRA, PrefixTuning, TargetNotFoundError, adapters, inject, register_attention_handler
-from lightning_peft.attention import _HANDLERS, AttentionMatch, PrefixAttention, PrefixShape
-from lightning_peft.attention.base import prefixed_attention
+from lightning_peft.prefix.attention import _HANDLERS, AttentionMatch, PrefixAttention, PrefixShape
+from lightning_peft.prefix.attention.base import prefixed_attention
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -153,7 +153,7 @@ def test_layers_and_target_modules_select_attention_layers() -> None:
                                     enable_nested_tensor=False)
     model = inject(encoder, PrefixTuning(num_tokens=2, layers=[0, 2]))
     assert [n for n, _ in adapters(model)] == ["layers.0.self_attn", "layers.2.self_attn"]
-    with pytest.raises(TargetNotFoundError, match=r"left none of the attention modules.*layers\.0\.self_attn"):
+    with pytest.raises(TargetNotFoundError, match=r"found attention modules .*layers\.0\.self_attn.*none is left after layers=\[7\]"):
         inject(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2, enable_nested_tensor=False),
                PrefixTuning(num_tokens=2, layers=[7]))
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_peft import PrefixTuningConfig, adapter_state_dict, disable_adapters, inject
-from lightning_peft.attention.timm_attention import TimmPrefixAttention
+from lightning_peft import PrefixTuningConfig, adapter_state_dict, adapters_disabled, inject
+from lightning_peft.prefix.attention.timm_attention import TimmPrefixAttention
 
 timm_attention = pytest.importorskip("timm.layers.attention")
 
@@ -137,7 +137,7 @@ def test_disabled_adapter_equals_timm_attention_with_the_same_mask(kind: str, fu
     x = torch.randn(B, N, DIM)
     with torch.no_grad():
         enabled = adapter(x, **call_kwargs(kind))
-        with disable_adapters(adapter):
+        with adapters_disabled(adapter):
             disabled = adapter(x, **call_kwargs(kind))
         expected = base(x, **call_kwargs(kind))
     torch.testing.assert_close(disabled, expected, **TOL)

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-from lightning_peft import PromptTuningConfig, disable_adapters, inject, load_adapter, save_adapter, unload  # noqa: E402
+from lightning_peft import PromptTuningConfig, adapters_disabled, inject, load_adapter, save_adapter, unload  # noqa: E402
 from lightning_peft.prompt import TokenPrompt  # noqa: E402
 
 P, V, MAX = 4, 40, 32  # prompt tokens, vocabulary, maximum positions of the tiny models
@@ -82,7 +82,7 @@ def written_out(model: nn.Module, prompt: torch.Tensor, inputs: dict[str, torch.
     """The frozen model run on [prompt | embeddings] with every input extended by hand: all p + n positions."""
     ids = inputs["input_ids"]
     b = ids.shape[0]
-    with disable_adapters(model):
+    with adapters_disabled(model):
         embeds = torch.cat([prompt.expand(b, -1, -1), model.get_input_embeddings()(ids)], dim=1)
         extra = {"attention_mask": torch.cat([torch.ones(b, P, dtype=torch.long), inputs["attention_mask"]], 1),
                  "position_ids": torch.cat([torch.arange(P).expand(b, P), inputs["position_ids"] + P], 1)}
@@ -164,7 +164,7 @@ def test_encoder_decoder_prompts_the_encoder_and_widens_the_cross_attention_mask
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     labels = torch.randint(3, V, (2, 3))
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    with disable_adapters(model):
+    with adapters_disabled(model):
         embeds = torch.cat([adapter.prompt.expand(2, -1, -1), model.get_input_embeddings()(ids)], 1)
         full_mask = torch.cat([torch.ones(2, P, dtype=torch.long), mask], 1)
         expected = model(inputs_embeds=embeds, attention_mask=full_mask, labels=labels)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_peft.files
+import lightning_peft
+import lightning_peft.adapter_files.disk
 from lightning_peft import LoRA, LoRAConfig, PrefixTuningConfig, PromptTuningConfig, inject, load_adapter, save_adapter
 from lightning_peft.errors import AdapterStateError, TargetNotFoundError
 from lightning_peft.operations import merge, unload, unmerge
-from lightning_peft.state import adapter_state_dict
+from lightning_peft.tensors import adapter_state_dict
 
 pytest.importorskip("transformers")
 from strategy_models import tiny_gpt2  # noqa: E402
@@ -65,7 +68,7 @@ def _fail_on_call(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, call: 
 
 
 FAILURES = {  # where a save can break: the tensor file, the JSON, renaming the tensors, renaming the config
-    "tensor file": (lightning_peft.files, "save_file", 1),
+    "tensor file": (lightning_peft.adapter_files.disk, "save_file", 1),
     "config write": (Path, "write_text", 1),
     "tensor rename": (os, "replace", 1),
     "config rename": (os, "replace", 2),
@@ -103,6 +106,43 @@ def test_a_save_over_an_adapter_replaces_both_files(tmp_path: Path) -> None:
     save_adapter(new, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert torch.equal(logits(load_adapter(tiny_gpt2().eval(), tmp_path)), logits(new))
+
+
+_KILLED_SAVE = """
+import os, sys, torch
+from torch import nn
+from lightning_peft import LoRAConfig, inject, save_adapter
+model = inject(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(r=2, target_modules=["0"]))
+with torch.no_grad():
+    model[0].lora_B.fill_(0.5)  # the same shapes as the saved adapter, other values
+replace, calls = os.replace, []
+def killed(*args):
+    calls.append(1)
+    if len(calls) == 2:
+        os._exit(9)  # killed between the tensor rename and the config rename: no cleanup runs
+    replace(*args)
+os.replace = killed
+save_adapter(model, sys.argv[1])
+"""
+
+
+def test_a_save_killed_between_the_two_renames_is_refused_on_load_naming_both_files(tmp_path: Path) -> None:
+    old = inject(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(r=2, target_modules=["0"]))
+    save_adapter(old, tmp_path)
+    root = Path(lightning_peft.__file__).parents[1]
+    result = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert result.returncode == 9, result.stderr[-2000:]
+    assert load_file(str(tmp_path / "adapter_model.safetensors"))["0.lora_B"].eq(0.5).all()  # new tensors, old config
+    with pytest.raises(AdapterStateError, match=r"adapter_model\.safetensors \(save \w+\) and .*adapter_config\.json "
+                       r"\(save \w+\) come from different saves.*Save the adapter again"):
+        load_adapter(nn.Sequential(nn.Linear(4, 4)), tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "save_id"}))
+    with pytest.raises(AdapterStateError, match=r"\(save None\) come from different saves"):  # a config from before ids
+        load_adapter(nn.Sequential(nn.Linear(4, 4)), tmp_path)
+    save_adapter(old, tmp_path)  # the fix the message gives
+    assert torch.equal(load_adapter(nn.Sequential(nn.Linear(4, 4)), tmp_path)[0].lora_B, old[0].lora_B)
 
 
 def test_saving_a_model_without_adapters_is_refused(tmp_path: Path) -> None:
@@ -284,7 +324,7 @@ def test_resuming_with_another_lora_rank_names_the_rank(tmp_path: Path, make_tra
     (lambda: PrefixTuningConfig(num_tokens=0), r"num_tokens must be a positive integer"),
     (lambda: PrefixTuningConfig(init_std=float("inf")), r"init_std must be a finite number >= 0"),
     (lambda: PrefixTuningConfig(gate=True, init_std=0.0), r"gate=True, init_std=0\) never learns"),
-    (lambda: PrefixTuningConfig(layers=[]), r"PrefixTuning layers must be a non-empty list"),
+    (lambda: PrefixTuningConfig(layers=[]), r"prefix tuning layers must be a non-empty list"),
     (lambda: PromptTuningConfig(num_tokens=0), r"num_tokens must be a positive integer"),
     (lambda: PromptTuningConfig(width=0), r"width must be a positive integer"),
     (lambda: PromptTuningConfig(image_size=0), r"image_size must be a positive int or \[height, width\]"),

@@ -12,11 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lightning_peft.adapter_files import load_adapter, save_adapter
 from lightning_peft.errors import AdapterStateError, BaseModelMismatchError
 from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig
-from lightning_peft.state import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
-from lightning_peft.tensors import adapter_tensors
+from lightning_peft.state import load_adapter_state_dict
+from lightning_peft.tensors import adapter_state_dict, adapter_tensors
 
 
 class Net(nn.Module):
@@ -159,6 +160,60 @@ def test_a_module_inside_the_injected_root_saves_an_adapter_that_loads_into_it_a
     load_adapter(_base(), tmp_path / "only-outside")
     with pytest.raises(ValueError, match="not the adapter itself"):
         save_adapter(root["net"].emb, tmp_path / "emb")
+
+
+class _Task(nn.Module):
+    """A LightningModule's shape without Lightning: the base model at ``model``, methods injected into the root."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.score = nn.Linear(32, 2)  # outside the saved model: its trainable rule has nothing to select there
+
+
+def _tiny_gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)  # the same "pretrained" base every call
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_a_sub_module_save_with_suffix_rules_loads_exactly_into_a_fresh_transformers_model(tmp_path: Path) -> None:
+    # issue 13: trainable_modules=["ln_f"] was dropped from the sub-module's config, so the load refused ln_f's tensors
+    task = inject(_Task(_tiny_gpt2()), LoRAConfig(r=2, target_modules=["c_attn", "c_proj"],
+                                                  trainable_modules=["ln_f", "score"]))
+    with torch.no_grad():
+        for tensor in adapter_state_dict(task).values():
+            tensor.add_(0.05)  # away from the identity start, ln_f included
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    expected = task.model(ids).logits
+    save_adapter(task.model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["methods"]
+    assert [(m["target_modules"], m["trainable_modules"]) for m in saved] == [(["c_attn", "c_proj"], ["ln_f"])]
+    fresh = load_adapter(_tiny_gpt2(), tmp_path)
+    assert torch.equal(fresh(ids).logits, expected)
+    assert adapter_state_dict(fresh).keys() == adapter_state_dict(task.model).keys()
+    assert torch.equal(fresh.transformer.ln_f.weight, task.model.transformer.ln_f.weight)
+
+
+def test_a_sub_module_save_keeps_full_name_rules_selecting_exactly_what_they_selected(tmp_path: Path) -> None:
+    # "net.lin" selects net.lin only; written as "lin" it would also select net.block.lin in the saved module
+    def base() -> nn.ModuleDict:
+        torch.manual_seed(0)
+        return nn.ModuleDict({"lin": nn.Linear(4, 4), "block": nn.ModuleDict({"lin": nn.Linear(4, 4)})})
+
+    root = inject(nn.ModuleDict({"net": base()}), LoRAConfig(r=2, target_modules=["net.lin"],
+                                                            rank_pattern={"net.lin": 1}))
+    with torch.no_grad():
+        for tensor in adapter_state_dict(root).values():
+            tensor.add_(0.1)
+    save_adapter(root["net"], tmp_path)
+    fresh = load_adapter(base(), tmp_path)
+    expected = {name: tensor for name, tensor in adapter_state_dict(root["net"]).items()}
+    assert sorted(adapter_state_dict(fresh)) == sorted(expected) == ["lin.lora_A", "lin.lora_B"]
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(fresh["lin"](x), root["net"]["lin"](x)) and fresh["lin"].lora_A.shape[0] == 1
+    assert torch.equal(fresh["block"]["lin"](x), root["net"]["block"]["lin"](x))
 
 
 def test_newer_format_version_is_refused(tmp_path: Path) -> None:

@@ -16,6 +16,10 @@ from lightning_peft.targets import layer_index, select_modules, select_names
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
+def _adaptable(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[tuple[str, nn.Module]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, types)]
+
+
 class MyLinear(nn.Linear):
     """A user subclass: class rules and class names select it as an nn.Linear."""
 
@@ -45,7 +49,10 @@ class Net(nn.Module):
 
 
 def _names(targets: object, **kwargs: object) -> list[str]:
-    return [n for n, _ in select_modules(Net(), targets, supported=SUPPORTED, **kwargs)]  # type: ignore[arg-type]
+    model = Net()
+    selected = select_modules(model, targets, candidates=_adaptable(model, SUPPORTED),  # type: ignore[arg-type]
+                              kinds="Linear, Conv, Embedding", **kwargs)
+    return [n for n, _ in selected]
 
 
 def _layer_names(kind: str, layers: range = range(3)) -> list[str]:
@@ -102,9 +109,10 @@ def test_all_linear_excludes_transformers_heads(model_class: str, head: str, kep
                                          intermediate_size=32, vocab_size=30, max_position_embeddings=8)
     model = getattr(transformers, model_class)(config)
     supported = (nn.Linear, transformers.pytorch_utils.Conv1D)
-    names = [n for n, _ in select_modules(model, "all-linear", supported=supported)]
+    adaptable = _adaptable(model, supported)
+    names = [n for n, _ in select_modules(model, "all-linear", candidates=adaptable, kinds="linear layers")]
     assert kept in names and head not in names
-    assert head in [n for n, _ in select_modules(model, [head], supported=supported)]  # still selectable by name
+    assert head in [n for n, _ in select_modules(model, [head], candidates=adaptable, kinds="linear layers")]  # still selectable by name
 
 
 def test_exclude_modules_skips_a_module_and_everything_under_it() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft import disable_adapters, inject, load_adapter, merge, save_adapter, unmerge
+from lightning_peft import adapters_disabled, inject, load_adapter, merge, save_adapter, unmerge
 from lightning_peft.methods import Method
 from lightning_peft.tensors import adapter_tensors
 
@@ -142,7 +142,7 @@ def check_cell(
         if starts_as_identity:
             identity = relative_diff(run(model, inputs), reference)
         else:
-            with disable_adapters(model):
+            with adapters_disabled(model):
                 identity = relative_diff(run(model, inputs), reference)
     assert identity <= tol, f"{'injected' if starts_as_identity else 'disabled'} model differs from base by {identity}"
 

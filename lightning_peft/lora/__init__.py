@@ -11,9 +11,7 @@ from typing import Any, ClassVar, Literal
 from torch import nn
 
 from lightning_peft.adapter import Adapter, innermost
-from lightning_peft.injection import replace_module
 from lightning_peft.lora.layers import (
-    LAYER_NAME,
     ConvGroups,
     LoRAConv,
     LoRAConv1D,
@@ -25,16 +23,10 @@ from lightning_peft.lora.layers import (
     lora_scale,
     pissa_factors,
 )
+from lightning_peft.lora.parameters import LoRAParameters
 from lightning_peft.lora.tied import tied_parameter_ids, untie
-from lightning_peft.methods import (
-    BatchNormMode,
-    MethodConfig,
-    check_choice,
-    check_layer_indices,
-    check_positive_int,
-    init_seed,
-)
-from lightning_peft.targets import Targets, is_inside, matches, select_modules, transformers_conv1d_type
+from lightning_peft.methods import Site, TargetedConfig, check_choice, check_positive_int
+from lightning_peft.targets import Targets, is_inside, matches, outermost, select_parameters, transformers_conv1d_type
 from lightning_peft.tensors import mark_trainable
 
 __all__ = [
@@ -44,6 +36,7 @@ __all__ = [
     "LoRAEmbedding",
     "LoRALayer",
     "LoRALinear",
+    "LoRAParameters",
     "LoRAMultiheadAttention",
     "lora_layer_for",
     "lora_layer_types",
@@ -62,9 +55,17 @@ _REGISTRY: list[tuple[type[nn.Module], type[LoRALayer]]] = [
 ]
 
 
-def register_lora_layer(base_type: type[nn.Module], adapter: type[LoRALayer]) -> None:
-    """Teach LoRA a new layer type (checked before the built-in ones; the first match wins)."""
+def register_lora_layer(base_type: type[nn.Module], adapter: type[LoRALayer]) -> type[LoRALayer]:
+    """Teach LoRA a new layer type: ``adapter`` (a :class:`LoRALayer` subclass) wraps modules of ``base_type``.
+
+    Registrations are asked newest first, before the built-in ones; the first match wins (as for
+    ``register_attention_handler`` and ``register_vit_locator``).
+
+    Returns:
+        ``adapter``.
+    """
     _REGISTRY.insert(0, (base_type, adapter))
+    return adapter
 
 
 def lora_layer_types() -> list[tuple[type[nn.Module], type[LoRALayer]]]:
@@ -77,33 +78,53 @@ def lora_layer_for(module: nn.Module) -> type[LoRALayer]:
     return next(adapter for base_type, adapter in lora_layer_types() if isinstance(module, base_type))
 
 
+@dataclass(frozen=True)
+class LoRASite:
+    """What LoRA decided for one layer: the adapter class, rank and alpha."""
+
+    adapter: type[LoRALayer]
+    r: int
+    alpha: float
+    tied: bool  # the layer shares a weight with another module (GPT-2's wte and lm_head)
+
+
+@dataclass(frozen=True)
+class ParameterSite:
+    """What LoRA decided for a module whose parameters it adapts (``target_parameters``)."""
+
+    names: list[str]
+    r: int
+    alpha: float
+
+
 @dataclass(eq=False)
-class LoRAConfig(MethodConfig):
+class LoRAConfig(TargetedConfig):
     """Configuration of LoRA; ``LoRA`` (the callback) takes the same arguments.
 
     Args:
         r: Rank of every update (paper §4.1 uses 1-64; 8 is a common default).
         alpha: Scaling numerator; updates are multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
         dropout: Dropout probability on the adapter's input (0 disables it).
-        target_modules: Which layers to adapt (see :mod:`lightning_peft.targets`): names, dotted suffixes,
-            a full-match regex string, class names, ``"all-linear"`` (default, output heads excluded) or ``"all-conv"``.
-        exclude_modules: Layers to skip, same syntax; a layer is skipped if it or a parent matches.
-        trainable_modules: Modules trained fully alongside the adapters (heads, norms) and saved with them.
-        layers: Only adapt layers whose index is in this list (``encoder.layer.3.…`` has index 3).
-        layers_pattern: Regex of the container name before the index (``"layer"``, ``"h"``); first integer otherwise.
         rank_pattern: Per-layer rank overrides, ``{rule: r}``; the first matching rule wins.
         alpha_pattern: Per-layer alpha overrides, ``{rule: alpha}``.
         rslora: Use rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
         init: ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"`` or ``"pissa"`` (SVD of W; W keeps the
             residual, recomputed identically whenever LoRA is injected into the same base weights).
         bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (train the biases of adapted layers).
-        batchnorm: Frozen BatchNorm layers either keep their running statistics (``"frozen"``, default: they
-            normalise as in eval mode, also while training) or update them (``"update"``; the statistics are then
-            saved with the adapter).
-        seed: Base seed of the adapters' initialisation; each adapter derives its own from its name.
+        target_parameters: Parameters adapted directly, for weights a module reads itself rather than through an
+            ``nn.Linear`` (the 3-D expert weights of transformers 5 MoE models: ``["experts.gate_up_proj",
+            "experts.down_proj"]``): full names, dotted suffixes or a full-match regex, as PEFT's option of that name.
+            Each expert gets its own rank-``r`` update (see :mod:`lightning_peft.lora.parameters`). Combine with
+            ``target_modules`` (``"all-linear"`` also adapts attention), or pass ``target_modules=[]`` for the
+            parameters alone.
         conv_groups: LoRA on grouped and depthwise convolutions: ``"shared"`` (default: one low-rank update of the
             ``(out, in/groups·prod(k))`` weight matrix, any ``r``, exactly mergeable) or ``"per_group"`` (a rank
             ``r/groups`` update per group; ``r`` must be a multiple of ``groups``). See :class:`LoRAConv`.
+        target_modules: Which layers to adapt (see :mod:`lightning_peft.targets`); default ``"all-linear"`` (output
+            heads excluded). The other selection fields (``exclude_modules``, ``layers``, ``layers_pattern``) and the
+            fields every method has (``trainable_modules``, ``batchnorm``, ``seed``, ``adapter_dtype``) are
+            keyword-only: see :class:`~lightning_peft.methods.TargetedConfig` and
+            :class:`~lightning_peft.methods.MethodConfig`.
 
     Example:
         >>> from lightning_peft import inject
@@ -114,27 +135,24 @@ class LoRAConfig(MethodConfig):
     """
 
     method_name: ClassVar[str] = "lora"
+    label: ClassVar[str] = "LoRA"
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
-    exclude_modules: str | list[str] | None = None
-    trainable_modules: list[str] | None = None
-    layers: list[int] | None = None
-    layers_pattern: str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     rslora: bool = False
     init: LoRAInit = "default"
     bias: Literal["none", "all", "lora_only"] = "none"
-    batchnorm: BatchNormMode = "frozen"
-    seed: int = 0
     conv_groups: ConvGroups = "shared"
+    target_parameters: list[str] | None = None
+    target_modules: Targets | None = field(default="all-linear", kw_only=True)
 
     #: files saved before ``conv_groups`` existed hold per-group grouped-conv adapters
     defaults_of_old_files: ClassVar[dict[str, Any]] = {"conv_groups": "per_group"}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, rank in {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}.items():
             check_positive_int(f"LoRA {name}", rank)
         if not 0.0 <= self.dropout < 1.0:
@@ -146,36 +164,68 @@ class LoRAConfig(MethodConfig):
                     f"LoRA {name} must be a positive finite number (updates are scaled by alpha / r; 0 makes a LoRA "
                     f"that never changes the model nor learns); got {alpha!r}. Use e.g. alpha=2 * r."
                 )
-        check_layer_indices("LoRA", self.layers)
         check_choice("init", self.init, LoRAInit)
         check_choice("bias", self.bias, Literal["none", "all", "lora_only"])
-        check_choice("batchnorm", self.batchnorm, BatchNormMode)
         check_choice("conv_groups", self.conv_groups, ConvGroups)
 
-    def attach(self, model: nn.Module) -> None:
-        """Wrap every selected layer in its LoRA adapter."""
-        supported = tuple(base_type for base_type, _ in lora_layer_types())
-        targets: Targets = self.target_modules
-        selected = select_modules(
-            model, targets, supported=supported, exclude=self.exclude_modules, layers=self.layers,
-            layers_pattern=self.layers_pattern, method="LoRA",
-        )
+    def sites(self, model: nn.Module) -> list[Site[LoRASite | ParameterSite]]:
+        """Every selected layer LoRA can adapt (attention projections lifted to their attention module), then every
+        module holding ``target_parameters``."""
+        types = lora_layer_types()
+        supported = tuple(base_type for base_type, _ in types)
+        candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, supported)]
+        selected = self.select(model, candidates, ", ".join(t.__name__ for t in supported))
         tied = tied_parameter_ids(model)  # one walk; untie re-checks the few layers that hold one
-        for name, module in _outermost(_lift_attention_projections(model, selected)):
-            r = _pattern_value(self.rank_pattern, name, module, self.r)
-            alpha = _pattern_value(self.alpha_pattern, name, module, self.alpha)
-            adapter_cls = lora_layer_for(innermost(module))
-            seed = init_seed(self.seed, name)
-            if any(id(p) in tied for p in innermost(module)._parameters.values()):
-                untie(model, name, innermost(module))
-            extra = {"conv_groups": self.conv_groups} if issubclass(adapter_cls, LoRAConv) else {}
-            try:
-                adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, seed, **extra)
-            except ValueError as err:  # name the layer, and put its name into the suggested fix
-                raise ValueError(f"LoRA cannot adapt {name!r}: {str(err).replace(LAYER_NAME, repr(name))}") from None
-            replace_module(model, name, adapter)
-            if self.bias == "lora_only":
-                _mark_biases(module)
+        sites: list[Site[LoRASite | ParameterSite]] = [
+            Site(name, module, LoRASite(lora_layer_for(innermost(module)),
+                                        _pattern_value(self.rank_pattern, name, module, self.r),
+                                        _pattern_value(self.alpha_pattern, name, module, self.alpha),
+                                        any(id(p) in tied for p in innermost(module)._parameters.values())))
+            for name, module in outermost(_lift_attention_projections(model, selected))
+        ]
+        return sites + self._parameter_sites(model, [site.name for site in sites])
+
+    def _parameter_sites(self, model: nn.Module, layers: list[str]) -> list[Site[LoRASite | ParameterSite]]:
+        if not self.target_parameters:
+            return []
+        owners: dict[str, list[str]] = {}
+        for owner, local in select_parameters(model, self.target_parameters):
+            owners.setdefault(owner, []).append(local)
+        sites: list[Site[LoRASite | ParameterSite]] = []
+        for owner, names in owners.items():
+            module = model.get_submodule(owner)
+            clash = [n for n in layers if n == owner or is_inside(owner, [n]) or is_inside(n, [owner])]
+            if clash or isinstance(module, Adapter):
+                raise ValueError(
+                    f"target_parameters selects {names} of {owner!r}, which target_modules also adapts "
+                    f"({clash[:3] or owner!r}); one LoRA per weight. Leave it out of one of the two."
+                )
+            sites.append(Site(owner, module, ParameterSite(names, _pattern_value(self.rank_pattern, owner, module,
+                                                                                   self.r),
+                                                           _pattern_value(self.alpha_pattern, owner, module,
+                                                                          self.alpha))))
+        return sites
+
+    def build(self, model: nn.Module, site: Site[LoRASite | ParameterSite], seed: int) -> Adapter:
+        """Wrap the site's layer in its LoRA adapter (a tied weight gets its own copy first)."""
+        if isinstance(site.detail, ParameterSite):
+            if self.dropout:
+                raise ValueError(
+                    f"dropout={self.dropout} cannot apply to target_parameters (the update acts on the weights, so "
+                    "there is no adapter input to drop); use dropout=0, or a second LoRA for the parameters."
+                )
+            return LoRAParameters(site.module, site.detail.names, site.detail.r, site.detail.alpha, self.rslora,
+                                  self.init, seed)
+        if site.detail.tied:
+            untie(model, site.name, innermost(site.module))
+        extra = {"conv_groups": self.conv_groups} if issubclass(site.detail.adapter, LoRAConv) else {}
+        adapter = site.detail.adapter(site.module, site.detail.r, site.detail.alpha, self.dropout, self.rslora,
+                                      self.init, seed, **extra)
+        if self.bias == "lora_only":
+            _mark_biases(site.module)
+        return adapter
+
+    def finish(self, model: nn.Module, built: list[tuple[str, Adapter]]) -> None:
         if self.bias == "all":
             _mark_biases(model)
 
@@ -212,10 +262,3 @@ def _lift_attention_projections(
             name, module = parent_name, parent
         lifted[name] = module
     return list(lifted.items())
-
-
-def _outermost(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    names = [n for n, _ in selected]
-    return [(n, m) for n, m in selected if not is_inside(n, (p for p in names if p != n))]
-
-

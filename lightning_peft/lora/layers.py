@@ -35,11 +35,11 @@ from torch.nn.modules.conv import _ConvNd
 from lightning_peft.adapter import Adapter, innermost
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.fused_conv import fused_lora_conv
+from lightning_peft.methods import LAYER_NAME
 from lightning_peft.zero3 import global_shape, is_partitioned
 
 LoRAInit = Literal["default", "gaussian", "pissa"]
 ConvGroups = Literal["shared", "per_group"]
-LAYER_NAME = "<layer name>"  # placeholder in adapter errors; LoRAConfig.attach puts the real name in
 
 
 def lora_scale(alpha: float, r: int, rslora: bool) -> float:

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from torch import nn
 
-from lightning_peft.methods import BatchNormMode, MethodConfig, check_choice, check_positive_int
-from lightning_peft.prompt.base import is_prompted
-from lightning_peft.prompt.patches import attach_patches, find_vits
-from lightning_peft.prompt.pixels import attach_pixels, image_inputs
-from lightning_peft.prompt.tokens import attach_to_embedding, attach_to_transformers, token_hosts
+from lightning_peft.methods import MethodConfig, Site, check_choice, check_positive_int
+from lightning_peft.prompt.base import PromptAdapter, is_prompted
+from lightning_peft.prompt.patches import PatchPlacement, PatchPrompt, find_vits, patch_placements
+from lightning_peft.prompt.pixels import PixelPlacement, PixelPrompt, image_inputs, image_module, pixel_placement
+from lightning_peft.prompt.tokens import (
+    TokenPrompt,
+    hook_into_transformers,
+    host_embedding,
+    init_ids,
+    named_embedding,
+    token_hosts,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PromptKind = Literal["tokens", "patches", "pixels"]
 PromptInit = Literal["random", "vocab", "text"]
@@ -50,10 +60,8 @@ class PromptTuningConfig(MethodConfig):
             border ``width`` pixels wide (see :mod:`lightning_peft.prompt.pixels`).
         image_module: Pixel prompts: name of the module that first receives the image (default: the first
             ``nn.Conv2d``).
-        trainable_modules: Modules trained fully alongside the prompts (a classifier head) and saved with them.
-        batchnorm: Frozen BatchNorm layers keep their running statistics (``"frozen"``) or update and save them
-            (``"update"``).
-        seed: Base seed of the prompts' initialisation; each adapter derives its own from its name.
+        The fields every method has (``trainable_modules``, e.g. a classifier head, ``batchnorm``, ``seed``,
+        ``adapter_dtype``) are keyword-only; see :class:`~lightning_peft.methods.MethodConfig`.
 
     Example:
         >>> import torch
@@ -67,6 +75,7 @@ class PromptTuningConfig(MethodConfig):
     """
 
     method_name: ClassVar[str] = "prompt"
+    label: ClassVar[str] = "prompt tuning"
     num_tokens: int = 20
     init: PromptInit = "random"
     init_text: str | None = None
@@ -80,15 +89,12 @@ class PromptTuningConfig(MethodConfig):
     pixel_region: PixelRegion = "border"
     image_size: int | list[int] | None = None
     image_module: str | None = None
-    trainable_modules: list[str] | None = None
-    batchnorm: BatchNormMode = "frozen"
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive_int("num_tokens", self.num_tokens, "prompt tokens")
         check_positive_int("width", self.width, "pixels")
         check_choice("init", self.init, PromptInit)
-        check_choice("batchnorm", self.batchnorm, BatchNormMode)
         check_choice("pixel_region", self.pixel_region, PixelRegion)
         if self.kind is not None:
             check_choice("kind", self.kind, PromptKind)
@@ -109,8 +115,8 @@ class PromptTuningConfig(MethodConfig):
         ):
             raise ValueError(f"image_size must be a positive int or [height, width]; got {self.image_size!r}.")
 
-    def attach(self, model: nn.Module) -> None:
-        """Add prompts of the chosen (or detected) kind to ``model``."""
+    def sites(self, model: nn.Module) -> list[Site[Any]]:
+        """Where prompts of the chosen (or detected) kind go: input embeddings, ViT blocks or the image stem."""
         already = is_prompted(model)
         if already:
             raise ValueError(
@@ -118,25 +124,40 @@ class PromptTuningConfig(MethodConfig):
                 "PromptTuning. Call lightning_peft.unload(model) first to replace them."
             )
         kind = self.kind or detect_kind(model, self.embedding)
+        if kind == "tokens" and self.embedding is not None:
+            return [Site(self.embedding, named_embedding(model, self.embedding), None)]
         if kind == "tokens":
-            self._attach_tokens(model)
-        elif kind == "patches":
-            sites = find_vits(model)
-            if not sites:
+            hosts = token_hosts(model)
+            if not hosts:
+                raise ValueError(_not_found(model, "no transformers model with an nn.Embedding input embedding"))
+            return [Site(*host_embedding(model, cast("PreTrainedModel", host)), host) for _, host in hosts]
+        if kind == "patches":
+            placements = patch_placements(model, self.deep, self.keep_virtual_outputs)
+            if not placements:
                 raise ValueError(_not_found(model, "no torchvision, timm or transformers VisionTransformer"))
-            attach_patches(model, sites, self)
-        else:
-            attach_pixels(model, self)
+            return [Site(name, model.get_submodule(name), placement) for name, placement in placements]
+        name, module = image_module(model, self.image_module)
+        return [Site(name, module, pixel_placement(model, self.image_size))]
 
-    def _attach_tokens(self, model: nn.Module) -> None:
-        if self.embedding is not None:
-            attach_to_embedding(model, self.embedding, self)
-            return
-        hosts = token_hosts(model)
-        if not hosts:
-            raise ValueError(_not_found(model, "no transformers model with an nn.Embedding input embedding"))
-        for _, host in hosts:
-            attach_to_transformers(model, host, self)
+    def build(self, model: nn.Module, site: Site[Any], seed: int) -> PromptAdapter:
+        """The prompt adapter for ``site``: a token, patch-token or pixel prompt."""
+        placement = site.detail
+        if isinstance(placement, PatchPlacement):
+            vit = placement.vit
+            return PatchPrompt(site.module, self.num_tokens, vit.dim, vit.prefix_tokens, placement.mode,
+                               placement.remove, vit.patch_fan_in, seed)
+        if isinstance(placement, PixelPlacement):
+            channels = getattr(site.module, "in_channels", 3)
+            return PixelPrompt(site.module, channels, placement.size, self.width, self.pixel_region, seed,
+                               any_size=placement.any_size)
+        ids = init_ids(self.init, self.init_text, self.tokenizer)
+        if placement is None:  # the embedding of a model of your own: its output gains the prompt in front
+            return TokenPrompt(site.module, self.num_tokens, self.init, ids, seed, prepend_output=True)
+        adapter = TokenPrompt(site.module, self.num_tokens, self.init, ids, seed)
+        adapter.keep_virtual_outputs = self.keep_virtual_outputs
+        adapter.truncation = self.truncation
+        hook_into_transformers(adapter, placement)
+        return adapter
 
 
 def detect_kind(model: nn.Module, embedding: str | None = None) -> PromptKind:

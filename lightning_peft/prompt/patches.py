@@ -21,18 +21,13 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_peft.injection import replace_module
-from lightning_peft.methods import init_seed
 from lightning_peft.prompt.base import PromptAdapter
 from lightning_peft.targets import is_inside
-
-if TYPE_CHECKING:
-    from lightning_peft.prompt.config import PromptTuningConfig
 
 
 @dataclass(frozen=True)
@@ -88,12 +83,17 @@ def _transformers_vit(name: str, module: nn.Module) -> VitSite | None:
 _LOCATORS: list[VitLocator] = [_torchvision_vit, _timm_vit, _transformers_vit]
 
 
-def register_vit_locator(locator: VitLocator) -> None:
+def register_vit_locator(locator: VitLocator) -> VitLocator:
     """Teach patch prompts another ViT family: ``locator(name, module)`` returns a :class:`VitSite` or ``None``.
 
-    Locators are asked in order, the newest first; the first answer wins.
+    Locators are asked newest first, before the built-in ones; the first answer wins (as for
+    ``register_lora_layer`` and ``register_attention_handler``).
+
+    Returns:
+        ``locator``, so this also works as a decorator.
     """
     _LOCATORS.insert(0, locator)
+    return locator
 
 
 def find_vits(model: nn.Module) -> list[VitSite]:
@@ -160,16 +160,24 @@ class PatchPrompt(PromptAdapter):
         return torch.cat([output[:, :s], output[:, s + p:]], dim=1)
 
 
-def attach_patches(model: nn.Module, sites: list[VitSite], config: PromptTuningConfig) -> None:
-    """Wrap the blocks of every ViT in ``sites`` (first block only, or all with ``deep``)."""
-    for site in sites:
-        last = len(site.blocks) - 1
-        for i, name in enumerate(site.blocks):
-            mode = "insert" if i == 0 else "replace" if config.deep else "pass"
-            remove = i == last and not config.keep_virtual_outputs
-            if mode == "pass" and not remove:
-                continue
-            block = model.get_submodule(name)
-            adapter = PatchPrompt(block, config.num_tokens, site.dim, site.prefix_tokens, mode, remove,
-                                  site.patch_fan_in, init_seed(config.seed, name))
-            replace_module(model, name, adapter)
+@dataclass(frozen=True)
+class PatchPlacement:
+    """What the patch prompt at one block of a ViT does (see :class:`PatchPrompt`)."""
+
+    vit: VitSite
+    mode: str  # "insert" (first block), "replace" (deep prompts) or "pass"
+    remove: bool  # the last block takes the prompt tokens out again
+
+
+def patch_placements(model: nn.Module, deep: bool, keep_virtual_outputs: bool) -> list[tuple[str, PatchPlacement]]:
+    """``(block name, placement)`` for the blocks of every ViT in ``model`` that get a patch prompt adapter: the first
+    block, every block with ``deep``, and the last when the prompt tokens are taken out of the outputs."""
+    placements = []
+    for vit in find_vits(model):
+        last = len(vit.blocks) - 1
+        for i, name in enumerate(vit.blocks):
+            mode = "insert" if i == 0 else "replace" if deep else "pass"
+            remove = i == last and not keep_virtual_outputs
+            if mode != "pass" or remove:
+                placements.append((name, PatchPlacement(vit, mode, remove)))
+    return placements

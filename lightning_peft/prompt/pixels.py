@@ -26,18 +26,14 @@ the image (by default the model's first ``nn.Conv2d``), so it works for ResNets,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional
 
-from lightning_peft.injection import replace_module
-from lightning_peft.methods import init_seed
 from lightning_peft.prompt.base import PromptAdapter
-
-if TYPE_CHECKING:
-    from lightning_peft.prompt.config import PromptTuningConfig
 
 
 class PixelPrompt(PromptAdapter):
@@ -149,31 +145,43 @@ def image_inputs(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
 
 
-def attach_pixels(model: nn.Module, config: PromptTuningConfig) -> None:
-    """Wrap the image's first module (``image_module`` or the first ``nn.Conv2d``) in a :class:`PixelPrompt`."""
-    if config.image_module is not None:
+@dataclass(frozen=True)
+class PixelPlacement:
+    """The size a pixel prompt is learned at, and whether inputs of other sizes are resized to."""
+
+    size: tuple[int, int]
+    any_size: bool
+
+
+def image_module(model: nn.Module, name: str | None) -> tuple[str, nn.Module]:
+    """The module that first receives the image: ``name`` (``image_module=``) or the first ``nn.Conv2d``.
+
+    Raises:
+        ValueError: ``name`` is not a module of ``model``, or the model has no ``nn.Conv2d``.
+    """
+    if name is not None:
         try:
-            name, module = config.image_module, model.get_submodule(config.image_module)
+            return name, model.get_submodule(name)
         except AttributeError:
             convs = [n for n, _ in image_inputs(model)][:8]
             raise ValueError(
-                f"image_module={config.image_module!r} is not a module of {type(model).__name__}; "
-                f"its Conv2d layers are {convs or 'none'}."
+                f"image_module={name!r} is not a module of {type(model).__name__}; its Conv2d layers are "
+                f"{convs or 'none'}."
             ) from None
-    else:
-        candidates = image_inputs(model)
-        if not candidates:
-            raise ValueError(
-                f"pixel prompts found no nn.Conv2d in {type(model).__name__} to take the image; pass image_module="
-                "'<name of the module that first receives the image>'."
-            )
-        name, module = candidates[0]
-    size = config.image_size or declared_image_size(model)
-    any_size = size is None  # the model takes any size (a ResNet): learn at the reference size, resize per input
+    candidates = image_inputs(model)
+    if not candidates:
+        raise ValueError(
+            f"pixel prompts found no nn.Conv2d in {type(model).__name__} to take the image; pass image_module="
+            "'<name of the module that first receives the image>'."
+        )
+    return candidates[0]
+
+
+def pixel_placement(model: nn.Module, image_size: int | list[int] | None) -> PixelPlacement:
+    """``image_size``, else the size the model declares; a model that declares none takes any size (a ResNet): its
+    prompt is learned at :data:`DEFAULT_IMAGE_SIZE` and resized along the edges to each input."""
+    size = image_size or declared_image_size(model)
     if size is None:
-        size = DEFAULT_IMAGE_SIZE
+        return PixelPlacement((DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE), any_size=True)
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    channels = getattr(module, "in_channels", 3)
-    adapter = PixelPrompt(module, channels, hw, config.width, config.pixel_region, init_seed(config.seed, name),
-                          any_size=any_size)
-    replace_module(model, name, adapter)
+    return PixelPlacement(hw, any_size=False)

@@ -37,8 +37,6 @@ from torch import nn
 
 from lightning_peft.adapter import innermost
 from lightning_peft.errors import TargetNotFoundError
-from lightning_peft.injection import replace_module
-from lightning_peft.methods import init_seed
 from lightning_peft.prompt.base import PromptAdapter
 from lightning_peft.record import add_peft_hook
 from lightning_peft.targets import is_inside
@@ -46,8 +44,6 @@ from lightning_peft.zero3 import gathered, global_shape
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-    from lightning_peft.prompt.config import PromptTuningConfig
 
 IGNORE_INDEX = -100  # the label value every transformers loss ignores
 _CACHE_KEYS = ("cache", "past_key_values")  # transformers 5 renames past_key_values to cache
@@ -383,21 +379,27 @@ def token_hosts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return hosts
 
 
-def _module_name(model: nn.Module, target: nn.Module) -> str:
-    return next(name for name, module in model.named_modules() if module is target)
+def host_embedding(model: nn.Module, host: PreTrainedModel) -> tuple[str, nn.Module]:
+    """The name and module of a transformers model's input embedding, where its token prompt goes.
+
+    Raises:
+        TargetNotFoundError: An encoder-decoder whose encoder takes no tokens (Whisper): the prompt would train nothing.
+    """
+    embedding = host.get_input_embeddings()
+    if getattr(host.config, "is_encoder_decoder", False):
+        _check_encoder_takes_tokens(host, embedding)
+    return next(name for name, module in model.named_modules() if module is embedding), embedding
 
 
-def _init_ids(config: PromptTuningConfig) -> list[int] | None:
-    if config.init != "text":
+def init_ids(init: str, init_text: str | None, tokenizer: str | None) -> list[int] | None:
+    """Token ids whose embeddings start a prompt (``init="text"``), read with the named tokenizer."""
+    if init != "text":
         return None
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-    ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+    ids = AutoTokenizer.from_pretrained(tokenizer)(init_text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ValueError(
-            f"init_text={config.init_text!r} tokenizes to no tokens with {config.tokenizer!r}; pass a non-empty text."
-        )
+        raise ValueError(f"init_text={init_text!r} tokenizes to no tokens with {tokenizer!r}; pass a non-empty text.")
     return list(ids)
 
 
@@ -406,17 +408,9 @@ def _max_length(config: Any) -> int | None:
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
-def attach_to_transformers(model: nn.Module, host: PreTrainedModel, config: PromptTuningConfig) -> TokenPrompt:
-    """Prompt one transformers model: wrap its input embedding and hook its forward (and its encoder's)."""
-    embedding = host.get_input_embeddings()
+def hook_into_transformers(adapter: TokenPrompt, host: PreTrainedModel) -> None:
+    """Let a transformers model's forward (and its encoder's) extend inputs for, and strip outputs of, the prompt."""
     hf_config = host.config
-    if getattr(hf_config, "is_encoder_decoder", False):
-        _check_encoder_takes_tokens(host, embedding)
-    name = _module_name(model, embedding)
-    adapter = TokenPrompt(embedding, config.num_tokens, config.init, _init_ids(config), init_seed(config.seed, name))
-    adapter.keep_virtual_outputs = config.keep_virtual_outputs
-    adapter.truncation = config.truncation
-    replace_module(model, name, adapter)
     if getattr(hf_config, "is_encoder_decoder", False):
         encoder = host.get_encoder()
         adapter.max_length = _max_length(getattr(hf_config, "encoder", hf_config))
@@ -429,7 +423,6 @@ def attach_to_transformers(model: nn.Module, host: PreTrainedModel, config: Prom
         adapter.max_length = _max_length(hf_config)
         add_peft_hook(host, host.register_forward_pre_hook(adapter.model_pre_hook, with_kwargs=True))
         add_peft_hook(host, host.register_forward_hook(adapter.model_post_hook, with_kwargs=True))
-    return adapter
 
 
 def _check_encoder_takes_tokens(host: PreTrainedModel, embedding: nn.Module) -> None:
@@ -449,8 +442,12 @@ def _check_encoder_takes_tokens(host: PreTrainedModel, embedding: nn.Module) -> 
         )
 
 
-def attach_to_embedding(model: nn.Module, name: str, config: PromptTuningConfig) -> TokenPrompt:
-    """Prompt a model of your own: the named embedding's output gains the prompt in front."""
+def named_embedding(model: nn.Module, name: str) -> nn.Module:
+    """The ``nn.Embedding`` named ``name`` (``embedding=`` of a model of your own), whose output gains the prompt.
+
+    Raises:
+        ValueError: ``name`` names no module, or a module that is not an ``nn.Embedding``.
+    """
     try:
         embedding = model.get_submodule(name)
     except AttributeError:
@@ -462,7 +459,4 @@ def attach_to_embedding(model: nn.Module, name: str, config: PromptTuningConfig)
             f"embedding={name!r} names {seen} in {type(model).__name__}; token prompts need the nn.Embedding "
             f"that embeds the input tokens. nn.Embedding modules here: {found or 'none'}."
         )
-    adapter = TokenPrompt(embedding, config.num_tokens, config.init, _init_ids(config), init_seed(config.seed, name),
-                          prepend_output=True)
-    replace_module(model, name, adapter)
-    return adapter
+    return embedding

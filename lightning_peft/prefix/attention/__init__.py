@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_peft.attention.base import PrefixAttention, PrefixEncoder, PrefixShape
-from lightning_peft.attention.multihead import MultiheadPrefixAttention, multihead_shape
-from lightning_peft.attention.timm_attention import TimmPrefixAttention, is_timm_attention, timm_shape
-from lightning_peft.attention.transformers_attention import (
+from lightning_peft.prefix.attention.base import PrefixAttention, PrefixEncoder, PrefixShape
+from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention, multihead_shape
+from lightning_peft.prefix.attention.timm_attention import TimmPrefixAttention, is_timm_attention, timm_shape
+from lightning_peft.prefix.attention.transformers_attention import (
     TransformersPrefixAttention,
     calls_attention_interface,
     transformers_shape,

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.attention.base import PrefixAttention, PrefixShape, additive_mask, causal_bias, prefixed_attention
+from lightning_peft.prefix.attention.base import (
+    PrefixAttention,
+    PrefixShape,
+    additive_mask,
+    causal_bias,
+    prefixed_attention,
+)
 from lightning_peft.record import add_peft_hook
 
 

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lightning_peft.attention.base import PrefixAttention, PrefixShape, additive_mask, causal_bias, prefixed_attention
+from lightning_peft.prefix.attention.base import (
+    PrefixAttention,
+    PrefixShape,
+    additive_mask,
+    causal_bias,
+    prefixed_attention,
+)
 
 if TYPE_CHECKING:
     from timm.layers.attention import Attention

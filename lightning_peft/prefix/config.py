@@ -11,7 +11,7 @@ Scores are ``n x (p + n)`` and outputs keep ``n`` rows: queries, hidden sizes an
 rest of the model never change. Masks gain ``p`` always-visible columns (causal stays causal over the real
 tokens, padding stays masked). A KV cache holds real tokens only; the prefix enters once per layer and step.
 
-Attention families are found by the handlers of :mod:`lightning_peft.attention` (transformers models through
+Attention families are found by the handlers of :mod:`lightning_peft.prefix.attention` (transformers models through
 their attention interface, ``nn.MultiheadAttention``, timm ``Attention``; users can register more).
 """
 
@@ -24,25 +24,16 @@ from typing import ClassVar
 from torch import nn
 
 from lightning_peft.adapter import Adapter, adapters
-from lightning_peft.attention import AttentionMatch, MultiheadPrefixAttention, match_attention
-from lightning_peft.attention.base import PrefixAttention, PrefixEncoder
 from lightning_peft.errors import TargetNotFoundError
-from lightning_peft.injection import replace_module
-from lightning_peft.methods import (
-    BatchNormMode,
-    MethodConfig,
-    check_choice,
-    check_layer_indices,
-    check_positive_int,
-    init_seed,
-)
+from lightning_peft.methods import Site, TargetedConfig, check_positive_int, init_seed
+from lightning_peft.prefix.attention import AttentionMatch, MultiheadPrefixAttention, match_attention
+from lightning_peft.prefix.attention.base import PrefixAttention, PrefixEncoder
 from lightning_peft.record import find_record
-from lightning_peft.targets import describe, layer_index, matches
 from lightning_peft.tensors import refresh_trainable
 
 
 @dataclass(eq=False)
-class PrefixTuningConfig(MethodConfig):
+class PrefixTuningConfig(TargetedConfig):
     """Configuration of prefix tuning; ``PrefixTuning`` (the callback) takes the same arguments.
 
     Args:
@@ -50,30 +41,26 @@ class PrefixTuningConfig(MethodConfig):
         reparameterize: Produce every layer's prefix with one shared MLP while training (paper §4.3, more
             stable); :func:`fold_prefix` turns it into plain prefix tensors afterwards with identical outputs.
         hidden_size: Width of the reparameterization MLP (its input embedding and hidden layer; paper: 512).
-        layers: Only attention layers whose index is in this list (``encoder.layer.3.…`` has index 3); all by default.
-        target_modules: Only attention modules matching these rules (names, dotted suffixes, a regex, class
-            names; see :mod:`lightning_peft.targets`); every attention module found by default.
         gate: Exact start: give the prefix its own softmax, added through a zero-initialised gate
             (``tanh(g)``, as LLaMA-Adapter), so the model equals the frozen one at step 0.
         init_std: Standard deviation of the prefix's (or the MLP's input embedding's) normal initialisation.
-        trainable_modules: Modules trained fully alongside the prefixes (heads, norms) and saved with them.
-        batchnorm: Frozen BatchNorm layers keep (``"frozen"``) or update (``"update"``) their statistics.
-        seed: Base seed of the initialisation; each layer derives its own from its name.
+        target_modules: Only attention modules matching these rules (names, dotted suffixes, a regex, class
+            names; see :mod:`lightning_peft.targets`); every attention module found by default. ``exclude_modules``,
+            ``layers`` (only attention layers whose index is in this list) and ``layers_pattern`` filter further,
+            as for LoRA; they and the fields every method has (``trainable_modules``, ``batchnorm``, ``seed``,
+            ``adapter_dtype``) are keyword-only (see :class:`~lightning_peft.methods.TargetedConfig`).
     """
 
     method_name: ClassVar[str] = "prefix"
+    label: ClassVar[str] = "prefix tuning"
     num_tokens: int = 10
     reparameterize: bool = False
     hidden_size: int = 512
-    layers: list[int] | None = None
-    target_modules: str | list[str] | None = None
     gate: bool = False
     init_std: float = 1.0
-    trainable_modules: list[str] | None = None
-    batchnorm: BatchNormMode = "frozen"
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive_int("PrefixTuning num_tokens", self.num_tokens, "prefix tokens")
         check_positive_int("PrefixTuning hidden_size", self.hidden_size)
         if not 0 <= self.init_std < float("inf"):
@@ -83,11 +70,9 @@ class PrefixTuningConfig(MethodConfig):
                 "PrefixTuning(gate=True, init_std=0) never learns: the gate starts at 0 and the prefixes at 0, so "
                 "neither gets a gradient. Keep init_std > 0 (default 1.0)."
             )
-        check_layer_indices("PrefixTuning", self.layers)
-        check_choice("batchnorm", self.batchnorm, BatchNormMode)
 
-    def attach(self, model: nn.Module) -> None:
-        """Wrap every selected attention module in its prefix adapter (and share one MLP if reparameterized).
+    def sites(self, model: nn.Module) -> list[Site[AttentionMatch]]:
+        """Every selected attention module a registered handler knows.
 
         Raises:
             TargetNotFoundError: The model has no attention module a handler knows, or the filters left none.
@@ -100,27 +85,22 @@ class PrefixTuningConfig(MethodConfig):
             )
         if not found:
             raise TargetNotFoundError(_no_attention_message(model))
-        selected = [
-            (name, match) for name, match in found
-            if (self.target_modules is None or matches(self.target_modules, name, model.get_submodule(name)))
-            and (self.layers is None or layer_index(name) in set(self.layers))
-        ]
-        if not selected:
-            raise TargetNotFoundError(
-                f"prefix tuning: target_modules={self.target_modules!r}, layers={self.layers!r} left none of the "
-                f"attention modules of {type(model).__name__}: {describe(model, [n for n, _ in found])}."
-            )
-        built: list[PrefixAttention] = []
-        for name, match in selected:
-            if not name:
-                raise TypeError("prefix tuning wraps attention modules inside a model; pass the model that holds it.")
-            adapter = match.adapter(model.get_submodule(name), match.shape, self.num_tokens, gate=self.gate,
-                                    init_std=self.init_std, seed=init_seed(self.seed, name))
-            replace_module(model, name, adapter)
-            built.append(adapter)
-        if self.reparameterize:
-            _share_encoder(built, self.hidden_size, init_seed(self.seed, "prefix_encoder"))
-        if any(isinstance(a, MultiheadPrefixAttention) for a in built):
+        matches = dict(found)
+        candidates = [(name, model.get_submodule(name)) for name, _ in found]
+        return [Site(name, module, matches[name])
+                for name, module in self.select(model, candidates, "attention modules")]
+
+    def build(self, model: nn.Module, site: Site[AttentionMatch], seed: int) -> PrefixAttention:
+        """Wrap the attention module in its handler's prefix adapter."""
+        return site.detail.adapter(site.module, site.detail.shape, self.num_tokens, gate=self.gate,
+                                   init_std=self.init_std, seed=seed)
+
+    def finish(self, model: nn.Module, built: list[tuple[str, Adapter]]) -> None:
+        """Share one MLP among the prefixes (``reparameterize``); keep nn.TransformerEncoder off its fast path."""
+        prefixes = [a for _, a in built if isinstance(a, PrefixAttention)]
+        if self.reparameterize and prefixes:
+            _share_encoder(prefixes, self.hidden_size, init_seed(self.seed, "prefix_encoder"))
+        if any(isinstance(a, MultiheadPrefixAttention) for a in prefixes):
             for module in model.modules():  # its nested-tensor path would bypass the adapters (speed only)
                 if isinstance(module, nn.TransformerEncoder):
                     module.use_nested_tensor = False

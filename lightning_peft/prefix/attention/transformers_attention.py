@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from lightning_peft.attention.base import PrefixAttention, PrefixShape, causal_bias, pad_columns
+from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, causal_bias, pad_columns
 from lightning_peft.record import find_record, record
 
 if TYPE_CHECKING:

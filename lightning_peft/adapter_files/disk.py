@@ -17,14 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from lightning_peft.adapter_files.constants import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME
 from lightning_peft.errors import AdapterStateError
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-_PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
 def write_adapter_files(
@@ -116,8 +113,28 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def read_tensor_metadata(directory: Path) -> dict[str, str]:
+    """The header metadata of an adapter directory's safetensors file (``{}`` when it has none).
+
+    Raises:
+        FileNotFoundError: There is no safetensors file.
+        AdapterStateError: The file is corrupt or truncated; the message names it.
+    """
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        _refuse_missing(directory, path)
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterStateError(
+            f"{path} is not a readable safetensors file ({error}); it is truncated or corrupt. Save the adapter "
+            "again, or restore the file from a copy."
+        ) from None
+
+
 def _refuse_missing(directory: Path, path: Path) -> None:
-    pickles = [name for name in _PICKLE_NAMES if (directory / name).is_file()]
+    pickles = [name for name in PICKLE_NAMES if (directory / name).is_file()]
     if pickles:
         raise FileNotFoundError(
             f"{directory} holds {', '.join(pickles)} but no {WEIGHTS_NAME}: lightning_peft refuses pickle files on "
