@@ -12,9 +12,10 @@ Runs, each rank reading every other sample (the same 8 samples per step as one p
 in ``configure_model`` (under ZeRO-3 inside ``deepspeed.zero.Init``, so base weights are partitioned before the
 adapters are injected); ``bf16``: 1 epoch under ``bf16-mixed`` with a checkpoint (DeepSpeed then names its optimizer
 files ``bf16_zero_pp_rank_*``).
-Rank 0 writes each run's gathered adapter tensors at the start and end of training to ``OUT/<run>-start.pt`` and
-``OUT/<run>.pt``, with the token embedding's spread (a random prompt's scale) in ``OUT/<run>-info.pt``.
-Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 deepspeed_peft.py OUT METHOD STAGE``.
+Every METHOD given runs in one launch, into ``OUT/<method>``. Rank 0 writes each run's gathered adapter tensors at the
+start and end of training to ``OUT/<method>/<run>-start.pt`` and ``OUT/<method>/<run>.pt``, with the token
+embedding's spread (a random prompt's scale) in ``OUT/<method>/<run>-info.pt``.
+Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 deepspeed_peft.py OUT STAGE METHOD...``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from strategy_models import CausalLM, end_process, tiny_gpt2
+from strategy_models import METHODS, CausalLM, end_process, tiny_gpt2
 
 from lightning_peft import adapter_state_dict, load_adapter_state_dict, save_adapter
 from lightning_peft.zero3 import gathered
@@ -82,8 +83,6 @@ class Snapshot(L.Callback):
 
 def fit(out: Path, run: str, method: str, stage: int, *, epochs: int, module: CausalLM | None = None,
         ckpt_path: str | None = None, checkpoint: bool = False, precision: str = "32-true") -> None:
-    from test_strategies import METHODS
-
     config = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
               "train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True}
     strategy = CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")  # exclude_frozen set by the callback
@@ -123,5 +122,6 @@ def main(out: Path, method: str, stage: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    for method in sys.argv[3:]:
+        main(Path(sys.argv[1]) / method, method, int(sys.argv[2]))
     end_process()

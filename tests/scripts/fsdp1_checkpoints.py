@@ -4,15 +4,17 @@ Lightning refuses FSDP without a GPU for the ``"fsdp"`` flag and the exact ``FSD
 connector), and gives FSDP the CPU's device index ``None``, which FSDP1 reads as "find an accelerator"; with
 ``device_id=cpu`` torch's FSDP1 runs on CPU over gloo. :class:`CPUFSDPStrategy` lifts exactly those: wrapping
 (``fsdp_auto_wrap_policy``), saving and restoring are Lightning's own code.
-For ``state_dict_type="full"`` (one file) and ``"sharded"`` (a torch.distributed.checkpoint directory) with
-Lightning's default ``use_orig_params=True``, and ``"sharded"`` with ``use_orig_params=False`` (flat parameters):
-train 2 epochs straight; train 1 epoch with a checkpoint; resume it for a second epoch. Rank 0 writes
-``OUT/<mode>-<use_orig_params>.pt``: the straight and resumed adapter tensors and the names the checkpoint holds.
-``OUT/checks.pt`` holds the errors of loading the full and the sharded checkpoint into another method (its
+Each CELL is ``<method>-callback`` or ``<method>-mixin`` (the adapters from ``PEFTMixin.configure_peft``), always
+with a ``trainable_modules`` entry; one launch runs every cell given. Rank r trains on samples r, r+N, ... in
+batches of 8 / N (SGD with momentum). For ``state_dict_type="full"`` (one file) and ``"sharded"`` (a
+torch.distributed.checkpoint directory) with Lightning's default ``use_orig_params=True``, and ``"sharded"`` with
+``use_orig_params=False`` (flat parameters): train 1 epoch with a checkpoint (``cut``); train 2 epochs straight;
+resume the checkpoint for a second epoch. Rank 0 writes ``OUT/<cell>/<mode>-<use_orig_params>.pt``: each run's
+trainable tensors after fit; the checkpoint is ``OUT/<cell>/<mode>-<use_orig_params>/last.ckpt``.
+``OUT/<cell>/checks.pt`` holds the errors of loading the full and the sharded checkpoint into another method (its
 adapter tensors are missing), and, for ``state_dict_type="full"`` with ``use_orig_params=False`` (no checkpoint),
-the error the callback raised (prompt tuning) or the warnings it gave. A third argument ``mixin`` gives the model
-its adapters through ``PEFTMixin`` instead of a callback.
-Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 fsdp1_checkpoints.py OUT METHOD [mixin]``.
+the error the callback raised (prompt tuning) or the warnings it gave.
+Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 fsdp1_checkpoints.py OUT CELL...``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import torch.distributed.fsdp as torch_fsdp
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
-from strategy_models import CausalLM, end_process
+from strategy_models import METHODS, TRAINABLE, CausalLM, end_process
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.utils.data import DataLoader
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -76,38 +78,25 @@ class MixinLM(PEFTMixin, MomentumLM):
     method = "lora"
 
     def configure_peft(self) -> list[L.Callback]:
-        from test_strategies import METHODS
-
-        return [METHODS[self.method]()]
+        return [METHODS[self.method](trainable_modules=TRAINABLE)]
 
 
 def fit(out: Path, run: str, method: str, mode: str, orig_params: bool, epochs: int, ckpt_path: Path | None = None,
         checkpoint: bool = True, mixin: bool = False, validate: bool = False) -> dict[str, torch.Tensor]:
-    from test_strategies import METHODS
-
     strategy = CPUFSDPStrategy(auto_wrap_policy=fsdp_auto_wrap_policy(GPT2Block), state_dict_type=mode,
                                use_orig_params=orig_params)
     checkpoint = checkpoint and ckpt_path is None and epochs == 1
-    callbacks: list[L.Callback] = [] if mixin else [METHODS[method]()]
+    callbacks: list[L.Callback] = [] if mixin else [METHODS[method](trainable_modules=TRAINABLE)]
     if checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=out / run, save_last=True))
     trainer = L.Trainer(accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=strategy,
                         max_epochs=epochs, logger=False, callbacks=callbacks, enable_checkpointing=checkpoint,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
     MixinLM.method = method
-    module = (MixinLM if mixin else MomentumLM)(batch_size=4)
+    module = (MixinLM if mixin else MomentumLM)(batch_size=8 // int(os.environ["WORLD_SIZE"]))  # 4 steps an epoch
     (trainer.validate if validate else trainer.fit)(module, ckpt_path=ckpt_path)
     with FSDP.summon_full_params(trainer.strategy.model):
         return {name: tensor.clone() for name, tensor in adapter_state_dict(module).items()}
-
-
-def saved_names(path: Path) -> list[str]:
-    if path.is_dir():  # FSDPStrategy's sharded checkpoint stores module tensors as "model.<name>"
-        from torch.distributed.checkpoint import FileSystemReader
-
-        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        return sorted(k.removeprefix("model.") for k in keys if k.startswith("model."))
-    return sorted(torch.load(path, weights_only=True)["state_dict"])
 
 
 def main(out: Path, method: str, mixin: bool) -> None:
@@ -116,12 +105,12 @@ def main(out: Path, method: str, mixin: bool) -> None:
     runs = [run for run in RUNS if method != "prompt" or run[1]]
     for mode, orig_params in runs:
         run = f"{mode}-{orig_params}"
+        cut = fit(out, run, method, mode, orig_params, epochs=1, mixin=mixin)
         straight = fit(out, f"{run}-straight", method, mode, orig_params, epochs=2, mixin=mixin)
-        fit(out, run, method, mode, orig_params, epochs=1, mixin=mixin)
-        last = out / run / "last.ckpt"
-        resumed = fit(out, f"{run}-resumed", method, mode, orig_params, epochs=2, ckpt_path=last, mixin=mixin)
+        resumed = fit(out, f"{run}-resumed", method, mode, orig_params, epochs=2, ckpt_path=out / run / "last.ckpt",
+                      mixin=mixin)
         if torch.distributed.get_rank() == 0:
-            torch.save({"straight": straight, "resumed": resumed, "saved": saved_names(last)}, out / f"{run}.pt")
+            torch.save({"cut": cut, "straight": straight, "resumed": resumed}, out / f"{run}.pt")
     other = "prefix" if method == "lora" else "lora"  # its adapter tensors are not in this method's checkpoint
     mismatch = {}
     # sharded: refused by the load planner. full: Lightning loads the weights (strict=False) before
@@ -146,5 +135,8 @@ def main(out: Path, method: str, mixin: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], mixin=sys.argv[3:] == ["mixin"])
+    for cell in sys.argv[2:]:
+        method, glue = cell.split("-")
+        (Path(sys.argv[1]) / cell).mkdir(exist_ok=True)
+        main(Path(sys.argv[1]) / cell, method, mixin=glue == "mixin")
     end_process()

@@ -1,9 +1,10 @@
 """Adapter-only checkpoints under FSDP2 (ModelParallelStrategy) on 2 CPU processes, full and sharded.
 
-For each of ``save_distributed_checkpoint=False`` (one full file) and ``True`` (a torch.distributed.checkpoint
-directory): train 2 epochs straight; train 1 epoch with a checkpoint; resume it for a second epoch. Rank 0 writes
-``OUT/<mode>.pt``: the straight and resumed adapter tensors and the tensor names the checkpoint holds.
-Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 fsdp2_checkpoints.py OUT METHOD``.
+For every METHOD given (one launch) and each of ``save_distributed_checkpoint=False`` (one full file) and ``True``
+(a torch.distributed.checkpoint directory): train 2 epochs straight; train 1 epoch with a checkpoint; resume it for
+a second epoch. Rank 0 writes ``OUT/<method>/<mode>.pt``: the straight and resumed adapter tensors and the tensor
+names the checkpoint holds.
+Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 fsdp2_checkpoints.py OUT METHOD...``.
 """
 
 from __future__ import annotations
@@ -59,5 +60,6 @@ def main(out: Path, method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    for method in sys.argv[2:]:
+        main(Path(sys.argv[1]) / method, method)
     end_process()

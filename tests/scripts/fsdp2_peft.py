@@ -18,12 +18,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from strategy_models import CausalLM, end_process, shard_gpt2
+from strategy_models import METHODS, TRAINABLE, CausalLM, end_process, shard_gpt2
 from torch.distributed.fsdp import fully_shard
 
 from lightning_peft import PEFTMixin
-
-TRAINABLE = ["ln_f"]  # a trainable_modules entry next to the adapters, in the root unit
 
 
 class ShardedLM(PEFTMixin, CausalLM):
@@ -32,8 +30,6 @@ class ShardedLM(PEFTMixin, CausalLM):
     method = "lora"
 
     def configure_peft(self) -> list[L.Callback]:
-        from test_strategies import METHODS
-
         return [METHODS[self.method]()]
 
     def configure_model(self) -> None:
@@ -60,8 +56,6 @@ class MixinLM(PEFTMixin, CallbackLM):
     method = "lora"
 
     def configure_peft(self) -> list[L.Callback]:
-        from test_strategies import METHODS
-
         return [METHODS[self.method](trainable_modules=TRAINABLE)]
 
 
@@ -88,8 +82,6 @@ def fit(module: L.LightningModule, callbacks: list[L.Callback], checkpoint: Path
 
 
 def main(out: Path) -> None:
-    from test_strategies import METHODS
-
     for method in sorted(METHODS):
         MixinLM.method = method
         for glue in ("callback", "mixin"):
