@@ -98,8 +98,9 @@ def _label(method: Method) -> str:
 
 def _record_adapter(adapter: Adapter, origin: Origin, dtype: str) -> None:
     record(adapter).origin = origin
-    if "base_layer" in adapter._modules and adapter.fsdp_unit:
-        record(adapter._modules["base_layer"]).wrapped_base = True  # for fsdp_auto_wrap_policy (unwrap() has effects)
+    base = adapter._modules.get("base_layer")  # not unwrap(): a prefix adapter's unwrap() drops its back-reference
+    if base is not None and adapter.fsdp_unit:
+        record(base).wrapped_base = True  # for fsdp_auto_wrap_policy
     if dtype != "auto":
         adapter.pin_dtype(getattr(torch, dtype))
 
