@@ -25,6 +25,7 @@ from lightning_peft.lora.layers import (
     lora_scale,
     pissa_factors,
 )
+from lightning_peft.lora.readers import read_directly, register_weight_reader
 from lightning_peft.lora.tied import tied_parameter_ids, untie
 from lightning_peft.methods import (
     BatchNormMode,
@@ -50,6 +51,7 @@ __all__ = [
     "lora_scale",
     "pissa_factors",
     "register_lora_layer",
+    "register_weight_reader",
 ]
 
 _REGISTRY: list[tuple[type[nn.Module], type[LoRALayer]]] = [
@@ -168,7 +170,8 @@ class LoRAConfig(MethodConfig):
             seed = init_seed(self.seed, name)
             if any(id(p) in tied for p in innermost(module)._parameters.values()):
                 untie(model, name, innermost(module))
-            extra = {"conv_groups": self.conv_groups} if issubclass(adapter_cls, LoRAConv) else {}
+            extra: dict[str, Any] = {"conv_groups": self.conv_groups} if issubclass(adapter_cls, LoRAConv) else {}
+            extra["read_directly"] = read_directly(model, name)  # Mamba's dt_proj: the parent reads .weight
             try:
                 adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, seed, **extra)
             except ValueError as err:  # name the layer, and put its name into the suggested fix

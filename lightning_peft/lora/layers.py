@@ -70,6 +70,9 @@ class LoRALayer(Adapter):
             ``"pissa"`` (A, B from the top-``r`` singular vectors of W, which keeps the residual; Meng et al. 2024;
             with adapters disabled or unloaded without merging, the layer computes with the residual only).
         seed: Seed of this adapter's initialisation (derived from its name, so every process agrees).
+        read_directly: The parent reads this layer's ``weight`` itself instead of calling it (Mamba's ``dt_proj``,
+            see :mod:`lightning_peft.lora.readers`): ``.weight`` then answers ``W + scale · B A`` while the adapter
+            is enabled and unmerged, so the update applies there too (without dropout: a warning says so).
 
     Raises:
         ValueError: ``init="pissa"`` on a grouped layer, on meta-device weights (PiSSA needs the real weights) or
@@ -80,7 +83,7 @@ class LoRALayer(Adapter):
 
     def __init__(
         self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-        init: LoRAInit = "default", seed: int = 0,
+        init: LoRAInit = "default", seed: int = 0, read_directly: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base
@@ -90,6 +93,12 @@ class LoRALayer(Adapter):
         self.init = init
         self.seed = seed
         self.pissa_applied = False  # whether W holds the PiSSA residual
+        self.read_directly = read_directly
+        if read_directly and dropout > 0:
+            warnings.warn(
+                f"LoRA dropout does not apply where the parent reads this {type(base).__name__}'s weight directly "
+                "(it computes with W + scale · B A).", PEFTWarning, stacklevel=2,
+            )
         if init == "pissa" and self.groups != 1:
             raise ValueError(
                 f"init='pissa' needs an ungrouped layer; {type(base).__name__} has groups={self.groups}. "
@@ -150,6 +159,14 @@ class LoRALayer(Adapter):
         return matrix
 
     # --- shared behaviour ----------------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer computes with: ``W + scale · B A`` for a layer its parent reads directly
+        (``read_directly``) while the adapter is enabled and unmerged, otherwise the base layer's ``weight``."""
+        if self.read_directly and self.enabled and not self.merged:
+            return self.folded_weight()
+        return cast(torch.Tensor, self.base_layer.weight)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.merged or not self.enabled:
