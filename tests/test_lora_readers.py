@@ -25,16 +25,23 @@ modeling_mamba = pytest.importorskip("transformers.models.mamba.modeling_mamba")
 R, ALPHA = 2, 4.0
 
 
-def tiny_mamba() -> nn.Module:
+SIZES = dict(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)
+FAMILIES = {
+    "mamba": ("MambaConfig", "MambaForCausalLM", {}),
+    "falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM", {}),
+    "mamba2": ("Mamba2Config", "Mamba2ForCausalLM", dict(num_heads=4, head_dim=16, n_groups=1, chunk_size=8)),
+}
+
+
+def tiny_mamba(family: str = "mamba") -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
-                                      conv_kernel=4)
-    return transformers.MambaForCausalLM(config).train()
+    config_name, model_name, extra = FAMILIES[family]
+    return getattr(transformers, model_name)(getattr(transformers, config_name)(**SIZES, **extra)).train()
 
 
-def adapted(targets: list[str]) -> tuple[nn.Module, nn.Module, dict[str, LoRALayer]]:
+def adapted(targets: list[str], family: str = "mamba") -> tuple[nn.Module, nn.Module, dict[str, LoRALayer]]:
     """(base, LoRA model with random B, name -> adapter)."""
-    base = tiny_mamba()
+    base = tiny_mamba(family)
     model = inject(copy.deepcopy(base), LoRAConfig(r=R, alpha=ALPHA, target_modules=targets))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     generator = torch.Generator().manual_seed(1)
@@ -52,9 +59,10 @@ def formula_delta(layer: LoRALayer, shape: torch.Size) -> torch.Tensor:
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.mark.parametrize("target", ["dt_proj", "conv1d", "x_proj"])
-def test_lora_on_mamba_layer_matches_formula_weight_in_outputs_and_gradients(target: str) -> None:
-    base, model, layers = adapted([target])
+@pytest.mark.parametrize(("family", "target"), [("mamba", "dt_proj"), ("mamba", "conv1d"), ("mamba", "x_proj"),
+                                               ("falcon_mamba", "dt_proj"), ("mamba2", "conv1d")])
+def test_lora_on_mamba_layer_matches_formula_weight_in_outputs_and_gradients(family: str, target: str) -> None:
+    base, model, layers = adapted([target], family)
     reference = copy.deepcopy(base)
     weights = {}
     for name, layer in layers.items():
