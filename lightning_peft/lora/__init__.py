@@ -12,16 +12,15 @@ from torch import nn
 
 from lightning_peft.adapter import Adapter, innermost
 from lightning_peft.injection import replace_module
+from lightning_peft.lora.attention import LoRAMultiheadAttention
+from lightning_peft.lora.conv import ConvGroups, ConvPath, LoRAConv
 from lightning_peft.lora.layers import (
     LAYER_NAME,
-    ConvGroups,
-    LoRAConv,
     LoRAConv1D,
     LoRAEmbedding,
     LoRAInit,
     LoRALayer,
     LoRALinear,
-    LoRAMultiheadAttention,
     lora_scale,
     pissa_factors,
 )
@@ -106,6 +105,13 @@ class LoRAConfig(MethodConfig):
         conv_groups: LoRA on grouped and depthwise convolutions: ``"shared"`` (default: one low-rank update of the
             ``(out, in/groups·prod(k))`` weight matrix, any ``r``, exactly mergeable) or ``"per_group"`` (a rank
             ``r/groups`` update per group; ``r`` must be a multiple of ``groups``). See :class:`LoRAConv`.
+        conv_path: How LoRA convolutions are computed, the same result on each (up to float rounding):
+            ``"auto"`` (default: the fused ``[W; A]`` convolution on CPU in training where it pays,
+            ``conv(x, W + s·BA)`` without gradients, on CUDA and for the shared grouped form, else the adapter
+            path), ``"adapter"`` (three convolutions), ``"folded"`` (``conv(x, W + s·BA)``; no dropout) or
+            ``"fused"`` (no dropout, per-group form, numeric padding, a frozen base weight). A forced path that
+            cannot run raises at inject (or, for what only the input shows, at the call).
+            See :mod:`lightning_peft.lora.conv`.
 
     Example:
         >>> from lightning_peft import inject
@@ -132,6 +138,7 @@ class LoRAConfig(MethodConfig):
     batchnorm: BatchNormMode = "frozen"
     seed: int = 0
     conv_groups: ConvGroups = "shared"
+    conv_path: ConvPath = "auto"  # files saved before it existed ran "auto": the default
 
     #: files saved before ``conv_groups`` existed hold per-group grouped-conv adapters
     defaults_of_old_files: ClassVar[dict[str, Any]] = {"conv_groups": "per_group"}
@@ -153,6 +160,7 @@ class LoRAConfig(MethodConfig):
         check_choice("bias", self.bias, Literal["none", "all", "lora_only"])
         check_choice("batchnorm", self.batchnorm, BatchNormMode)
         check_choice("conv_groups", self.conv_groups, ConvGroups)
+        check_choice("conv_path", self.conv_path, ConvPath)
 
     def attach(self, model: nn.Module) -> None:
         """Wrap every selected layer in its LoRA adapter."""
@@ -170,7 +178,8 @@ class LoRAConfig(MethodConfig):
             seed = init_seed(self.seed, name)
             if any(id(p) in tied for p in innermost(module)._parameters.values()):
                 untie(model, name, innermost(module))
-            extra: dict[str, Any] = {"conv_groups": self.conv_groups} if issubclass(adapter_cls, LoRAConv) else {}
+            conv = {"conv_groups": self.conv_groups, "conv_path": self.conv_path}
+            extra: dict[str, Any] = conv if issubclass(adapter_cls, LoRAConv) else {}
             extra["read_directly"] = read_directly(model, name)  # Mamba's dt_proj: the parent reads .weight
             try:
                 adapter = adapter_cls(module, r, alpha, self.dropout, self.rslora, self.init, seed, **extra)
