@@ -1,8 +1,9 @@
 """Per-layer cost of LoRA on a 3x3 convolution: forward + backward of one layer, relative to the frozen conv.
 
 Contenders, interleaved round by round on the same input: the frozen conv (forward + input gradient: the floor),
-full training of the conv, HF PEFT's LoRA layer, our plain three-convolution path, our fused path
-(:mod:`lightning_peft.fused_conv`), and the folded-weight path ``conv(x, W + s·BA)``.
+full training of the conv, HF PEFT's LoRA layer, and our three paths chosen with ``LoRA(conv_path=...)``: the plain
+three-convolution path (``"adapter"``), the fused path (``"fused"``, :mod:`lightning_peft.lora.fused_conv`) and the
+folded-weight path ``conv(x, W + s·BA)`` (``"folded"``).
 
     python benchmarks/conv_layers.py --threads 2 --batch 8
 """
@@ -20,40 +21,22 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_peft import LoRA, fused_conv, inject  # noqa: E402
+from lightning_peft import LoRA, inject  # noqa: E402
 
 SHAPES = [(64, 48), (128, 24), (256, 12)]
 
 
-def _step_fn(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, fused: bool | None = None) -> Callable[[], None]:
+def _step_fn(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
-        if fused is not None:
-            fused_conv.ENABLED = fused
-        try:
-            layer(x).backward(grad)
-        finally:
-            fused_conv.ENABLED = True
+        layer(x).backward(grad)
         for p in layer.parameters():
             p.grad = None
         x.grad = None
 
     return step
-
-
-class _Folded(nn.Module):
-    def __init__(self, lora_layer: nn.Module) -> None:
-        super().__init__()
-        self.inner = lora_layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.inner
-        conv = layer.base_layer
-        delta = (layer.lora_B.flatten(1) @ layer.lora_A.flatten(1)).view_as(conv.weight) * layer.scale
-        return F.conv2d(x, conv.weight + delta, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def contenders(channels: int, size: int, batch: int, r: int, device: str) -> dict[str, Callable[[], None]]:
@@ -66,15 +49,16 @@ def contenders(channels: int, size: int, batch: int, r: int, device: str) -> dic
     grad = torch.randn(batch, channels, size, size, device=device)
     frozen = copy.deepcopy(base).requires_grad_(False)
     full = copy.deepcopy(base)
-    ours = inject(copy.deepcopy(base), LoRA(r=r, alpha=2 * r, target_modules=["0"]))
+    ours = {path: inject(copy.deepcopy(base), LoRA(r=r, alpha=2 * r, target_modules=["0"], conv_path=path))
+            for path in ("adapter", "fused", "folded")}
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
     return {
         "frozen": _step_fn(frozen, x, grad),
         "full": _step_fn(full, x, grad),
         "peft": _step_fn(peft, x, grad),
-        "ours_plain": _step_fn(ours, x, grad, fused=False),
-        "ours_fused": _step_fn(ours, x, grad, fused=True),
-        "folded": _step_fn(_Folded(ours[0]), x, grad),
+        "ours_plain": _step_fn(ours["adapter"], x, grad),
+        "ours_fused": _step_fn(ours["fused"], x, grad),
+        "folded": _step_fn(ours["folded"], x, grad),
     }
 
 

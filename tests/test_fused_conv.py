@@ -1,4 +1,5 @@
-"""The fused LoRA convolution equals the three-convolution formula, in values and in every gradient."""
+"""The LoRA convolution paths (fused, folded, adapter; ``conv_path``) equal the three-convolution formula, in values
+and in every gradient; a forced path that cannot run is refused with the reason and the fix."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft import LoRA, fused_conv, inject
-from lightning_peft.lora import LoRAConv
+from lightning_peft import LoRA, inject
+from lightning_peft.lora import LoRAConfig, LoRAConv
+from lightning_peft.methods import MethodConfig
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -39,11 +41,11 @@ CASES = {
 }
 
 
-def _adapted(kind: str) -> tuple[nn.Module, LoRAConv]:
+def _adapted(kind: str, conv_path: str = "auto") -> tuple[nn.Module, LoRAConv]:
     cls, kwargs, r = CASES[kind]
     torch.manual_seed(0)
     model = nn.Sequential(cls(**kwargs))
-    inject(model, LoRA(r=r, alpha=3.0, target_modules=["0"], conv_groups="per_group"))  # the fused form
+    inject(model, LoRA(r=r, alpha=3.0, target_modules=["0"], conv_groups="per_group", conv_path=conv_path))  # fusable
     layer = model[0]
     with torch.no_grad():
         layer.lora_B.normal_()  # B = 0 at init would hide errors in every gradient but B's
@@ -87,7 +89,7 @@ def test_unmerged_inference_folds_the_update_into_one_convolution(kind: str) -> 
     with torch.no_grad():
         out = layer(x)
         expected = _reference(layer.base_layer, layer.lora_A, layer.lora_B, layer.scale, x)
-        assert fused_conv.fused_lora_conv(layer, x) is not None  # the folded path applies, not the plain one
+        assert layer.path(x) == "folded"  # not the plain one
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -102,21 +104,22 @@ def test_trainable_bias_gets_its_gradient_through_the_fused_path() -> None:
     torch.testing.assert_close(grad_bias, torch.full((4,), 2 * 25.0))  # d(sum)/d(bias_c) = N·H·W
 
 
-def test_dropout_and_switch_take_the_plain_path_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dropout_and_conv_path_adapter_take_the_plain_path_with_the_same_result() -> None:
     torch.manual_seed(0)
     model = inject(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), LoRA(r=2, target_modules=["0"], dropout=0.5))
     layer = model[0]
     with torch.no_grad():
         layer.lora_B.normal_()  # a non-zero update, so a wrong path would show in the output
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
-    assert fused_conv.fused_lora_conv(layer, x) is None  # training-mode dropout feeds A another input
+    assert layer.path(x) == "adapter"  # training-mode dropout feeds A another input
     layer.eval()
-    fused = fused_conv.fused_lora_conv(layer, x)
-    assert fused is not None  # eval: dropout is the identity
+    assert layer.path(x) == "fused"  # eval: dropout is the identity
+    fused = layer(x)
+    assert "FusedLoRAConv" in type(fused.grad_fn).__name__
     expected = _reference(layer.base_layer, layer.lora_A, layer.lora_B, layer.scale, x)
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(fused_conv, "ENABLED", False)
-    assert fused_conv.fused_lora_conv(layer, x) is None
+    layer.conv_path = "adapter"
+    assert layer.path(x) == "adapter"
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)  # the plain path, the same result
 
 
@@ -137,7 +140,7 @@ def test_layers_with_few_output_positions_take_the_plain_path_with_the_same_resu
     model = inject(nn.Sequential(nn.Conv2d(8, 64, 3, padding=1)), LoRA(r=4, target_modules=["0"]))
     layer = model[0]
     x = torch.randn(1, 8, 4, 4, requires_grad=True)  # 16 positions < 64 rows x 9 taps: a weight copy costs more
-    assert fused_conv.fused_lora_conv(layer, x) is None
+    assert layer.path(x) == "adapter"
     expected = _reference(layer.base_layer, layer.lora_A, layer.lora_B, layer.scale, x)
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
@@ -173,3 +176,68 @@ def test_in_place_relu_after_the_fused_conv_trains_like_the_out_of_place_one() -
         grads.append((out.detach(), net[0].lora_A.grad, net[0].lora_B.grad))
     for got, expected in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["adapter", "folded", "fused"])
+@pytest.mark.parametrize("kind", ["plain3x3", "grouped", "circular_padded", "depthwise", "conv1d_dilated"])
+def test_each_forced_conv_path_runs_and_matches_the_formula_in_output_and_gradients(
+    kind: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[str] = []
+    for name in ("folded_forward", "fused_forward"):
+        method = getattr(LoRAConv, name)
+        monkeypatch.setattr(LoRAConv, name, lambda self, x, m=method, n=name: ran.append(n) or m(self, x))
+    model, layer = _adapted(kind, conv_path=path)
+    model.double()
+    x = _input(layer).double()[:1].requires_grad_()  # one sample: too few positions for "auto" to fuse most
+    out = layer(x)
+    assert ran == {"adapter": [], "folded": ["folded_forward"], "fused": ["fused_forward"]}[path]
+    expected = _reference(layer.base_layer, layer.lora_A, layer.lora_B, layer.scale, x)
+    got = torch.autograd.grad(out.square().sum(), [x, layer.lora_A, layer.lora_B])
+    want = torch.autograd.grad(expected.square().sum(), [x, layer.lora_A, layer.lora_B])
+    torch.testing.assert_close(out, expected, atol=1e-8, rtol=1e-8)  # fp64: the algebra, exactly
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "path, conv, options, reason",
+    [
+        ("fused", nn.Conv2d(3, 4, 3), dict(dropout=0.1), r"it has no separate adapter input to apply dropout=0.1 to"),
+        ("folded", nn.Conv2d(3, 4, 3), dict(dropout=0.1), r"it has no separate adapter input to apply dropout=0.1 to"),
+        ("fused", nn.Conv2d(4, 4, 3, groups=2), {},
+         r"it stacks \[W; A\] per group, but conv_groups='shared' gives this grouped conv \(groups=2\) one "
+         r"update of the whole weight; use conv_groups='per_group'"),
+        ("fused", nn.Conv2d(3, 4, 3, padding="same"), {}, r"it needs numeric padding, not padding='same'"),
+    ],
+    ids=["fused-dropout", "folded-dropout", "fused-shared-groups", "fused-same-padding"],
+)
+def test_forced_conv_path_that_cannot_run_is_refused_at_inject_naming_layer_reason_and_fix(
+    path: str, conv: nn.Module, options: dict[str, object], reason: str
+) -> None:
+    message = rf"LoRA cannot adapt '0': conv_path='{path}' cannot run on this Conv2d: {reason}\. Use conv_path='auto'"
+    with pytest.raises(ValueError, match=message):
+        inject(nn.Sequential(conv), LoRAConfig(r=2, target_modules=["0"], conv_path=path, **options))  # type: ignore[arg-type]
+
+
+def test_forced_fused_path_refuses_a_trainable_base_weight_at_the_call_and_auto_takes_the_adapter_path() -> None:
+    _, layer = _adapted("plain3x3", conv_path="fused")
+    layer.base_layer.weight.requires_grad_(True)  # the fused backward would leave W without its gradient
+    x = _input(layer)
+    with pytest.raises(ValueError, match=r"conv_path='fused' cannot run this Conv2d now: the base weight is trainable"):
+        layer(x)
+    layer.conv_path = "auto"
+    assert layer.path(x) == "adapter"
+    out = layer(x)
+    (grad_w,) = torch.autograd.grad(out.sum(), [layer.base_layer.weight])
+    (want,) = torch.autograd.grad(_reference(layer.base_layer, layer.lora_A, layer.lora_B, layer.scale, x).sum(),
+                                  [layer.base_layer.weight])
+    torch.testing.assert_close(grad_w, want, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_path_is_validated_and_old_files_without_it_load_as_auto() -> None:
+    with pytest.raises(ValueError, match=r"conv_path"):
+        LoRAConfig(conv_path="fast")  # type: ignore[arg-type]
+    saved = {k: v for k, v in LoRAConfig(r=2).to_dict().items() if k != "conv_path"}  # a file from before the field
+    loaded = MethodConfig.from_dict(saved)
+    assert isinstance(loaded, LoRAConfig) and loaded.conv_path == "auto" and loaded.r == 2

@@ -16,9 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_peft import fused_conv
 from lightning_peft.injection import inject
-from lightning_peft.lora import LoRAConfig, LoRALayer, LoRAMultiheadAttention
+from lightning_peft.lora import LoRAConfig, LoRAConv, LoRALayer, LoRAMultiheadAttention
 from lightning_peft.operations import adapters_disabled, merge, merge_and_unload, unmerge
 from lightning_peft.tensors import adapter_tensors
 
@@ -151,7 +150,7 @@ def test_adapted_model_equals_base_model_at_init(kind: str, init: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_merge_unmerge_and_merge_and_unload_reproduce_adapter_outputs(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_merge_unmerge_and_merge_and_unload_reproduce_adapter_outputs(kind: str) -> None:
     base, adapted, x = _setup(kind)
     _randomize_adapters(adapted)
     tol = dict(atol=1e-5, rtol=1e-5)
@@ -159,8 +158,12 @@ def test_merge_unmerge_and_merge_and_unload_reproduce_adapter_outputs(kind: str,
     if kind.startswith("conv"):  # the shared grouped form runs conv(x, W + s·ΔW) instead of the fused path
         fused = "FusedLoRAConv" in type(expected.grad_fn).__name__
         assert fused != adapted.get_submodule(CASES[kind].target).shared_over_groups, "the wrong conv path ran"
-    monkeypatch.setattr(fused_conv, "ENABLED", False)
+    convs = [m for m in adapted.modules() if isinstance(m, LoRAConv)]
+    for conv in convs:
+        conv.conv_path = "adapter"
     torch.testing.assert_close(adapted(x), expected, **tol)  # the plain three-operation path agrees
+    for conv in convs:
+        conv.conv_path = "auto"
     assert (expected - base(x)).abs().max() > 1e-2  # the update is not negligible
 
     merge(adapted)

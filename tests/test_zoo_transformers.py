@@ -29,9 +29,9 @@ REFUSED = {
     **{("falcon", m): NO_ATTENTION.format(model="FalconForCausalLM") for m in ("prefix", "gated")},
     ("whisper", "prompt"): r"WhisperForConditionalGeneration's encoder takes no tokens",
 }
-#: Mamba's reference mixer reads ``dt_proj.weight`` directly instead of calling ``dt_proj``: LoRA there would have no
-#: effect, so the cell targets the projections it calls (in_proj, x_proj, out_proj).
-LORA_TARGETS = {"mamba": ["in_proj", "x_proj", "out_proj"]}
+#: Per-family LoRA targets (default "all-linear"). Mamba's mixer reads ``dt_proj.weight`` directly; its adapter
+#: answers ``.weight`` with ``W + s·BA`` (lightning_peft.lora.readers), so the default, dt_proj included, applies.
+LORA_TARGETS: dict[str, list[str]] = {}
 #: Swin and CLIP's vision tower take pixel prompts; the default 30-pixel border would cover a 32x32 test image.
 PIXEL_WIDTH = {"swin": 4, "clip": 4}
 

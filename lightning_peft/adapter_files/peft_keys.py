@@ -14,14 +14,9 @@ from typing import cast
 
 import torch
 
-from lightning_peft.lora.layers import (
-    LoRAConv,
-    LoRAConv1D,
-    LoRAEmbedding,
-    LoRALayer,
-    LoRALinear,
-    LoRAMultiheadAttention,
-)
+from lightning_peft.lora.attention import LoRAMultiheadAttention
+from lightning_peft.lora.conv import LoRAConv
+from lightning_peft.lora.layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 
 KeyMap = Callable[[str, LoRALayer], dict[str, str]]
 

@@ -11,19 +11,19 @@ from typing import Any, ClassVar, Literal
 from torch import nn
 
 from lightning_peft.adapter import Adapter, innermost
+from lightning_peft.lora.attention import LoRAMultiheadAttention
+from lightning_peft.lora.conv import ConvGroups, ConvPath, LoRAConv
 from lightning_peft.lora.layers import (
-    ConvGroups,
-    LoRAConv,
     LoRAConv1D,
     LoRAEmbedding,
     LoRAInit,
     LoRALayer,
     LoRALinear,
-    LoRAMultiheadAttention,
     lora_scale,
     pissa_factors,
 )
 from lightning_peft.lora.parameters import LoRAParameters
+from lightning_peft.lora.readers import read_directly, register_weight_reader
 from lightning_peft.lora.tied import tied_parameter_ids, untie
 from lightning_peft.methods import Site, TargetedConfig, check_choice, check_positive_int
 from lightning_peft.targets import Targets, is_inside, matches, outermost, select_parameters, transformers_conv1d_type
@@ -36,13 +36,14 @@ __all__ = [
     "LoRAEmbedding",
     "LoRALayer",
     "LoRALinear",
-    "LoRAParameters",
     "LoRAMultiheadAttention",
+    "LoRAParameters",
     "lora_layer_for",
     "lora_layer_types",
     "lora_scale",
     "pissa_factors",
     "register_lora_layer",
+    "register_weight_reader",
 ]
 
 _REGISTRY: list[tuple[type[nn.Module], type[LoRALayer]]] = [
@@ -120,6 +121,13 @@ class LoRAConfig(TargetedConfig):
         conv_groups: LoRA on grouped and depthwise convolutions: ``"shared"`` (default: one low-rank update of the
             ``(out, in/groups·prod(k))`` weight matrix, any ``r``, exactly mergeable) or ``"per_group"`` (a rank
             ``r/groups`` update per group; ``r`` must be a multiple of ``groups``). See :class:`LoRAConv`.
+        conv_path: How LoRA convolutions are computed, the same result on each (up to float rounding):
+            ``"auto"`` (default: the fused ``[W; A]`` convolution on CPU in training where it pays,
+            ``conv(x, W + s·BA)`` without gradients, on CUDA and for the shared grouped form, else the adapter
+            path), ``"adapter"`` (three convolutions), ``"folded"`` (``conv(x, W + s·BA)``; no dropout) or
+            ``"fused"`` (no dropout, per-group form, numeric padding, a frozen base weight). A forced path that
+            cannot run raises at inject (or, for what only the input shows, at the call).
+            See :mod:`lightning_peft.lora.conv`.
         target_modules: Which layers to adapt (see :mod:`lightning_peft.targets`); default ``"all-linear"`` (output
             heads excluded). The other selection fields (``exclude_modules``, ``layers``, ``layers_pattern``) and the
             fields every method has (``trainable_modules``, ``batchnorm``, ``seed``, ``adapter_dtype``) are
@@ -145,6 +153,7 @@ class LoRAConfig(TargetedConfig):
     init: LoRAInit = "default"
     bias: Literal["none", "all", "lora_only"] = "none"
     conv_groups: ConvGroups = "shared"
+    conv_path: ConvPath = "auto"  # files saved before it existed ran "auto": the default
     target_parameters: list[str] | None = None
     target_modules: Targets | None = field(default="all-linear", kw_only=True)
 
@@ -167,6 +176,7 @@ class LoRAConfig(TargetedConfig):
         check_choice("init", self.init, LoRAInit)
         check_choice("bias", self.bias, Literal["none", "all", "lora_only"])
         check_choice("conv_groups", self.conv_groups, ConvGroups)
+        check_choice("conv_path", self.conv_path, ConvPath)
 
     def sites(self, model: nn.Module) -> list[Site[LoRASite | ParameterSite]]:
         """Every selected layer LoRA can adapt (attention projections lifted to their attention module), then every
@@ -218,7 +228,9 @@ class LoRAConfig(TargetedConfig):
                                   self.init, seed)
         if site.detail.tied:
             untie(model, site.name, innermost(site.module))
-        extra = {"conv_groups": self.conv_groups} if issubclass(site.detail.adapter, LoRAConv) else {}
+        conv = {"conv_groups": self.conv_groups, "conv_path": self.conv_path}
+        extra: dict[str, Any] = conv if issubclass(site.detail.adapter, LoRAConv) else {}
+        extra["read_directly"] = read_directly(model, site.name)  # Mamba's dt_proj: the parent reads .weight
         adapter = site.detail.adapter(site.module, site.detail.r, site.detail.alpha, self.dropout, self.rslora,
                                       self.init, seed, **extra)
         if self.bias == "lora_only":

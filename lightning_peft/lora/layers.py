@@ -1,5 +1,7 @@
-r"""The LoRA adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) for Linear, Conv1d/2d/3d, Embedding,
-transformers ``Conv1D`` and ``nn.MultiheadAttention``; :mod:`lightning_peft.lora` selects layers and builds them.
+r"""The LoRA adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685): the shared base :class:`LoRALayer` and
+the adapters for Linear, transformers ``Conv1D`` and Embedding; convolutions are in :mod:`lightning_peft.lora.conv`,
+``nn.MultiheadAttention`` in :mod:`lightning_peft.lora.attention`; :mod:`lightning_peft.lora` selects layers and
+builds them.
 
 ::
 
@@ -7,16 +9,6 @@ transformers ``Conv1D`` and ``nn.MultiheadAttention``; :mod:`lightning_peft.lora
     └──► dropout ──► A (r × in) ──► B (out × r) ──┘              s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
 A starts Kaiming-uniform and B at zero, so the adapted model equals the base model at step 0 (paper §4.1).
-For a convolution, A is a convolution with the base layer's kernel, stride, padding, dilation, padding mode
-and groups and ``r`` output channels, and B is a grouped 1x1 convolution, so ``B ∘ A`` is exactly a
-convolution with weight ``ΔW`` and ``merge()`` is exact for every conv (grouped, dilated, strided, circular).
-A grouped convolution (``groups = g``, weight ``(out, in/g, *k)``) has two forms (``conv_groups``):
-
-- ``"shared"`` (default, any ``r``): the weight seen as one ``(out, in/g·prod(k))`` matrix gets ``ΔW = B A`` with
-  A ``(r, in/g, *k)`` and B ``(out, r, 1...)``, applied as one grouped convolution of the base's shape with
-  ``W + s·ΔW`` (its weight is small for depthwise and grouped convs). ``r·in/g·prod(k) + out·r`` parameters.
-- ``"per_group"``: each group has its own rank-``r/g`` update (``ΔW`` block-diagonal, A a grouped conv, B a
-  grouped 1x1 conv); ``r`` must be a multiple of ``g``. ``r·in/g·prod(k) + out·r/g`` parameters.
 """
 
 from __future__ import annotations
@@ -29,17 +21,13 @@ from typing import Any, ClassVar, Literal, TypeGuard, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
-from torch.nn.modules.conv import _ConvNd
 
-from lightning_peft.adapter import Adapter, innermost
+from lightning_peft.adapter import Adapter
 from lightning_peft.errors import PEFTWarning
-from lightning_peft.fused_conv import fused_lora_conv
 from lightning_peft.methods import LAYER_NAME
 from lightning_peft.zero3 import global_shape, is_partitioned
 
 LoRAInit = Literal["default", "gaussian", "pissa"]
-ConvGroups = Literal["shared", "per_group"]
 
 
 def lora_scale(alpha: float, r: int, rslora: bool) -> float:
@@ -70,6 +58,9 @@ class LoRALayer(Adapter):
             ``"pissa"`` (A, B from the top-``r`` singular vectors of W, which keeps the residual; Meng et al. 2024;
             with adapters disabled or unloaded without merging, the layer computes with the residual only).
         seed: Seed of this adapter's initialisation (derived from its name, so every process agrees).
+        read_directly: The parent reads this layer's ``weight`` itself instead of calling it (Mamba's ``dt_proj``,
+            see :mod:`lightning_peft.lora.readers`): ``.weight`` then answers ``W + scale · B A`` while the adapter
+            is enabled and unmerged, so the update applies there too (without dropout: a warning says so).
 
     Raises:
         ValueError: ``init="pissa"`` on a grouped layer, on meta-device weights (PiSSA needs the real weights) or
@@ -80,7 +71,7 @@ class LoRALayer(Adapter):
 
     def __init__(
         self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-        init: LoRAInit = "default", seed: int = 0,
+        init: LoRAInit = "default", seed: int = 0, read_directly: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base
@@ -90,6 +81,12 @@ class LoRALayer(Adapter):
         self.init = init
         self.seed = seed
         self.pissa_applied = False  # whether W holds the PiSSA residual
+        self.read_directly = read_directly
+        if read_directly and dropout > 0:
+            warnings.warn(
+                f"LoRA dropout does not apply where the parent reads this {type(base).__name__}'s weight directly "
+                "(it computes with W + scale · B A).", PEFTWarning, stacklevel=2,
+            )
         if init == "pissa" and self.groups != 1:
             raise ValueError(
                 f"init='pissa' needs an ungrouped layer; {type(base).__name__} has groups={self.groups}. "
@@ -113,8 +110,8 @@ class LoRALayer(Adapter):
         self.reset_parameters()
 
     def _make_factors(self) -> None:
-        self.lora_A = _factor(self.a_shape(), self.base_weight)
-        self.lora_B = _factor(self.b_shape(), self.base_weight)
+        self.lora_A = lora_factor(self.a_shape(), self.base_weight)
+        self.lora_B = lora_factor(self.b_shape(), self.base_weight)
 
     # --- what a subclass defines -------------------------------------------------------------------------
     @property
@@ -150,6 +147,14 @@ class LoRALayer(Adapter):
         return matrix
 
     # --- shared behaviour ----------------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer computes with: ``W + scale · B A`` for a layer its parent reads directly
+        (``read_directly``) while the adapter is enabled and unmerged, otherwise the base layer's ``weight``."""
+        if self.read_directly and self.enabled and not self.merged:
+            return self.folded_weight()
+        return cast(torch.Tensor, self.base_layer.weight)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.merged or not self.enabled:
@@ -205,7 +210,7 @@ class LoRALayer(Adapter):
         if self.init == "pissa":
             self._pissa_split()
         else:
-            _init_pair(self.lora_A, self.lora_B, self.init, self.r, self.seed)
+            init_pair(self.lora_A, self.lora_B, self.init, self.r, self.seed)
 
     def _pissa_split(self) -> None:
         # W = U S V^T: scale·B A takes the top-r part, W keeps the residual. A second call folds the current
@@ -223,14 +228,14 @@ class LoRALayer(Adapter):
         return f"r={self.r}, scale={self.scale:g}, init={self.init!r}"
 
 
-def _factor(shape: tuple[int, ...], weight: torch.Tensor) -> nn.Parameter:
+def lora_factor(shape: tuple[int, ...], weight: torch.Tensor) -> nn.Parameter:
     """An uninitialised LoRA factor on the base weight's device, in its dtype (float32 for integer weights)."""
     dtype = weight.dtype if weight.is_floating_point() else torch.float32
     return nn.Parameter(torch.empty(shape, device=weight.device, dtype=dtype))
 
 
 @torch.no_grad()
-def _init_pair(a: torch.Tensor, b: torch.Tensor, init: LoRAInit, r: int, seed: int) -> None:
+def init_pair(a: torch.Tensor, b: torch.Tensor, init: LoRAInit, r: int, seed: int) -> None:
     """A random (Kaiming-uniform with ``a=sqrt(5)`` as ``nn.Linear``, paper §4.1; or normal, std ``1/r``), B zero."""
     generator = torch.Generator().manual_seed(seed)
     values = torch.empty(a.shape, device="cpu")  # explicit device: also right under a meta-device context
@@ -320,81 +325,6 @@ class LoRAConv1D(LoRALinear):
     def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.T
 
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-class LoRAConv(LoRALayer):
-    """LoRA for ``nn.Conv1d/2d/3d``: A is a conv like the base one with ``r`` output channels, B a 1x1 conv.
-
-    Args:
-        conv_groups: For a grouped base (``groups > 1``): ``"shared"`` (one ``(out, in/g·prod(k))`` low-rank
-            update ``B A``, any ``r``) or ``"per_group"`` (a rank-``r/g`` update per group, ``r`` a multiple of
-            ``groups``). Both are the same for ``groups == 1``. See the module docstring.
-    """
-
-    base_layer: _ConvNd
-
-    def __init__(self, base: _ConvNd, r: int, *args: Any, conv_groups: ConvGroups = "shared", **kwargs: Any) -> None:
-        if conv_groups == "per_group" and r % base.groups:
-            fix = base.groups * max(1, round(r / base.groups))
-            raise ValueError(
-                f"LoRA rank r={r} is not a multiple of groups={base.groups} of {type(base).__name__}"
-                f"({base.in_channels}, {base.out_channels}, groups={base.groups}): with conv_groups='per_group' each "
-                f"group needs the same rank. Use conv_groups='shared' (any rank), give this layer a multiple of "
-                f"{base.groups} (rank_pattern={{{LAYER_NAME}: {fix}}}), or leave it out with exclude_modules."
-            )
-        self.__dict__["conv_groups"] = conv_groups  # read by ``groups`` during LoRALayer.__init__
-        super().__init__(base, r, *args, **kwargs)
-
-    @property
-    def groups(self) -> int:
-        return self.base_layer.groups if self.conv_groups == "per_group" else 1
-
-    @property
-    def shared_over_groups(self) -> bool:
-        """Whether one ``B A`` is shared by the groups of a grouped base (applied as a conv with ``ΔW``)."""
-        return self.groups != self.base_layer.groups
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self.enabled or self.merged or args or kwargs:
-            return super().forward(x, *args, **kwargs)
-        if self.shared_over_groups or (x.is_cuda and not self.dropout_active):
-            # shared form: conv(x, W + s·ΔW), one grouped conv of the base shape (ΔW is as small as W); with
-            # dropout, base(x) + s·conv(dropout(x), ΔW)
-            return super().forward(x) if self.dropout_active else self.folded_forward(x)
-        # CPU: one convolution with [W; A] instead of three (lightning_peft.fused_conv); None: the plain path
-        fused = fused_lora_conv(self, x)
-        return fused if fused is not None else super().forward(x)
-
-    def folded_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``conv(x, W + scale · B A)``: one convolution of the base shape. The GPU path: there the adapter's
-        ``r``-channel convolutions are launch- and occupancy-bound, and a full-size weight gradient is cheaper
-        (ResNet-50, H200, bf16: see README "Performance")."""
-        return self.base_layer._conv_forward(x, self.folded_weight(), self.base_layer.bias)
-
-    def a_shape(self) -> tuple[int, ...]:
-        shape = self.weight_shape
-        return (self.r, shape[1], *shape[2:])
-
-    def b_shape(self) -> tuple[int, ...]:
-        shape = self.weight_shape
-        return (shape[0], self.r // self.groups, *([1] * (len(shape) - 2)))
-
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shared_over_groups:  # B A (out, in/g·prod(k)) in the base layout, run as the base's grouped conv
-            delta = self.from_matrix(self.lora_B.reshape(-1, self.r) @ self.lora_A.reshape(self.r, -1))
-            return self.base_layer._conv_forward(x, delta, None)
-        hidden = self.base_layer._conv_forward(x, self.lora_A, None)  # base stride/padding/dilation/mode/groups
-        return _CONV[self.base_weight.dim() - 2](hidden, self.lora_B, groups=self.groups)
-
-    def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.reshape(weight.shape[0], -1)
-
-    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
-        return matrix.reshape(self.base_weight.shape)
-
-
 class LoRAEmbedding(LoRALayer):
     """LoRA for ``nn.Embedding``: A is ``(r, num_embeddings)``, B is ``(dim, r)``; A starts at zero, B normal."""
 
@@ -427,84 +357,3 @@ class LoRAEmbedding(LoRALayer):
         std = 1.0 / self.r if self.init == "gaussian" else 1.0
         self.lora_B.copy_(torch.empty(self.lora_B.shape, device="cpu").normal_(0.0, std, generator=generator))
         self.lora_A.zero_()  # the lookup selects columns of A: start A at zero and B random
-
-
-class LoRAMultiheadAttention(LoRALayer):
-    """LoRA for ``nn.MultiheadAttention``: one update for the packed q/k/v projection and one for ``out_proj``.
-
-    The attention runs with folded weights ``W + scale · B A`` (PyTorch's attention takes the projection
-    weights as tensors), so merging is exact. Adapter-input dropout does not apply here (a warning says so).
-    ``lora_A``/``lora_B`` update ``in_proj_weight``, ``lora_out_A``/``lora_out_B`` update ``out_proj.weight``;
-    with ``init="pissa"`` only the first pair is a PiSSA split, the second starts as ``"default"``.
-    """
-
-    def __init__(self, base: nn.Module, r: int, *args: Any, **kwargs: Any) -> None:
-        mha = innermost(base)  # base may be another adapter around the attention (a prefix)
-        if not mha._qkv_same_embed_dim:
-            raise ValueError(
-                "LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim (a packed in_proj_weight); got "
-                f"embed_dim={mha.embed_dim}, kdim={mha.kdim}, vdim={mha.vdim}. Exclude it with exclude_modules."
-            )
-        super().__init__(base, r, *args, **kwargs)
-        if not isinstance(self.dropout, nn.Identity):
-            warnings.warn("LoRA dropout does not apply to nn.MultiheadAttention adapters.", PEFTWarning, stacklevel=2)
-
-    @property
-    def mha(self) -> nn.MultiheadAttention:
-        """The attention module itself, under any adapter wrapping it."""
-        return innermost(self.base_layer)  # type: ignore[return-value]
-
-    def _make_factors(self) -> None:
-        super()._make_factors()
-        out = self.mha.out_proj.weight
-        out_shape = global_shape(out)
-        self.lora_out_A = _factor((self.r, out_shape[1]), out)
-        self.lora_out_B = _factor((out_shape[0], self.r), out)
-
-    @property
-    def base_weight(self) -> torch.Tensor:
-        return self.mha.in_proj_weight
-
-    def a_shape(self) -> tuple[int, ...]:
-        return (self.r, self.weight_shape[1])
-
-    def b_shape(self) -> tuple[int, ...]:
-        return (self.weight_shape[0], self.r)
-
-    def out_delta(self) -> torch.Tensor:
-        """``scale · B_out A_out``, the update of ``out_proj.weight``."""
-        return (self.lora_out_B @ self.lora_out_A * self.scale).to(self.mha.out_proj.weight.dtype)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.merged or not self.enabled:
-            return self.base_layer(*args, **kwargs)
-        mha, path = self.mha, "base_layer." * _adapter_depth(self.base_layer)  # path from base_layer to mha
-        folded = {f"{path}in_proj_weight": mha.in_proj_weight + self.delta_weight(),
-                  f"{path}out_proj.weight": mha.out_proj.weight + self.out_delta()}
-        return functional_call(self.base_layer, folded, args, kwargs)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.mha.out_proj.weight.add_(self.out_delta())
-            super().merge()
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.mha.out_proj.weight.sub_(self.out_delta())
-            super().unmerge()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if not self.lora_out_A.is_meta and not self.base_weight.is_meta:
-            init: LoRAInit = "gaussian" if self.init == "gaussian" else "default"
-            _init_pair(self.lora_out_A, self.lora_out_B, init, self.r, self.seed + 1)
-
-
-def _adapter_depth(module: nn.Module) -> int:
-    depth = 0
-    while isinstance(module, Adapter):
-        module, depth = module.unwrap(), depth + 1
-    return depth

@@ -15,31 +15,18 @@ nearly as much as the frozen one. Here the frozen weight and ``A`` are stacked p
     dB     = s · Σ dy hᵀ
 
 Outputs and gradients equal the three-convolution path up to float rounding (tests check 1e-5 in fp32).
-Without gradients (inference, unmerged) the update is folded into the weight: one convolution of ``out``
-channels, so unmerged inference costs what the base layer costs.
+Without gradients (inference, unmerged) ``conv_path="auto"`` folds the update into the weight instead: one
+convolution of ``out`` channels, so unmerged inference costs what the base layer costs.
 
-The path applies on CPU (CUDA runs :meth:`~lightning_peft.lora.LoRAConv.folded_forward`, measured faster there)
-to ``nn.Conv1d/2d/3d`` with any stride, dilation, groups and ``padding_mode`` (non-zero modes pad first) when
-dropout is off and the base weight is frozen (for grouped convs: the per-group form; the shared form,
-``conv_groups="shared"``, always runs ``folded_forward``, one conv with ``W + s·ΔW``);
-:func:`fused_lora_conv` returns ``None`` otherwise and the caller runs the plain path. Set
-``lightning_peft.fused_conv.ENABLED = False`` to compare.
+:class:`~lightning_peft.lora.conv.LoRAConv` decides when this path runs (``conv_path``, in one place:
+``LoRAConv.path``); this module only computes it, from plain tensors.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.nn.modules.conv import _ConvNd
-
-if TYPE_CHECKING:
-    from lightning_peft.lora import LoRAConv
-
-ENABLED = True
-"""Switch for the fused path (benchmarks and tests compare it with the plain three-convolution path)."""
 
 _conv_backward = torch.ops.aten.convolution_backward
 
@@ -92,7 +79,7 @@ class _FusedLoRAConv(torch.autograd.Function):
         grad4 = grad.contiguous().view(n, groups, o, -1)
         grad_hidden = torch.matmul(b_mat.transpose(1, 2), grad4).mul_(scale)  # (N, g, r/g, L) = s·Bᵀ dy
         zeros = [0] * len(stride)
-        grad_x = grad_a = grad_bias = grad_b = None  # the base weight is frozen (fused_lora_conv checks): no dW
+        grad_x = grad_a = grad_bias = grad_b = None  # the base weight is frozen (LoRAConv.path checks): no dW
         grad_h = grad_hidden.reshape(n, groups * rg, *spatial)
         if ctx.needs_input_grad[0]:
             stacked = _stack_per_group(weight, lora_a, groups)
@@ -113,63 +100,25 @@ class _FusedLoRAConv(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None
 
 
-def _numeric_padding(conv: _ConvNd) -> list[int] | None:
-    padding = conv.padding
-    if isinstance(padding, str):
-        return [0] * len(conv.kernel_size) if padding == "valid" else None  # "same": leave to the plain path
-    return list(padding)
-
-
-def _pays(x: torch.Tensor, conv: _ConvNd) -> bool:
-    """Whether the output positions outnumber the weight's rows times its kernel size.
-
-    Both fused computations copy a weight-sized tensor per call (``[W; A]`` in training, ``W + s·BA`` without
-    gradients) to save passes over activations; that pays when ``N · L_out >= out · prod(k)``: early and
-    middle CNN layers, not the last blocks of a small batch (measured: benchmarks/conv_layers.py).
-    """
-    positions = x.shape[0] * math.prod(x.shape[2:]) // math.prod(conv.stride)
-    return positions >= conv.out_channels * math.prod(conv.kernel_size)
-
-
-def _compute_dtype(x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.dtype | None:
-    """The dtype every operand is cast to: autocast's, else the shared dtype; ``None`` when they disagree."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    dtypes = {x.dtype, *(t.dtype for t in tensors)}
-    return x.dtype if len(dtypes) == 1 else None
-
-
-def fused_lora_conv(layer: LoRAConv, x: torch.Tensor) -> torch.Tensor | None:
-    """Run a LoRA convolution adapter on ``x`` by the fused path, or return ``None`` if it does not apply.
+def fused_lora_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    scale: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+) -> torch.Tensor:
+    """``conv(x, W, bias) + scale · conv1x1(conv(x, A), B)`` by one convolution with ``[W; A]`` stacked per group.
 
     Args:
-        layer: A :class:`~lightning_peft.lora.LoRAConv` (``base_layer``, ``lora_A``, ``lora_B``, ``scale``).
-        x: The layer's input, ``(N, C, *spatial)``.
+        x: The input, ``(N, C, *spatial)``, already padded for a non-zero ``padding_mode`` (``padding`` then zero).
+        weight: The frozen base weight ``(out, C/groups, *k)``; it gets no gradient.
+        bias: The base bias (gets its gradient if it requires one), or ``None``.
+        lora_a: ``A``, ``(r, C/groups, *k)``; ``r`` a multiple of ``groups`` (the per-group form).
+        lora_b: ``B``, ``(out, r/groups, 1...)``.
+        scale: The LoRA scale ``alpha / r``.
+        stride: The convolution's stride, padding, dilation and groups, as ``F.conv*d`` takes them.
+        padding: See ``stride``.
+        dilation: See ``stride``.
+        groups: See ``stride``.
 
-    Returns:
-        ``base(x) + scale · B A x``, or ``None`` when the plain path must run (not a CPU tensor, fused path switched
-        off, dropout active, a trainable base weight, ``padding="same"``, mixed dtypes, an unbatched input, or too
-        few output positions for the weight-sized copy to pay, see :func:`_pays`).
+    All tensors must share one dtype; autocast is switched off inside (the caller casts first).
     """
-    base = layer.base_layer
-    if x.device.type != "cpu":  # measured on an H200: the extra small kernels cost more than a pass over x saves
-        return None
-    if not ENABLED or layer.dropout_active:
-        return None
-    weight, bias = base.weight, base.bias
-    lora_a: torch.Tensor = layer.lora_A
-    lora_b: torch.Tensor = layer.lora_B
-    padding = _numeric_padding(base)
-    dtype = _compute_dtype(x, [weight, lora_a, lora_b] + ([] if bias is None else [bias]))
-    if padding is None or dtype is None or weight.requires_grad or x.dim() != weight.dim() or not _pays(x, base):
-        return None
-    if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
-        return layer.folded_forward(x)  # inference: one convolution of out channels
-    if base.padding_mode != "zeros":
-        x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
-        padding = [0] * len(padding)
-    x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    stride, dilation, groups = list(base.stride), list(base.dilation), base.groups
     with torch.autocast(x.device.type, enabled=False):
-        return _FusedLoRAConv.apply(x, weight, bias, lora_a, lora_b, layer.scale, stride, padding, dilation, groups)
+        return _FusedLoRAConv.apply(x, weight, bias, lora_a, lora_b, scale, stride, padding, dilation, groups)
