@@ -14,7 +14,7 @@ from lightning_peft.errors import (
     TargetNotFoundError,
 )
 from lightning_peft.injection import inject
-from lightning_peft.lora import LoRAConfig, register_lora_layer
+from lightning_peft.lora import LoRAConfig, register_lora_layer, register_weight_reader
 from lightning_peft.named import (
     active_adapter,
     add_adapter,
@@ -90,6 +90,7 @@ __all__ = [
     "register_attention_handler",
     "register_lora_layer",
     "register_vit_locator",
+    "register_weight_reader",
     "restore_fsdp1_parameters",
     "save_adapter",
     "set_adapter",

@@ -55,18 +55,21 @@ def check_base_shapes(model: nn.Module, saved: dict[str, list[int]], source: str
         for n in saved
         if n in current and list(current[n]) != list(saved[n])
     ]
-    if missing or extra or reshaped:
-        parts = []
-        if reshaped:
-            parts.append(f"{len(reshaped)} tensors differ in shape ({'; '.join(reshaped[:4])})")
-        if missing:
-            parts.append(f"{len(missing)} base tensors of {source} are not in the model ({', '.join(missing[:4])})")
-        if extra:
-            parts.append(f"{len(extra)} model tensors were not in the saved base ({', '.join(extra[:4])})")
+    parts = _counted([(reshaped, "{n} tensors differ in shape ({items})", "; "),
+                      (missing, f"{{n}} base tensors of {source} are not in the model ({{items}})", ", "),
+                      (extra, "{n} model tensors were not in the saved base ({items})", ", ")])
+    if parts:
         raise BaseModelMismatchError(
             f"{source} was made for another base model: {'; '.join(parts)}. "
             "Load it into the same architecture and size it was trained on."
         )
+
+
+def _counted(groups: list[tuple[list[str], str, str]]) -> list[str]:
+    """``template`` filled with the count ``{n}`` and the first four ``{items}`` for each non-empty group of
+    ``(items, template, separator)``: ``"3 tensors differ in shape (a; b; c)"``."""
+    return [template.format(n=len(items), items=separator.join(items[:4])) for items, template, separator in groups
+            if items]
 
 
 def check_adapter_state(model: nn.Module, state: dict[str, Any], source: str = "the checkpoint") -> None:
@@ -78,12 +81,9 @@ def check_adapter_state(model: nn.Module, state: dict[str, Any], source: str = "
         f"{n}: saved {list(state[n].shape)}, model {list(global_shape(t))}"
         for n, t in expected.items() if n in state and tuple(state[n].shape) != tuple(global_shape(t))
     ]
-    if missing or reshaped:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} adapter tensors ({', '.join(missing[:4])})")
-        if reshaped:
-            detail.append(f"other shapes ({'; '.join(reshaped[:4])})")
+    detail = _counted([(missing, "missing {n} adapter tensors ({items})", ", "),
+                       (reshaped, "other shapes ({items})", "; ")])
+    if detail:
         raise AdapterStateError(
             f"{source} does not fit the adapters of {type(model).__name__}: {'; '.join(detail)}. Inject the same "
             "methods with the same arguments (rank, targets, num_tokens) as when it was saved."
