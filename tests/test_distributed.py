@@ -41,9 +41,16 @@ def clean_env() -> Iterator[None]:
     os.environ.update(saved)
 
 
+#: Variables a launcher or an earlier in-process run leaves behind; a launched script must not inherit them.
+_LAUNCHER_VARIABLES = re.compile(r"(MASTER_ADDR|MASTER_PORT|RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|GROUP_RANK|"
+                                 r"NODE_RANK|ROLE_RANK|ROLE_WORLD_SIZE|TORCHELASTIC_.*|PL_.*)")
+
+
 def _script_env() -> dict[str, str]:
-    """The environment of a launched test script: it imports strategy_models from here."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    """The environment of a launched test script: it imports strategy_models from here, and no launcher variable
+    of this process reaches it."""
+    inherited = {k: v for k, v in os.environ.items() if not _LAUNCHER_VARIABLES.fullmatch(k)}
+    return {**inherited, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
 
 
 @pytest.mark.slow

@@ -112,6 +112,7 @@ def check_cell(
     mergeable: bool,
     tol: float = 1e-5,
     unused: Sequence[str] = (),
+    move: float = 0.05,
 ) -> CellReport:
     """Run the five checks of this module on a copy of ``base`` (``base`` is left unchanged) adapted by ``method``;
     zero-initialised weights of the copy are made non-zero first (:func:`nondegenerate`).
@@ -126,6 +127,9 @@ def check_cell(
         tol: Relative tolerance of every equality.
         unused: Regexes of adapter tensor names that may get no gradient because the output does not use them
             (state why at the call).
+        move: Spread of the seeded noise added to every adapter tensor before the later checks (a deep CNN with
+            an adapter on each of 50+ convolutions needs a smaller one than a 2-layer transformer, or its
+            activations saturate and gradients vanish).
     """
     base = nondegenerate(copy.deepcopy(base)).eval()
     with torch.no_grad():
@@ -146,7 +150,7 @@ def check_cell(
                 identity = relative_diff(run(model, inputs), reference)
     assert identity <= tol, f"{'injected' if starts_as_identity else 'disabled'} model differs from base by {identity}"
 
-    move_adapters(model)
+    move_adapters(model, scale=move)
     adapted = run(model, inputs)
     adapted.square().mean().backward()
     for name, parameter in model.named_parameters():

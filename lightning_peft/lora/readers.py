@@ -18,7 +18,10 @@ FalconH1 mixers
 ``ZambaMambaMixer``        ``conv1d``
 =========================  ==============================================  ======================================
 
-``in_proj`` is called as a module on every path. Teach LoRA another such parent with :func:`register_weight_reader`.
+``in_proj`` is called as a module on every path. torchvision's Swin attention (``ShiftedWindowAttention`` and
+``ShiftedWindowAttentionV2``) passes ``qkv.weight`` and ``proj.weight`` to ``shifted_window_attention``, so those
+two are read directly too, as timm's BEiT ``Attention``, ``EvaAttention`` and Swin-V2 ``WindowAttention`` read
+``qkv.weight`` (to add their separate q/v biases). Teach LoRA another such parent with :func:`register_weight_reader`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ _TRANSFORMERS_READERS: list[tuple[str, str, frozenset[str]]] = [
     ("zamba2", "Zamba2MambaMixer", _MAMBA2),
     ("falcon_h1", "FalconH1Mixer", _MAMBA2),
     ("zamba", "ZambaMambaMixer", frozenset({"conv1d"})),
+]
+#: (torchvision or timm module, class, children it reads the weight of); resolved only once that is imported
+_VISION_READERS: list[tuple[str, str, frozenset[str]]] = [
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttention", frozenset({"qkv", "proj"})),
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2", frozenset({"qkv", "proj"})),
+    ("timm.models.beit", "Attention", frozenset({"qkv"})),
+    ("timm.models.eva", "EvaAttention", frozenset({"qkv"})),
+    ("timm.models.swin_transformer_v2", "WindowAttention", frozenset({"qkv"})),
 ]
 _READERS: list[tuple[type[nn.Module], frozenset[str]]] = []
 
@@ -65,10 +76,12 @@ def register_weight_reader(parent_type: type[nn.Module], children: Collection[st
 
 
 def weight_readers() -> list[tuple[type[nn.Module], frozenset[str]]]:
-    """The registered readers, then those of transformers' modules already imported (none is imported here)."""
+    """The registered readers, then those of transformers', torchvision's and timm's modules already imported
+    (none is imported here)."""
+    places = [(f"transformers.models.{name}.modeling_{name}", cls, kids) for name, cls, kids in _TRANSFORMERS_READERS]
     known = []
-    for module_name, class_name, children in _TRANSFORMERS_READERS:
-        cls = getattr(sys.modules.get(f"transformers.models.{module_name}.modeling_{module_name}"), class_name, None)
+    for module_name, class_name, children in places + _VISION_READERS:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
         if cls is not None:
             known.append((cls, children))
     return _READERS + known
