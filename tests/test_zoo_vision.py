@@ -112,5 +112,6 @@ def test_sweep_covers_every_torchvision_family_and_forty_timm_architectures() ->
         return re.match(r"[a-z]+", name).group()  # type: ignore[union-attr]
 
     families = {family(name) for name in models.list_models(module=models)}
-    assert families - {family(name) for name in TORCHVISION} == {"maxvit"}  # maxvit_t needs 224x224 inputs; its blocks run in the meta sweep
+    # maxvit_t needs 224x224 inputs (too slow for this sweep); LoRA on it runs in the meta-device sweep
+    assert families - {family(name) for name in TORCHVISION} == {"maxvit"}
     assert len(TIMM) >= 40

@@ -40,7 +40,8 @@ class VisionModel:
 
 def calibrated(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
     """Set every BatchNorm's running statistics to those of ``inputs`` (one train-mode forward without
-    gradients, cumulative averaging) after zero-initialised weights got small values (:func:`nondegenerate`), scale the last ``nn.Linear`` (the classifier head) so that the outputs on
+    gradients, cumulative averaging) after zero-initialised weights got small values (:func:`nondegenerate`),
+    scale the last ``nn.Linear`` (the classifier head) so that the outputs on
     ``inputs`` peak at 1 (a random AlexNet's peak at 0.02, a random EfficientNetV2's at 1e19), then return
     ``model`` in eval mode. The model computes the same function up to that one constant. Models run in float64:
     a random 50-layer CNN amplifies float32 rounding past any useful tolerance, float64 leaves only real
@@ -55,7 +56,7 @@ def calibrated(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
         model.train()
         with torch.no_grad():
             model(*inputs)
-        for norm, momentum in zip(norms, momenta):
+        for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
     heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if heads:
