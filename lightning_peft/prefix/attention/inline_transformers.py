@@ -20,7 +20,9 @@ each gets an adapter of its own, at the narrowest seam its code offers:
   the queries with the module's own ``_reshape``/``_split_heads`` (and the model's ``apply_rotary_pos_emb``), and
   adds ``tanh(g) · attn(q, P_k, P_v)`` to the input of the output projection ``dense`` (a forward pre-hook), so
   the model's own dense, dropout and residual apply to it. A per-query ALiBi constant cancels in that softmax, so
-  the gated prefix has no ALiBi term.
+  the gated prefix has no ALiBi term. With ``output_attentions`` a gated layer returns the model's own weights over
+  the real keys (the prefix's softmax is separate and not returned); in training, BLOOM's ``hidden_dropout`` and
+  the residual apply to the prefix branch as to the rest, since it enters before ``dense``.
 
 * **DeBERTa-v2** (``DisentangledSelfAttention``): no cache and scores built from content and relative positions
   in one expression, so the adapter owns the forward. It projects with the module's own layers, computes the
@@ -88,6 +90,8 @@ def _check_heads(adapter: PrefixAttention, key: torch.Tensor, value: torch.Tenso
 class _CacheSeamPrefixAttention(PrefixAttention):
     """Shared by BLOOM and Falcon: the model's forward runs with a prefixed cache, or with the gate's two hooks."""
 
+    base_layer: Any  # BloomAttention or FalconAttention (transformers is not typed here)
+
     def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(base, *args, **kwargs)
         self._signature = inspect.signature(base.forward)
@@ -142,7 +146,8 @@ class _CacheSeamPrefixAttention(PrefixAttention):
             extra = extra.transpose(1, 2).reshape(b, n, h * d)
             return (args[0] + self.gate_value(extra) * extra.to(args[0].dtype), *args[1:])
 
-        handles = [base.query_key_value.register_forward_hook(keep_qkv), base.dense.register_forward_pre_hook(add_prefix)]
+        handles = [base.query_key_value.register_forward_hook(keep_qkv),
+                   base.dense.register_forward_pre_hook(add_prefix)]
         try:
             output = base(*bound.args, **bound.kwargs)
         finally:
@@ -209,6 +214,7 @@ class DebertaV2PrefixAttention(PrefixAttention):
     """DeBERTa-v2 ``DisentangledSelfAttention`` with a prefix; same arguments and outputs as the module."""
 
     family = "DeBERTa-v2 disentangled attention"
+    base_layer: Any  # DisentangledSelfAttention
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, output_attentions: bool = False,
                 query_states: torch.Tensor | None = None, relative_pos: torch.Tensor | None = None,
@@ -245,17 +251,17 @@ class DebertaV2PrefixAttention(PrefixAttention):
         return context, (weights if output_attentions else None)
 
 
-def bloom_shape(module: nn.Module) -> PrefixShape:
+def bloom_shape(module: Any) -> PrefixShape:
     """BLOOM: one key/value head per query head."""
     return PrefixShape(module.num_heads, module.head_dim, module.head_dim)
 
 
-def falcon_shape(module: nn.Module) -> PrefixShape:
+def falcon_shape(module: Any) -> PrefixShape:
     """Falcon: ``num_kv_heads`` key/value heads (grouped queries, or 1 for multi-query)."""
     return PrefixShape(module.num_kv_heads, module.head_dim, module.head_dim)
 
 
-def deberta_shape(module: nn.Module) -> PrefixShape:
+def deberta_shape(module: Any) -> PrefixShape:
     """DeBERTa-v2: one key/value head per query head."""
     return PrefixShape(module.num_attention_heads, module.attention_head_size, module.attention_head_size)
 
