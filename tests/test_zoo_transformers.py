@@ -19,14 +19,10 @@ from lightning_peft.methods import Method
 pytest.importorskip("transformers")
 
 NO_ATTENTION = r"prefix tuning found no attention layer in {model}"
-#: (family, method) -> the refusal it must raise. Mamba has no attention at all; DeBERTa-v2, BLOOM and Falcon
-#: compute attention inline instead of through transformers' attention interface (no handler yet: a gap, listed
-#: in the README); Whisper's encoder takes audio features, so a token prompt has no encoder tokens to precede.
+#: (family, method) -> the refusal it must raise. Mamba has no attention at all; Whisper's encoder takes audio
+#: features, so a token prompt has no encoder tokens to precede.
 REFUSED = {
     **{("mamba", m): NO_ATTENTION.format(model="MambaForCausalLM") for m in ("prefix", "gated")},
-    **{("deberta-v2", m): NO_ATTENTION.format(model="DebertaV2Model") for m in ("prefix", "gated")},
-    **{("bloom", m): NO_ATTENTION.format(model="BloomForCausalLM") for m in ("prefix", "gated")},
-    **{("falcon", m): NO_ATTENTION.format(model="FalconForCausalLM") for m in ("prefix", "gated")},
     ("whisper", "prompt"): r"WhisperForConditionalGeneration's encoder takes no tokens",
 }
 #: Per-family LoRA targets (default "all-linear"). Mamba's mixer reads ``dt_proj.weight`` directly; its adapter

@@ -18,6 +18,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_peft.prefix.attention.base import PrefixAttention, PrefixEncoder, PrefixShape
+from lightning_peft.prefix.attention.inline_transformers import (
+    BloomPrefixAttention,
+    DebertaV2PrefixAttention,
+    FalconPrefixAttention,
+    inline_family,
+)
 from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention, multihead_shape
 from lightning_peft.prefix.attention.timm_attention import TimmPrefixAttention, is_timm_attention, timm_shape
 from lightning_peft.prefix.attention.transformers_attention import (
@@ -44,6 +50,11 @@ def _transformers_handler(module: nn.Module) -> AttentionMatch | None:
     return AttentionMatch(TransformersPrefixAttention, transformers_shape(module))
 
 
+def _inline_transformers_handler(module: nn.Module) -> AttentionMatch | None:
+    found = inline_family(module)  # BLOOM, Falcon, DeBERTa-v2: attention computed inside their own forward
+    return AttentionMatch(*found) if found is not None else None
+
+
 def _multihead_handler(module: nn.Module) -> AttentionMatch | None:
     if not isinstance(module, nn.MultiheadAttention):
         return None
@@ -54,7 +65,9 @@ def _timm_handler(module: nn.Module) -> AttentionMatch | None:
     return AttentionMatch(TimmPrefixAttention, timm_shape(module)) if is_timm_attention(module) else None
 
 
-_HANDLERS: list[AttentionHandler] = [_transformers_handler, _multihead_handler, _timm_handler]
+_HANDLERS: list[AttentionHandler] = [
+    _transformers_handler, _inline_transformers_handler, _multihead_handler, _timm_handler,
+]
 
 
 def register_attention_handler(handler: AttentionHandler) -> AttentionHandler:
@@ -83,6 +96,9 @@ def match_attention(module: nn.Module) -> AttentionMatch | None:
 __all__ = [
     "AttentionHandler",
     "AttentionMatch",
+    "BloomPrefixAttention",
+    "DebertaV2PrefixAttention",
+    "FalconPrefixAttention",
     "MultiheadPrefixAttention",
     "PrefixAttention",
     "PrefixEncoder",
