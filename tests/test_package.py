@@ -188,3 +188,10 @@ def test_the_old_export_command_path_still_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "lightning_peft.export", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "lightning-peft-export" in result.stdout, result.stderr[-2000:]
+
+
+def test_no_file_in_the_package_exceeds_500_lines() -> None:
+    # a file past 500 lines holds more than one idea: split it along them (README "Architecture")
+    lengths = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    assert len(lengths) > 40
+    assert {name: n for name, n in lengths.items() if n > 500} == {}

@@ -18,8 +18,8 @@ def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "
 
     ``format="peft"`` writes Hugging Face PEFT's layout instead (``peft.PeftModel.from_pretrained(base, path)``
     loads it), and raises a ``ValueError`` for features PEFT has no equivalent for; see
-    :mod:`lightning_peft.adapter_files.peft_save`. Under DeepSpeed ZeRO-3 call it on every rank: the partitioned
-    tensors are gathered collectively, and rank 0 writes.
+    :mod:`lightning_peft.adapter_files.peft_save`. In a distributed run rank 0 writes, the other ranks
+    write nothing; under DeepSpeed ZeRO-3 call it on every rank: the partitioned tensors are gathered first.
 
     Example:
         >>> import tempfile

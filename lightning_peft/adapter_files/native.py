@@ -32,8 +32,8 @@ from lightning_peft.state import (
     method_configs,
     restored_on_error,
 )
-from lightning_peft.tensors import adapter_state_dict, adapter_tensors
-from lightning_peft.zero3 import is_nonzero_rank, is_partitioned
+from lightning_peft.tensors import adapter_state_dict
+from lightning_peft.zero3 import is_nonzero_rank
 
 
 def checkpoint_metadata(model: nn.Module, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -48,8 +48,9 @@ def checkpoint_metadata(model: nn.Module, state_dict: dict[str, Any] | None = No
 def save_native(model: nn.Module, path: str | Path) -> Path:
     """Save the adapter of ``model`` to the directory ``path`` in the native format; returns the directory.
 
-    Under DeepSpeed ZeRO-3 call it on every rank: the partitioned tensors are gathered collectively, and rank 0
-    writes.
+    In a distributed run rank 0 writes and the other ranks write nothing (data-parallel ranks hold the same
+    adapters; two ranks writing one directory would interleave their two files). Under DeepSpeed ZeRO-3 call it
+    on every rank: the partitioned tensors are gathered collectively first.
 
     Raises:
         ValueError: ``model`` holds no adapter.
@@ -59,8 +60,8 @@ def save_native(model: nn.Module, path: str | Path) -> Path:
                          "LoRA(r=8))), or save the model that holds the adapters.")
     directory = Path(path)
     tensors = {name: tensor.contiguous().clone() for name, tensor in adapter_state_dict(model).items()}
-    if is_nonzero_rank() and any(is_partitioned(t) for _, t in adapter_tensors(model)):
-        return directory  # ZeRO-3: every rank took part in the gather, rank 0 writes
+    if is_nonzero_rank():
+        return directory  # every rank took part in any ZeRO-3 gather; rank 0 writes
     return write_adapter_directory(directory, tensors, checkpoint_metadata(model))
 
 

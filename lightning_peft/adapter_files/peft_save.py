@@ -80,11 +80,11 @@ def save_peft(model: nn.Module, path: str | Path) -> Path:
             "Save with format='native'."
         )
     # under DeepSpeed ZeRO-3 every rank gathers (a collective), and rank 0 writes
-    with gathered([tensor for _, tensor in adapter_tensors(model)]) as partitioned:
+    with gathered([tensor for _, tensor in adapter_tensors(model)]):
         config, tensors = converters[kind](model, found)
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     directory = Path(path)
-    if partitioned and is_nonzero_rank():
+    if is_nonzero_rank():  # rank 0 writes (see save_native)
         return directory
     base = {"peft_version": PEFT_VERSION, "base_model_name_or_path": _name_or_path(model), "revision": None,
             "inference_mode": True, "auto_mapping": None}
