@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 from collections.abc import Collection, Iterable, Sequence
 
 from torch import nn
 
 from lightning_peft.errors import TargetNotFoundError
+from lightning_peft.imported import imported_class
 
 TargetRule = str | type[nn.Module]
 Targets = str | Sequence[TargetRule]
@@ -35,8 +35,7 @@ SHORTCUTS = ("all-linear", "all-conv")
 
 def transformers_conv1d_type() -> type[nn.Module] | None:
     """transformers' ``Conv1D`` class if transformers is already imported (it is never imported here)."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
+    return imported_class("transformers.pytorch_utils", "Conv1D")
 
 
 def linear_types() -> tuple[type[nn.Module], ...]:

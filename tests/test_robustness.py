@@ -374,3 +374,23 @@ def test_prefix_on_a_transformer_encoder_returns_an_empty_output_for_an_empty_ba
     out = inject(encoder, PrefixTuningConfig(num_tokens=2))(empty)
     assert out.shape == expected.shape == empty.shape
 
+
+
+@pytest.mark.parametrize("format", ["native", "peft"])
+def test_in_a_distributed_run_only_rank_0_writes_the_adapter_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, format: str
+) -> None:
+    # two ranks writing one directory would interleave its two files (mismatched save ids): other ranks skip
+    import lightning_peft.adapter_files.native as native
+    import lightning_peft.adapter_files.peft_save as peft_save
+
+    model = inject(tiny_gpt2(), LoRAConfig(r=2))
+    for module in (native, peft_save):
+        monkeypatch.setattr(module, "is_nonzero_rank", lambda: True)
+    assert save_adapter(model, tmp_path / "rank1", format=format) == tmp_path / "rank1"
+    assert not (tmp_path / "rank1").exists()
+    for module in (native, peft_save):
+        monkeypatch.setattr(module, "is_nonzero_rank", lambda: False)
+    save_adapter(model, tmp_path / "rank0", format=format)
+    reloaded = adapter_state_dict(load_adapter(tiny_gpt2(), tmp_path / "rank0"))
+    assert all(torch.equal(reloaded[n], t) for n, t in adapter_state_dict(model).items())

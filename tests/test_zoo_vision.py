@@ -70,10 +70,8 @@ def test_vision_zoo_cell(name: str, method: str, tmp_path: Path) -> None:
     if method == "prompt":
         assert detect_kind(base) == model.prompt_kind
     pixels = method == "prompt" and model.prompt_kind == "pixels"  # a zero border: the identity at init
-    report = check_cell(base, config, model.inputs(), tmp_path, starts_as_identity=method == "lora" or pixels,
-                        mergeable=method == "lora", tol=TOLERANCE.get((name, method), 1e-5),
-                        unused=SQUEEZE_EXCITE)
-    assert report.adapter_tensors > 0
+    check_cell(base, config, model.inputs(), tmp_path, starts_as_identity=method == "lora" or pixels,
+               mergeable=method == "lora", tol=TOLERANCE.get((name, method), 1e-5), unused=SQUEEZE_EXCITE)
 
 
 @pytest.mark.slow

@@ -59,9 +59,10 @@ def save_native(model: nn.Module, path: str | Path) -> Path:
         raise ValueError(f"{type(model).__name__} holds no adapter to save; inject a method first (inject(model, "
                          "LoRA(r=8))), or save the model that holds the adapters.")
     directory = Path(path)
-    tensors = {name: tensor.contiguous().clone() for name, tensor in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model)  # under ZeRO-3 a gather, so every rank takes part
     if is_nonzero_rank():
-        return directory  # every rank took part in any ZeRO-3 gather; rank 0 writes
+        return directory  # rank 0 writes
+    tensors = {name: tensor.contiguous().clone() for name, tensor in state.items()}
     return write_adapter_directory(directory, tensors, checkpoint_metadata(model))
 
 

@@ -26,10 +26,11 @@ two are read directly too, as timm's BEiT ``Attention``, ``EvaAttention`` and Sw
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Collection
 
 from torch import nn
+
+from lightning_peft.imported import imported_class
 
 _MAMBA = frozenset({"conv1d", "x_proj", "dt_proj", "out_proj"})
 _MAMBA2 = frozenset({"conv1d", "out_proj"})
@@ -81,7 +82,7 @@ def weight_readers() -> list[tuple[type[nn.Module], frozenset[str]]]:
     places = [(f"transformers.models.{name}.modeling_{name}", cls, kids) for name, cls, kids in _TRANSFORMERS_READERS]
     known = []
     for module_name, class_name, children in places + _VISION_READERS:
-        cls = getattr(sys.modules.get(module_name), class_name, None)
+        cls = imported_class(module_name, class_name)
         if cls is not None:
             known.append((cls, children))
     return _READERS + known

@@ -18,7 +18,6 @@ timm, transformers), and :func:`register_vit_locator` adds one for another famil
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft.imported import imported_class
 from lightning_peft.prompt.base import PromptAdapter
 from lightning_peft.targets import is_inside
 
@@ -55,24 +55,24 @@ def _block_names(name: str, path: str, container: nn.Module) -> list[str]:
 
 
 def _torchvision_vit(name: str, module: nn.Module) -> VitSite | None:
-    vit = sys.modules.get("torchvision.models.vision_transformer")
-    if vit is None or not isinstance(module, vit.VisionTransformer):
+    vit = imported_class("torchvision.models.vision_transformer", "VisionTransformer")
+    if vit is None or not isinstance(module, vit):
         return None
     blocks = _block_names(name, "encoder.layers", module.encoder.layers)  # named encoder_layer_0, ...
     return VitSite(blocks, 1, module.hidden_dim, module.conv_proj.weight[0].numel())
 
 
 def _timm_vit(name: str, module: nn.Module) -> VitSite | None:
-    vit = sys.modules.get("timm.models.vision_transformer")
-    if vit is None or not isinstance(module, vit.VisionTransformer):
+    vit = imported_class("timm.models.vision_transformer", "VisionTransformer")
+    if vit is None or not isinstance(module, vit):
         return None
     blocks = _block_names(name, "blocks", module.blocks)
     return VitSite(blocks, module.num_prefix_tokens, module.embed_dim, module.patch_embed.proj.weight[0].numel())
 
 
 def _transformers_vit(name: str, module: nn.Module) -> VitSite | None:
-    vit = sys.modules.get("transformers.models.vit.modeling_vit")
-    if vit is None or not isinstance(module, vit.ViTModel):
+    vit = imported_class("transformers.models.vit.modeling_vit", "ViTModel")
+    if vit is None or not isinstance(module, vit):
         return None
     path = "layers" if hasattr(module, "layers") else "encoder.layer"  # transformers >= 5.x : 4.x
     blocks = _block_names(name, path, module.get_submodule(path))

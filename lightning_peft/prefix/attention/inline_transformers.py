@@ -41,16 +41,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft.imported import imported_class
 from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, attend, causal_bias, pad_columns
 
 _BLOOM = "transformers.models.bloom.modeling_bloom"
 _FALCON = "transformers.models.falcon.modeling_falcon"
 _DEBERTA = "transformers.models.deberta_v2.modeling_deberta_v2"
-
-
-def _class(module_name: str, class_name: str) -> type | None:
-    """A transformers class if its modeling module is imported already (never imports transformers)."""
-    return getattr(sys.modules.get(module_name), class_name, None)
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -185,7 +181,7 @@ class FalconPrefixAttention(_CacheSeamPrefixAttention):
     family = "Falcon attention"
 
     def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
-        flash = _class(_FALCON, "FalconFlashAttention2")
+        flash = imported_class(_FALCON, "FalconFlashAttention2")
         if flash is not None and isinstance(base, flash):
             raise ValueError(
                 "prefix tuning on Falcon supports attn_implementation='sdpa' and 'eager', not flash attention "
@@ -277,7 +273,7 @@ INLINE_FAMILIES: tuple[tuple[str, str, type[PrefixAttention], Callable[[nn.Modul
 def inline_family(module: nn.Module) -> tuple[type[PrefixAttention], PrefixShape] | None:
     """The adapter class and prefix shape for a BLOOM, Falcon or DeBERTa-v2 attention module, else ``None``."""
     for module_name, class_name, adapter, shape in INLINE_FAMILIES:
-        cls = _class(module_name, class_name)
+        cls = imported_class(module_name, class_name)
         if cls is not None and isinstance(module, cls):
             return adapter, shape(module)
     return None

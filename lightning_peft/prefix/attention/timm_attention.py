@@ -6,12 +6,12 @@ attention, scale norm, output gate, projection, dropouts) with the prefix prepen
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from lightning_peft.imported import imported_class
 from lightning_peft.prefix.attention.base import (
     PrefixAttention,
     PrefixShape,
@@ -56,6 +56,6 @@ def timm_shape(module: Attention) -> PrefixShape:
 
 def is_timm_attention(module: nn.Module) -> bool:
     """Whether ``module`` is timm's ``Attention`` (checked only if timm is already imported)."""
-    layers = sys.modules.get("timm.layers.attention")
-    return layers is not None and type(module) is getattr(layers, "Attention", None)
+    attention = imported_class("timm.layers.attention", "Attention")
+    return attention is not None and type(module) is attention
 
