@@ -48,6 +48,14 @@ def lora_targets(model: nn.Module) -> list[str]:
     return [rule for rule in ("all-conv", "all-linear") if any(matches(rule, n, m) for n, m in model.named_modules())]
 
 
+def lora_target_names(model: nn.Module) -> set[str]:
+    """The modules :func:`lora_targets` selects; a MultiheadAttention's ``out_proj`` is adapted through its parent
+    (lora/attention.py), so the parent is named instead."""
+    targets = lora_targets(model)
+    return {(n.rpartition(".")[0] if isinstance(model.get_submodule(n.rpartition(".")[0]), nn.MultiheadAttention)
+             else n) for n, m in model.named_modules() if n and any(matches(rule, n, m) for rule in targets)}
+
+
 def method_for(name: str, method: str, base: nn.Module) -> Method:
     if method == "lora":
         return LoRAConfig(r=4, target_modules=lora_targets(base))
@@ -63,7 +71,8 @@ def test_vision_zoo_cell(name: str, method: str, tmp_path: Path) -> None:
     model, base = ZOO[name], base_model(name)
     config = method_for(name, method, base)
     if method == "prefix" and model.prefix != "ok":
-        refusal = rf"prefix tuning found no attention layer in {type(base).__name__}"
+        refusal = (rf"prefix tuning found no attention layer in {type(base).__name__}" if model.prefix == "no attention"
+                   else rf"prefix tuning has no handler for the attention layers of {type(base).__name__}")
         with pytest.raises(TargetNotFoundError, match=refusal):
             inject(base, config)
         return
@@ -71,7 +80,8 @@ def test_vision_zoo_cell(name: str, method: str, tmp_path: Path) -> None:
         assert detect_kind(base) == model.prompt_kind
     pixels = method == "prompt" and model.prompt_kind == "pixels"  # a zero border: the identity at init
     check_cell(base, config, model.inputs(), tmp_path, starts_as_identity=method == "lora" or pixels,
-               mergeable=method == "lora", tol=TOLERANCE.get((name, method), 1e-5), unused=SQUEEZE_EXCITE)
+               mergeable=method == "lora", tol=TOLERANCE.get((name, method), 1e-5), unused=SQUEEZE_EXCITE,
+               move=model.move)
 
 
 @pytest.mark.slow
@@ -90,10 +100,7 @@ def test_lora_injects_into_every_torchvision_classification_model_on_the_meta_de
         except NotImplementedError:  # RegNet-Y's constructor reads a tensor's value: build it for real
             base = models.get_model(name, weights=None, **kwargs)
         targets = lora_targets(base)
-        # a MultiheadAttention's out_proj is adapted through its parent (lora/attention.py): expect the parent
-        expected = {(n.rpartition(".")[0] if isinstance(base.get_submodule(n.rpartition(".")[0]),
-                                                         nn.MultiheadAttention) else n)
-                    for n, m in base.named_modules() if n and any(matches(rule, n, m) for rule in targets)}
+        expected = lora_target_names(base)
         size = sum(p.numel() for p in base.parameters())
         model = inject(base, LoRAConfig(r=8, target_modules=targets))
         tensors = [n for n, _ in adapter_tensors(model, include_buffers=False)]

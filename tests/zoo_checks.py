@@ -42,6 +42,7 @@ class CellReport:
     merged: float | None  # merged vs adapted (mergeable methods)
     reloaded: float  # save + load into a fresh base vs adapted
     adapter_tensors: int
+    adapter_values: int  # trainable numbers the adapters add
 
 
 def float_outputs(output: Any) -> torch.Tensor:
@@ -181,7 +182,8 @@ def check_cell(
     with torch.no_grad():
         reloaded = relative_diff(run(fresh, inputs), adapted)
     assert reloaded <= tol, f"reloaded outputs differ by {reloaded}"
-    return CellReport(identity, moved, merged, reloaded, len(saved))
+    values = sum(tensor.numel() for name, tensor in saved.items() if name in trainable)
+    return CellReport(identity, moved, merged, reloaded, len(saved), values)
 
 
 def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:

@@ -30,8 +30,10 @@ class VisionModel:
     prompt_kind: Literal["pixels", "patches"] = "pixels"
     #: Prefix tuning: ``"ok"`` (it applies and passes every check), ``"no attention"`` (a CNN or MLP: refused,
     #: by the method's definition) or ``"gap"`` (attention of a kind no prefix handler takes yet: refused with
-    #: the same error; listed in the README).
+    #: an error naming those layers; listed in the README).
     prefix: Literal["ok", "no attention", "gap"] = "no attention"
+    #: Spread of the seeded adapter move (zoo_checks.check_cell): LeViT's Hardswish activations saturate at 0.05.
+    move: float = 0.05
 
     def inputs(self) -> tuple[torch.Tensor]:
         generator = torch.Generator().manual_seed(4)
@@ -86,6 +88,14 @@ def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     return build
 
 
+def _convmixer() -> nn.Module:
+    """A small ConvMixer (the registered ones fix 32 blocks of width 768; their 7x7 patches would leave the
+    last 4 rows of a 32x32 image, and a prompt border there, unseen)."""
+    from timm.models.convmixer import ConvMixer
+
+    return ConvMixer(dim=64, depth=2, kernel_size=3, patch_size=4, num_classes=10)
+
+
 #: Every torchvision classification family (``torchvision.models.list_models``), at its smallest variant; the
 #: sweep of every variant at once, injection only, runs on the meta device (tests/test_zoo_vision.py).
 TORCHVISION: dict[str, VisionModel] = {
@@ -112,8 +122,10 @@ TIMM: dict[str, VisionModel] = {
         "fbnetc_100", "hardcorenas_a", "selecsls42b", "resnext26ts", "seresnext26d_32x4d", "convnext_atto",
         "convnextv2_atto", "efficientnet_b0", "mobilenetv3_small_050", "mobilenetv4_conv_small", "ghostnet_100",
         "densenet121", "repvgg_a0", "dla34", "cspresnet50", "rexnet_100", "mixnet_s", "poolformer_s12",
-        "fastvit_t8", "tinynet_e", "lcnet_050",
+        "fastvit_t8", "tinynet_e", "lcnet_050", "efficientnetv2_rw_t", "regnetx_002", "regnety_002",
     )},
+    "ghostnetv2_100": VisionModel(_timm("ghostnetv2_100"), size=64),  # its attention pooling needs > 32x32
+    "convmixer": VisionModel(_convmixer),
     "inception_v3": VisionModel(_timm("inception_v3"), size=75),
     "hrnet_w18_small": VisionModel(_timm("hrnet_w18_small"), size=64),
     **{name: VisionModel(_timm(name, img_size=32, depth=2), prompt_kind="patches", prefix="ok")
@@ -130,4 +142,7 @@ TIMM: dict[str, VisionModel] = {
     "edgenext_xx_small": VisionModel(_timm("edgenext_xx_small"), prefix="gap"),
     "mobilevit_xxs": VisionModel(_timm("mobilevit_xxs"), size=64, prefix="ok"),
     "pvt_v2_b0": VisionModel(_timm("pvt_v2_b0"), prefix="gap"),
+    "levit_128s": VisionModel(_timm("levit_128s", img_size=128), size=128, prefix="gap", move=0.005),
+    "tiny_vit_5m_224": VisionModel(_timm("tiny_vit_5m_224", window_sizes=(2, 2, 4, 2)), size=64, prefix="gap"),
+    "efficientformer_l1": VisionModel(_timm("efficientformer_l1"), size=224, prefix="gap"),  # fixed 7x7 attention
 }

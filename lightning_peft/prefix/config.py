@@ -18,6 +18,7 @@ their attention interface, ``nn.MultiheadAttention``, timm ``Attention``; users 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -134,7 +135,21 @@ def _share_encoder(built: list[PrefixAttention], hidden_size: int, seed: int) ->
         start += adapter.shape.numel_per_token
 
 
+#: Class names that look like attention; such a module no handler knows is named in the refusal.
+_ATTENTION_LIKE = re.compile(r"attention|attn", re.IGNORECASE)
+
+
 def _no_attention_message(model: nn.Module) -> str:
+    unknown = [(name, module) for name, module in model.named_modules()
+               if name and _ATTENTION_LIKE.search(type(module).__name__) and not list(_children_like(module))]
+    if unknown:
+        classes = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for _, m in unknown})
+        return (
+            f"prefix tuning has no handler for the attention layers of {type(model).__name__}: "
+            f"{', '.join(classes[:4])} (e.g. {unknown[0][0]!r}, {len(unknown)} layers). Teach it with "
+            "lightning_peft.register_attention_handler (a handler returns AttentionMatch(adapter, PrefixShape)), "
+            "or use LoRA or PromptTuning, which apply to any model."
+        )
     kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
     return (
         f"prefix tuning found no attention layer in {type(model).__name__} (its layers: {', '.join(kinds[:8])}). "
@@ -142,6 +157,11 @@ def _no_attention_message(model: nn.Module) -> str:
         "(LoRA(target_modules='all-conv') for a CNN) or pixel prompts (PromptTuning). If the model has an "
         "attention class of its own, teach it with lightning_peft.register_attention_handler."
     )
+
+
+def _children_like(module: nn.Module) -> list[nn.Module]:
+    """Children of ``module`` that look like attention themselves (the refusal names the innermost ones)."""
+    return [m for m in module.modules() if m is not module and _ATTENTION_LIKE.search(type(m).__name__)]
 
 
 def fold_prefix(model: nn.Module) -> nn.Module:
