@@ -2,9 +2,9 @@
 architectures, each at its smallest variant, with one batch of images.
 
 Each entry builds the model a user would take (10 classes, random weights, small inputs: 32x32 where the
-architecture allows, a declared ``image_size`` for the ViTs) and calibrates its BatchNorm statistics on the batch
-(:func:`calibrated`): with the default running statistics (mean 0, variance 1) a deep random CNN's activations
-grow or vanish layer by layer, and an output of size 1e6 or 1e-6 would make every tolerance meaningless.
+architecture allows, a declared ``image_size`` for the ViTs) and calibrates its layers and BatchNorm statistics on
+the batch (:func:`calibrated`): uncalibrated, a deep random CNN's activations grow or vanish layer by layer, gates
+saturate, and an output of size 1e6 or 1e-6 would make every tolerance meaningless.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from torch import nn
 from zoo_checks import nondegenerate
 
 BATCH = 2
+#: Images :func:`calibrated` sets the layers' scales and the BatchNorm statistics on.
+CALIBRATION = 8
 
 
 @dataclass(frozen=True)
@@ -32,42 +34,79 @@ class VisionModel:
     #: by the method's definition) or ``"gap"`` (attention of a kind no prefix handler takes yet: refused with
     #: an error naming those layers; listed in the README).
     prefix: Literal["ok", "no attention", "gap"] = "no attention"
-    #: Spread of the seeded adapter move (zoo_checks.check_cell): LeViT's Hardswish activations saturate at 0.05.
-    move: float = 0.05
+    #: Spread of the seeded adapter move (zoo_checks.check_cell). Calibrated layers have weights of size
+    #: 1/sqrt(fan_in), so a LoRA move of 0.05 (r=4, scale 4) on each of 50 convolutions is as large as the
+    #: weights and the activations of a deep net grow to 1e10, where every gate saturates; 0.01 keeps them O(1).
+    move: float = 0.01
 
-    def inputs(self) -> tuple[torch.Tensor]:
-        generator = torch.Generator().manual_seed(4)
-        return (torch.randn(BATCH, 3, self.size, self.size, generator=generator, dtype=torch.float64),)
+    def inputs(self, batch: int = BATCH, seed: int = 4) -> tuple[torch.Tensor]:
+        """A seeded batch of images (the checks run on ``inputs()``; :func:`calibrated` on a larger one)."""
+        generator = torch.Generator().manual_seed(seed)
+        return (torch.randn(batch, 3, self.size, self.size, generator=generator, dtype=torch.float64),)
 
 
 def calibrated(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
-    """Set every BatchNorm's running statistics to those of ``inputs`` (one train-mode forward without
-    gradients, cumulative averaging) after zero-initialised weights got small values (:func:`nondegenerate`),
-    scale the last ``nn.Linear`` (the classifier head) so that the outputs on
-    ``inputs`` peak at 1 (a random AlexNet's peak at 0.02, a random EfficientNetV2's at 1e19), then return
-    ``model`` in eval mode. The model computes the same function up to that one constant. Models run in float64:
-    a random 50-layer CNN amplifies float32 rounding past any useful tolerance, float64 leaves only real
-    differences (a merge that is not exact, a reload that changes something)."""
-    model = nondegenerate(model.double())
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if norms:
-        momenta = [m.momentum for m in norms]
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None
-        model.train()
+    """A data-dependent initialisation of a random ``model`` on ``inputs`` (a calibration batch of
+    :data:`CALIBRATION` images, not the checked one), in float64; returns it in eval mode.
+
+    Zero-initialised weights get small values first (:func:`nondegenerate`). Then one eval-mode forward visits
+    the layers in the order they run: each convolution and linear layer is scaled (weight and bias) so that its
+    output has standard deviation 1 (LSUV, Mishkin & Matas 2016), and each BatchNorm gets the mean and variance
+    of the input it sees as running statistics. Layers after one see its calibrated output, so the eval-mode
+    network is calibrated as it will run. Last, the classifier head (the last ``nn.Linear``) is scaled so that
+    the outputs peak at 1.
+
+    Without it a random network's activations drift layer by layer (a random EfficientNetV2's outputs peaked at
+    1e19; a squeeze-excitation's gate saw pre-activations of 30 to 4e4, its hard sigmoid saturated and no
+    gradient reached the layers before it), and BatchNorm statistics calibrated in train mode do not fit the
+    eval-mode activations of a batch of 2 at 1x1 resolution. Statistics of the checked batch of 2 themselves
+    would not do either: at 1x1 resolution a channel's variance is that of two numbers, near zero for some
+    channels, and such a BatchNorm amplifies any change of its input (a LoRA move) by up to 1/sqrt(eps).
+    Models run in float64: a random 50-layer CNN
+    amplifies float32 rounding past any useful tolerance; float64 leaves only real differences (a merge that is
+    not exact, a reload that changes something).
+    """
+    model = nondegenerate(model.double()).eval()
+    seen: set[nn.Module] = set()  # a module called twice keeps its first calibration
+
+    def unit_std(module: nn.Module, args: Any, output: Any) -> Any:
+        if module in seen or not isinstance(output, torch.Tensor):
+            return None
+        seen.add(module)
+        std = float(output.std())
+        if not 1e-12 < std < float("inf"):
+            return None
+        module.weight.div_(std)
+        if module.bias is not None:
+            module.bias.div_(std)
+        return output / std
+
+    def input_statistics(module: nn.modules.batchnorm._BatchNorm, args: Any) -> None:
+        if module in seen or module.running_mean is None or module.running_var is None:
+            return
+        seen.add(module)
+        x = args[0].transpose(0, 1).reshape(args[0].shape[1], -1)  # (channels, everything else)
+        module.running_mean.copy_(x.mean(dim=1))
+        module.running_var.copy_(x.var(dim=1, unbiased=False))
+
+    layers = (nn.Linear, nn.modules.conv._ConvNd)
+    hooks = [m.register_forward_hook(unit_std) for m in model.modules() if isinstance(m, layers)]
+    hooks += [m.register_forward_pre_hook(input_statistics) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
         with torch.no_grad():
             model(*inputs)
-        for norm, momentum in zip(norms, momenta, strict=True):
-            norm.momentum = momentum
+    finally:
+        for hook in hooks:
+            hook.remove()
     heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if heads:
         with torch.no_grad():
-            peak = model.eval()(*inputs).abs().max()
+            peak = model(*inputs).abs().max()
             heads[-1].weight.div_(peak)
             if heads[-1].bias is not None:
                 heads[-1].bias.div_(peak)
-    return model.eval()
+    return model
 
 
 def _torchvision(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
