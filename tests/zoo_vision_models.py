@@ -147,8 +147,8 @@ TORCHVISION: dict[str, VisionModel] = {
     "googlenet": VisionModel(_torchvision("googlenet", aux_logits=False, init_weights=True)),
     "inception_v3": VisionModel(_torchvision("inception_v3", aux_logits=False, init_weights=True), size=75),
     "squeezenet1_1": VisionModel(_torchvision("squeezenet1_1"), size=64),
-    "swin_t": VisionModel(_torchvision("swin_t"), prefix="gap"),
-    "swin_v2_t": VisionModel(_torchvision("swin_v2_t"), prefix="gap"),
+    "swin_t": VisionModel(_torchvision("swin_t"), prefix="ok"),
+    "swin_v2_t": VisionModel(_torchvision("swin_v2_t"), prefix="ok"),
     "vit_b_16": VisionModel(_torchvision("vit_b_16", image_size=32), prompt_kind="patches", prefix="ok"),
 }
 
@@ -174,7 +174,13 @@ TIMM: dict[str, VisionModel] = {
                                           size=28, prefix="gap"),
     "swin_tiny_patch4_window7_224": VisionModel(
         _timm("swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=32, depths=(1, 1, 1, 1)),
-        prefix="gap"),
+        prefix="ok"),
+    # 64x64: at 32x32 the last stage is 1x1, its one relative coordinate (0, 0) feeds zeros to cpb_mlp's first
+    # linear, whose LoRA A then gets no gradient
+    "swinv2_tiny_window8_256": VisionModel(
+        _timm("swinv2_tiny_window8_256", img_size=64, window_size=4, embed_dim=32, depths=(1, 1, 1, 1),
+              num_heads=(2, 4, 8, 16)),
+        size=64, prefix="ok"),
     "mixer_s16_224": VisionModel(_timm("mixer_s16_224", img_size=32)),
     "coatnet_nano_rw_224": VisionModel(_timm("coatnet_nano_rw_224", img_size=64), size=64, prefix="gap"),
     "maxvit_nano_rw_256": VisionModel(_timm("maxvit_nano_rw_256", img_size=64), size=64, prefix="gap"),

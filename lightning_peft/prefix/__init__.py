@@ -4,7 +4,7 @@ one prefix adapter per attention family, found by a registry of handlers users c
 * :mod:`~lightning_peft.prefix.config`: :class:`PrefixTuningConfig` (the callback ``PrefixTuning`` takes the same
   arguments), the selection of attention modules, and :func:`fold_prefix`;
 * :mod:`~lightning_peft.prefix.attention`: the adapters (transformers attention interface, ``nn.MultiheadAttention``,
-  timm ``Attention``) and :func:`register_attention_handler`.
+  timm ``Attention``, Swin window attention) and :func:`register_attention_handler`.
 """
 
 from lightning_peft.prefix.attention import (

@@ -31,6 +31,13 @@ from lightning_peft.prefix.attention.transformers_attention import (
     calls_attention_interface,
     transformers_shape,
 )
+from lightning_peft.prefix.attention.window_attention import (
+    TimmWindowPrefixAttention,
+    TimmWindowV2PrefixAttention,
+    TorchvisionWindowPrefixAttention,
+    TorchvisionWindowV2PrefixAttention,
+    window_family,
+)
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,13 @@ def _timm_handler(module: nn.Module) -> AttentionMatch | None:
     return AttentionMatch(TimmPrefixAttention, timm_shape(module)) if is_timm_attention(module) else None
 
 
+def _window_handler(module: nn.Module) -> AttentionMatch | None:
+    found = window_family(module)  # Swin: torchvision ShiftedWindowAttention (v1, v2), timm WindowAttention (v1, v2)
+    return AttentionMatch(*found) if found is not None else None
+
+
 _HANDLERS: list[AttentionHandler] = [
-    _transformers_handler, _inline_transformers_handler, _multihead_handler, _timm_handler,
+    _transformers_handler, _inline_transformers_handler, _multihead_handler, _timm_handler, _window_handler,
 ]
 
 
@@ -104,6 +116,10 @@ __all__ = [
     "PrefixEncoder",
     "PrefixShape",
     "TimmPrefixAttention",
+    "TimmWindowPrefixAttention",
+    "TimmWindowV2PrefixAttention",
+    "TorchvisionWindowPrefixAttention",
+    "TorchvisionWindowV2PrefixAttention",
     "TransformersPrefixAttention",
     "match_attention",
     "register_attention_handler",

@@ -227,13 +227,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 
 def prefixed_attention(adapter: PrefixAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        bias: torch.Tensor | None, *, dropout: float = 0.0, scale: float | None = None,
-                       need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       need_weights: bool = False, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``q (b, h, n, d)`` over the adapter's prefix and ``k, v (b, h, s, d)`` (same head count).
 
-    ``bias`` is an additive mask broadcastable to ``(b, h, n, s)`` (real keys only). Returns the output
-    ``(b, h, n, d_v)`` and, with ``need_weights``, weights ``(b, h, n, p + s)`` (prefix columns first).
+    ``bias`` is an additive mask broadcastable to ``(b, h, n, s)`` (real keys only). ``prefix`` replaces
+    ``adapter.prefix(b, like=q)`` when the keys were transformed before scoring (cosine attention normalizes
+    the prefix keys as the real ones). Returns the output ``(b, h, n, d_v)`` and, with ``need_weights``,
+    weights ``(b, h, n, p + s)`` (prefix columns first).
     """
-    pk, pv = adapter.prefix(q.shape[0], like=q)
+    pk, pv = prefix if prefix is not None else adapter.prefix(q.shape[0], like=q)
     if adapter.gated:
         out, weights = attend(q, k, v, bias, dropout=dropout, scale=scale, need_weights=need_weights)
         extra, prefix_weights = attend(q, pk, pv, None, dropout=dropout, scale=scale, need_weights=need_weights)

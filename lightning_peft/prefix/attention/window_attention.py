@@ -1,0 +1,216 @@
+"""Prefixes for Swin window attention: torchvision's ``ShiftedWindowAttention`` (v1, v2) and timm's
+``WindowAttention`` (``swin_transformer``, ``swin_transformer_v2``).
+
+Swin attends inside non-overlapping windows of ``N = Wh·Ww`` tokens, the windows stacked on the batch axis. As
+VPT-deep on Swin, every window gets the layer's same ``p`` prefix keys and values::
+
+    q, k, v: (B·nW, h, N, d)   ──►   k', v': (B·nW, h, p + N, d)
+    scores = q k'^T · scale + [0 | relative position bias + shift mask]: (B·nW, h, N, p + N)
+
+The prefix columns get no relative position bias (they have no position in the window) and no shift mask (the
+mask only separates real tokens that the cyclic shift brought together): every query sees them. With cosine
+attention (v2) the prefix keys are normalised like the real keys and share the clamped logit scale, so the
+prefix enters exactly where the real keys do.
+
+None of these classes exposes q, k, v: torchvision's computes them in the module-level
+``shifted_window_attention``, timm's inside ``forward``. Each adapter owns the forward and mirrors the base's
+(padding, cyclic shift and window partition for torchvision; the fused or separate q/v biases for timm v2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_peft.imported import imported_class
+from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, prefixed_attention
+
+if TYPE_CHECKING:
+    from timm.models.swin_transformer import WindowAttention
+    from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+
+def windowed_attention(adapter: PrefixAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       relative: torch.Tensor, mask: torch.Tensor | None, *, dropout: float, scale: float,
+                       logit_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention inside each window over the adapter's prefix and the window's keys: ``(B·nW, h, N, d)``.
+
+    Args:
+        adapter: The layer's prefix (the same one for every window).
+        q: Queries ``(B·nW, h, N, d)``, windows batch-major (window ``i`` of image ``j`` at row ``j·nW + i``);
+            ``k`` and ``v`` likewise.
+        relative: Relative position bias ``(1, h, N, N)`` of the real keys.
+        mask: Additive shift mask ``(nW, N, N)`` of the real keys, or ``None`` (unshifted windows).
+        dropout: Attention dropout probability.
+        scale: Score scale of dot-product attention (ignored with ``logit_scale``).
+        logit_scale: Cosine attention (Swin v2): the log of the per-head scale ``(h, 1, 1)``, clamped at
+            ``log(100)`` as both libraries do; queries and keys, the prefix's included, are L2-normalised.
+    """
+    bias = relative
+    if mask is not None:
+        windows = mask.shape[0]
+        bias = relative.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0)  # (1, nW, h, N, N)
+        bias = bias.expand(q.shape[0] // windows, -1, -1, -1, -1).reshape(q.shape[0], *bias.shape[2:])
+    bias = bias.to(q.dtype)
+    if logit_scale is None:
+        return prefixed_attention(adapter, q, k, v, bias, dropout=dropout, scale=scale)[0]
+    prefix_keys, prefix_values = adapter.prefix(q.shape[0], like=q)
+    q = F.normalize(q, dim=-1) * torch.clamp(logit_scale, max=math.log(100.0)).exp().to(q.dtype)
+    prefix = (F.normalize(prefix_keys, dim=-1), prefix_values)
+    return prefixed_attention(adapter, q, F.normalize(k, dim=-1), v, bias, dropout=dropout, scale=1.0,
+                              prefix=prefix)[0]
+
+
+def _partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W, C)`` → windows ``(B·nW, Wh·Ww, C)``, batch-major, windows in row-major order."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window[0], window[0], w // window[1], window[1], c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window[0] * window[1], c)
+
+
+def _merge(windows: torch.Tensor, batch: int, height: int, width: int, window: tuple[int, int]) -> torch.Tensor:
+    """The inverse of :func:`_partition`: ``(B·nW, Wh·Ww, C)`` → ``(B, H, W, C)``."""
+    c = windows.shape[-1]
+    x = windows.view(batch, height // window[0], width // window[1], window[0], window[1], c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, c)
+
+
+def _shift_mask(height: int, width: int, window: tuple[int, int], shift: tuple[int, int],
+                like: torch.Tensor) -> torch.Tensor:
+    """``(nW, N, N)``: -100 between tokens of a window that the cyclic shift brought from different regions."""
+    region = like.new_zeros(height, width)
+    label = 0
+    for top, bottom in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
+        for left, right in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
+            region[top:bottom, left:right] = label
+            label += 1
+    region = _partition(region[None, :, :, None], window)[..., 0]  # (nW, N)
+    apart = region.unsqueeze(1) != region.unsqueeze(2)
+    return region.new_zeros(apart.shape).masked_fill(apart, -100.0)
+
+
+class TorchvisionWindowPrefixAttention(PrefixAttention):
+    """torchvision ``ShiftedWindowAttention`` with a prefix in every window; takes ``x (B, H, W, C)``."""
+
+    family = "torchvision ShiftedWindowAttention"
+    base_layer: ShiftedWindowAttention
+    cosine: ClassVar[bool] = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.base_layer
+        if not self.enabled:
+            return attn(x)
+        b, h, w, _ = x.shape
+        window = (attn.window_size[0], attn.window_size[1])
+        x = F.pad(x, (0, 0, 0, -w % window[1], 0, -h % window[0]))  # to multiples of the window
+        padded_h, padded_w = x.shape[1], x.shape[2]
+        # no shift along an axis the window already covers (as torchvision)
+        shift = (attn.shift_size[0] if window[0] < padded_h else 0, attn.shift_size[1] if window[1] < padded_w else 0)
+        if any(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        windows = _partition(x, window)
+        n, c = windows.shape[1], windows.shape[2]
+        qkv = F.linear(windows, attn.qkv.weight, self._qkv_bias())
+        q, k, v = qkv.reshape(-1, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = _shift_mask(padded_h, padded_w, window, shift, x) if any(shift) else None
+        out = windowed_attention(
+            self, q, k, v, attn.get_relative_position_bias(), mask,
+            dropout=attn.attention_dropout if attn.training else 0.0, scale=(c // attn.num_heads) ** -0.5,
+            logit_scale=attn.logit_scale if self.cosine else None,
+        )
+        out = F.linear(out.transpose(1, 2).reshape(-1, n, c), attn.proj.weight, attn.proj.bias)
+        out = _merge(F.dropout(out, p=attn.dropout, training=attn.training), b, padded_h, padded_w, window)
+        if any(shift):
+            out = torch.roll(out, shifts=shift, dims=(1, 2))
+        return out[:, :h, :w].contiguous()
+
+    def _qkv_bias(self) -> torch.Tensor | None:
+        """The ``qkv`` bias as torchvision applies it: v2 (cosine attention) zeroes its key third."""
+        bias = self.base_layer.qkv.bias
+        if bias is None or not self.cosine:
+            return bias
+        third = bias.numel() // 3
+        return torch.cat([bias[:third], torch.zeros_like(bias[third:2 * third]), bias[2 * third:]])
+
+
+class TorchvisionWindowV2PrefixAttention(TorchvisionWindowPrefixAttention):
+    """torchvision ``ShiftedWindowAttentionV2`` (cosine attention, log-spaced continuous position bias)."""
+
+    family = "torchvision ShiftedWindowAttentionV2"
+    cosine = True
+
+
+class TimmWindowPrefixAttention(PrefixAttention):
+    """timm ``swin_transformer.WindowAttention`` with a prefix in every window; takes ``(x, mask=None)``."""
+
+    family = "timm WindowAttention"
+    base_layer: WindowAttention
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.base_layer
+        if not self.enabled:
+            return attn(x, mask=mask)
+        windows, n, _ = x.shape
+        qkv = attn.qkv(x).reshape(windows, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B·nW, h, N, d) each
+        out = windowed_attention(self, q, k, v, attn._get_rel_pos_bias(), mask,
+                                 dropout=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale)
+        return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(windows, n, -1)))
+
+
+class TimmWindowV2PrefixAttention(PrefixAttention):
+    """timm ``swin_transformer_v2.WindowAttention`` (cosine attention) with a prefix; takes ``(x, mask=None)``."""
+
+    family = "timm WindowAttention (v2)"
+    base_layer: WindowAttentionV2
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.base_layer
+        if not self.enabled:
+            return attn(x, mask=mask)
+        windows, n, c = x.shape
+        if attn.q_bias is None:
+            qkv = attn.qkv(x)
+        else:  # the key bias is a zero buffer
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
+        q, k, v = qkv.reshape(windows, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = windowed_attention(self, q, k, v, self._relative_bias(n), mask,
+                                 dropout=attn.attn_drop.p if attn.training else 0.0, scale=1.0,
+                                 logit_scale=attn.logit_scale)
+        return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(windows, n, c)))
+
+    def _relative_bias(self, n: int) -> torch.Tensor:
+        """``(1, h, N, N)``: the continuous position bias MLP's table, gathered per pair, ``16·sigmoid``."""
+        attn = self.base_layer
+        table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
+        bias = table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        return 16 * torch.sigmoid(bias).unsqueeze(0)
+
+
+def window_shape(module: ShiftedWindowAttention | WindowAttention | WindowAttentionV2) -> PrefixShape:
+    """Heads and head width of a Swin window attention (``qkv`` holds ``3·heads·d`` outputs)."""
+    width = module.qkv.out_features // 3 // module.num_heads
+    return PrefixShape(module.num_heads, width, width)
+
+
+#: (module, class, adapter): exact classes (torchvision's v2 subclasses its v1), resolved once imported
+WINDOW_FAMILIES: tuple[tuple[str, str, type[PrefixAttention]], ...] = (
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttention", TorchvisionWindowPrefixAttention),
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2", TorchvisionWindowV2PrefixAttention),
+    ("timm.models.swin_transformer", "WindowAttention", TimmWindowPrefixAttention),
+    ("timm.models.swin_transformer_v2", "WindowAttention", TimmWindowV2PrefixAttention),
+)
+
+
+def window_family(module: nn.Module) -> tuple[type[PrefixAttention], PrefixShape] | None:
+    """The adapter class and prefix shape for a torchvision or timm Swin window attention, else ``None``."""
+    for module_name, class_name, adapter in WINDOW_FAMILIES:
+        if type(module) is imported_class(module_name, class_name):
+            return adapter, window_shape(module)
+    return None
