@@ -28,6 +28,7 @@ from lightning_peft.errors import TargetNotFoundError
 from lightning_peft.methods import Site, TargetedConfig, check_positive_int, init_seed
 from lightning_peft.prefix.attention import AttentionMatch, MultiheadPrefixAttention, match_attention
 from lightning_peft.prefix.attention.base import PrefixAttention, PrefixEncoder
+from lightning_peft.prefix.attention.timm_variants import prefix_undefined
 from lightning_peft.record import find_record
 from lightning_peft.tensors import refresh_trainable
 
@@ -135,6 +136,12 @@ def _share_encoder(built: list[PrefixAttention], hidden_size: int, seed: int) ->
 
 
 def _no_attention_message(model: nn.Module) -> str:
+    reasons = {reason for reason in map(prefix_undefined, model.modules()) if reason is not None}
+    if reasons:  # attention of a kind whose definition leaves no place for a prefix (EdgeNeXt's XCA)
+        return (
+            f"prefix tuning is not defined for {type(model).__name__}: {'; '.join(sorted(reasons))}. "
+            "Use LoRA (LoRA(target_modules='all-linear') adapts its qkv and projections) or PromptTuning instead."
+        )
     kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
     return (
         f"prefix tuning found no attention layer in {type(model).__name__} (its layers: {', '.join(kinds[:8])}). "
