@@ -133,7 +133,9 @@ def eva_reference(adapter: PrefixAttention, call: dict[str, Any]) -> torch.Tenso
     # patch tokens rotated, class/register tokens and the prefix not
     q = torch.cat([q[:, :, :npt], rope(q[:, :, npt:], call["rope"])], dim=2)
     k = torch.cat([k[:, :, :npt], rope(k[:, :, npt:], call["rope"])], dim=2)
-    return attn.proj(attn.norm(merge_heads(over_prefix_and_keys(q, k, v, adapter, 0.0, attn.scale))))
+    mask = call.get("attn_mask")  # bool, True = attend: -inf on the real columns it hides
+    bias = 0.0 if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    return attn.proj(attn.norm(merge_heads(over_prefix_and_keys(q, k, v, adapter, bias, attn.scale))))
 
 
 def pvt_reference(adapter: PrefixAttention, call: dict[str, Any]) -> torch.Tensor:
@@ -198,6 +200,20 @@ def test_layer_equals_written_out_softmax_over_prefix_and_keys(family: str) -> N
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, **TOL)
     print(f"{family}: max |adapter - reference| = {(got - expected).abs().max().item():.2e}")
+
+
+def test_eva_mask_hides_real_keys_and_never_the_prefix() -> None:
+    model = inject(build("eva"), PrefixTuning(num_tokens=P))
+    adapter = prefix_adapters(model)[0]
+    seen = capture(adapter)
+    with torch.no_grad():
+        model(images("eva"))
+        call = dict(seen["call"])
+        n = call["x"].shape[1]
+        call["attn_mask"] = torch.rand(2, 1, n, n, generator=torch.Generator().manual_seed(3)) > 0.3
+        call["attn_mask"][..., 0] = True  # every query keeps one real key (the class token)
+        got = adapter(call["x"], rope=call["rope"], attn_mask=call["attn_mask"])
+        torch.testing.assert_close(got, eva_reference(adapter, call), **TOL)
 
 
 def test_maxvit_windows_and_grids_each_see_the_layer_prefix() -> None:
