@@ -31,9 +31,10 @@ class VisionModel:
     #: The prompt kind PromptTuning detects: patch tokens for a ViT-like model, a pixel border otherwise.
     prompt_kind: Literal["pixels", "patches"] = "pixels"
     #: Prefix tuning: ``"ok"`` (it applies and passes every check), ``"no attention"`` (a CNN or MLP: refused,
-    #: by the method's definition) or ``"gap"`` (attention of a kind no prefix handler takes yet: refused with
-    #: an error naming those layers; listed in the README).
-    prefix: Literal["ok", "no attention", "gap"] = "no attention"
+    #: by the method's definition), ``"not defined"`` (attention with no token axis to prefix: EdgeNeXt's XCA
+    #: attends over channels; refused with that reason) or ``"gap"`` (attention of a kind no prefix handler takes
+    #: yet: refused with an error naming those layers; listed in the README).
+    prefix: Literal["ok", "no attention", "not defined", "gap"] = "no attention"
     #: Spread of the seeded adapter move (zoo_checks.check_cell). Calibrated layers have weights of size
     #: 1/sqrt(fan_in), so a LoRA move of 0.05 (r=4, scale 4) on each of 50 convolutions is as large as the
     #: weights and the activations of a deep net grow to 1e10, where every gate saturates; 0.01 keeps them O(1).
@@ -169,9 +170,9 @@ TIMM: dict[str, VisionModel] = {
     "hrnet_w18_small": VisionModel(_timm("hrnet_w18_small"), size=64),
     **{name: VisionModel(_timm(name, img_size=32, depth=2), prompt_kind="patches", prefix="ok")
        for name in ("vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224")},
-    "beit_base_patch16_224": VisionModel(_timm("beit_base_patch16_224", **_VIT), prefix="gap"),
+    "beit_base_patch16_224": VisionModel(_timm("beit_base_patch16_224", **_VIT), prefix="ok"),
     "eva02_tiny_patch14_224": VisionModel(_timm("eva02_tiny_patch14_224", img_size=28, depth=2),
-                                          size=28, prefix="gap"),
+                                          size=28, prefix="ok"),
     "swin_tiny_patch4_window7_224": VisionModel(
         _timm("swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=32, depths=(1, 1, 1, 1)),
         prefix="ok"),
@@ -182,11 +183,11 @@ TIMM: dict[str, VisionModel] = {
               num_heads=(2, 4, 8, 16)),
         size=64, prefix="ok"),
     "mixer_s16_224": VisionModel(_timm("mixer_s16_224", img_size=32)),
-    "coatnet_nano_rw_224": VisionModel(_timm("coatnet_nano_rw_224", img_size=64), size=64, prefix="gap"),
-    "maxvit_nano_rw_256": VisionModel(_timm("maxvit_nano_rw_256", img_size=64), size=64, prefix="gap"),
-    "edgenext_xx_small": VisionModel(_timm("edgenext_xx_small"), prefix="gap"),
+    "coatnet_nano_rw_224": VisionModel(_timm("coatnet_nano_rw_224", img_size=64), size=64, prefix="ok"),
+    "maxvit_nano_rw_256": VisionModel(_timm("maxvit_nano_rw_256", img_size=64), size=64, prefix="ok"),
+    "edgenext_xx_small": VisionModel(_timm("edgenext_xx_small"), prefix="not defined"),
     "mobilevit_xxs": VisionModel(_timm("mobilevit_xxs"), size=64, prefix="ok"),
-    "pvt_v2_b0": VisionModel(_timm("pvt_v2_b0"), prefix="gap"),
+    "pvt_v2_b0": VisionModel(_timm("pvt_v2_b0"), prefix="ok"),
     "levit_128s": VisionModel(_timm("levit_128s", img_size=128), size=128, prefix="gap", move=0.005),
     "tiny_vit_5m_224": VisionModel(_timm("tiny_vit_5m_224", window_sizes=(2, 2, 4, 2)), size=64, prefix="gap"),
     "efficientformer_l1": VisionModel(_timm("efficientformer_l1"), size=224, prefix="gap"),  # fixed 7x7 attention

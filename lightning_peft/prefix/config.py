@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
 
 from lightning_peft.adapter import Adapter, adapters
-from lightning_peft.errors import TargetNotFoundError
+from lightning_peft.errors import PEFTWarning, TargetNotFoundError
 from lightning_peft.methods import Site, TargetedConfig, check_positive_int, init_seed
 from lightning_peft.prefix.attention import AttentionMatch, MultiheadPrefixAttention, match_attention
 from lightning_peft.prefix.attention.base import PrefixAttention, PrefixEncoder
+from lightning_peft.prefix.attention.timm_variants import prefix_undefined
 from lightning_peft.record import find_record
 from lightning_peft.tensors import refresh_trainable
 
@@ -86,6 +88,14 @@ class PrefixTuningConfig(TargetedConfig):
             )
         if not found:
             raise TargetNotFoundError(_no_attention_message(model))
+        left = _unhandled_attention(model, [name for name, _ in found])
+        if left:
+            warnings.warn(
+                f"prefix tuning adapts {len(found)} attention layers of {type(model).__name__} but not "
+                f"{len(left)} others that look like attention and no handler knows: "
+                f"{', '.join(sorted({_class_name(m) for _, m in left})[:4])} (e.g. {left[0][0]!r}). They keep "
+                "running without a prefix; teach them with lightning_peft.register_attention_handler.",
+                PEFTWarning, stacklevel=3)
         matches = dict(found)
         candidates = [(name, model.get_submodule(name)) for name, _ in found]
         return [Site(name, module, matches[name])
@@ -140,10 +150,15 @@ _ATTENTION_LIKE = re.compile(r"attention|attn", re.IGNORECASE)
 
 
 def _no_attention_message(model: nn.Module) -> str:
-    unknown = [(name, module) for name, module in model.named_modules()
-               if name and _ATTENTION_LIKE.search(type(module).__name__) and not list(_children_like(module))]
+    reasons = {reason for reason in map(prefix_undefined, model.modules()) if reason is not None}
+    if reasons:  # attention of a kind whose definition leaves no place for a prefix (EdgeNeXt's XCA)
+        return (
+            f"prefix tuning is not defined for {type(model).__name__}: {'; '.join(sorted(reasons))}. "
+            "Use LoRA (LoRA(target_modules='all-linear') adapts its qkv and projections) or PromptTuning instead."
+        )
+    unknown = _unhandled_attention(model, [])
     if unknown:
-        classes = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for _, m in unknown})
+        classes = sorted({_class_name(m) for _, m in unknown})
         return (
             f"prefix tuning has no handler for the attention layers of {type(model).__name__}: "
             f"{', '.join(classes[:4])} (e.g. {unknown[0][0]!r}, {len(unknown)} layers). Teach it with "
@@ -159,9 +174,20 @@ def _no_attention_message(model: nn.Module) -> str:
     )
 
 
-def _children_like(module: nn.Module) -> list[nn.Module]:
-    """Children of ``module`` that look like attention themselves (the refusal names the innermost ones)."""
-    return [m for m in module.modules() if m is not module and _ATTENTION_LIKE.search(type(m).__name__)]
+def _unhandled_attention(model: nn.Module, handled: list[str]) -> list[tuple[str, nn.Module]]:
+    """Innermost modules whose class name looks like attention, outside and around none of ``handled`` (nor of
+    an adapter already there)."""
+    handled = [*handled, *(name for name, m in model.named_modules() if isinstance(m, Adapter))]
+    inside = tuple(f"{name}." for name in handled)
+    return [(name, module) for name, module in model.named_modules()
+            if name and _ATTENTION_LIKE.search(type(module).__name__) and not isinstance(module, Adapter)
+            and name not in handled and not name.startswith(inside)
+            and not any(h.startswith(f"{name}.") for h in handled)
+            and not any(m is not module and _ATTENTION_LIKE.search(type(m).__name__) for m in module.modules())]
+
+
+def _class_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def fold_prefix(model: nn.Module) -> nn.Module:

@@ -26,6 +26,14 @@ from lightning_peft.prefix.attention.inline_transformers import (
 )
 from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention, multihead_shape
 from lightning_peft.prefix.attention.timm_attention import TimmPrefixAttention, is_timm_attention, timm_shape
+from lightning_peft.prefix.attention.timm_variants import (
+    Attention2dPrefixAttention,
+    AttentionClPrefixAttention,
+    BeitPrefixAttention,
+    EvaPrefixAttention,
+    PvtV2PrefixAttention,
+    timm_variant,
+)
 from lightning_peft.prefix.attention.transformers_attention import (
     TransformersPrefixAttention,
     calls_attention_interface,
@@ -77,8 +85,14 @@ def _window_handler(module: nn.Module) -> AttentionMatch | None:
     return AttentionMatch(*found) if found is not None else None
 
 
+def _timm_variants_handler(module: nn.Module) -> AttentionMatch | None:
+    found = timm_variant(module)  # BEiT, EVA, PVTv2, CoAtNet/MaxViT: attention of their own model files
+    return AttentionMatch(*found) if found is not None else None
+
+
 _HANDLERS: list[AttentionHandler] = [
     _transformers_handler, _inline_transformers_handler, _multihead_handler, _timm_handler, _window_handler,
+    _timm_variants_handler,
 ]
 
 
@@ -106,15 +120,20 @@ def match_attention(module: nn.Module) -> AttentionMatch | None:
 
 
 __all__ = [
+    "Attention2dPrefixAttention",
+    "AttentionClPrefixAttention",
     "AttentionHandler",
     "AttentionMatch",
+    "BeitPrefixAttention",
     "BloomPrefixAttention",
     "DebertaV2PrefixAttention",
+    "EvaPrefixAttention",
     "FalconPrefixAttention",
     "MultiheadPrefixAttention",
     "PrefixAttention",
     "PrefixEncoder",
     "PrefixShape",
+    "PvtV2PrefixAttention",
     "TimmPrefixAttention",
     "TimmWindowPrefixAttention",
     "TimmWindowV2PrefixAttention",
