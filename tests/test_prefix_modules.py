@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_peft import LoRA, PrefixTuning, TargetNotFoundError, adapters, inject, register_attention_handler
+from lightning_peft.errors import PEFTWarning
 from lightning_peft.prefix.attention import _HANDLERS, AttentionMatch, PrefixAttention, PrefixShape
 from lightning_peft.prefix.attention.base import prefixed_attention
 
@@ -228,3 +229,11 @@ def test_open_gate_adds_the_prefix_attention_of_its_own_softmax_scaled_by_tanh()
     mixed = sdpa(q, k, v) + torch.tanh(torch.tensor(0.7)) * sdpa(q, pk, pv)
     expected = mha.out_proj(mixed.transpose(1, 2).reshape(2, 5, 8))
     torch.testing.assert_close(adapter(x, x, x, need_weights=False)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_with_known_and_unknown_attention_warns_which_layers_keep_no_prefix() -> None:
+    model = nn.ModuleDict({"known": nn.MultiheadAttention(8, 2, batch_first=True), "own": OwnAttention()})
+    with pytest.warns(PEFTWarning, match=r"adapts 1 attention layers of ModuleDict but not 1 others .*OwnAttention "
+                                         r"\(e\.g\. 'own'\)"):
+        adapted = inject(model, PrefixTuning(num_tokens=2))
+    assert [n for n, _ in adapters(adapted)] == ["known"]
