@@ -60,7 +60,7 @@ class _BiasTablePrefixAttention(PrefixAttention):
         if not self.enabled:
             return attn(x)
         q, k, v = self.project(x)  # (b, h, n_q, d_k), (b, h, n, d_k), (b, h, n, d_v)
-        bias = attn.get_attention_biases(x.device)  # (h, n_q, n): real keys only, prefix columns get 0
+        bias = attn.get_attention_biases(x.device).to(q.dtype)  # (h, n_q, n): real keys only; prefix columns get 0
         out, _ = prefixed_attention(self, q, k, v, bias, scale=attn.scale)
         return attn.proj(self.heads_out(out, x))
 
