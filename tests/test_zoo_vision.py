@@ -29,8 +29,9 @@ ZOO: dict[str, VisionModel] = {
     **{f"torchvision/{name}": model for name, model in TORCHVISION.items()},
     **{f"timm/{name}": model for name, model in TIMM.items()},
 }
-#: MobileViT's attention output passes a fusion convolution: the seeded adapter move changes its logits by ~1e-4
-TOLERANCE = {("timm/mobilevit_xxs", "prefix"): 1e-6}
+#: MobileViT's attention output passes a fusion convolution: the seeded adapter move changes its logits by ~1e-4;
+#: EfficientFormer's one attention layer sits behind a LayerScale of 1e-5 (timm's init): ~2e-6
+TOLERANCE = {("timm/mobilevit_xxs", "prefix"): 1e-6, ("timm/efficientformer_l1", "prefix"): 1e-8}
 
 
 @functools.cache

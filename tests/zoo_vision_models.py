@@ -188,7 +188,7 @@ TIMM: dict[str, VisionModel] = {
     "edgenext_xx_small": VisionModel(_timm("edgenext_xx_small"), prefix="not defined"),
     "mobilevit_xxs": VisionModel(_timm("mobilevit_xxs"), size=64, prefix="ok"),
     "pvt_v2_b0": VisionModel(_timm("pvt_v2_b0"), prefix="ok"),
-    "levit_128s": VisionModel(_timm("levit_128s", img_size=128), size=128, prefix="gap", move=0.005),
-    "tiny_vit_5m_224": VisionModel(_timm("tiny_vit_5m_224", window_sizes=(2, 2, 4, 2)), size=64, prefix="gap"),
-    "efficientformer_l1": VisionModel(_timm("efficientformer_l1"), size=224, prefix="gap"),  # fixed 7x7 attention
+    "levit_128s": VisionModel(_timm("levit_128s", img_size=128), size=128, prefix="ok", move=0.005),
+    "tiny_vit_5m_224": VisionModel(_timm("tiny_vit_5m_224", window_sizes=(2, 2, 4, 2)), size=64, prefix="ok"),
+    "efficientformer_l1": VisionModel(_timm("efficientformer_l1"), size=224, prefix="ok"),  # fixed 7x7 attention
 }

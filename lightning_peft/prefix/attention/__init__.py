@@ -26,6 +26,7 @@ from lightning_peft.prefix.attention.inline_transformers import (
 )
 from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention, multihead_shape
 from lightning_peft.prefix.attention.timm_attention import TimmPrefixAttention, is_timm_attention, timm_shape
+from lightning_peft.prefix.attention.timm_biased import timm_biased_family
 from lightning_peft.prefix.attention.timm_variants import (
     Attention2dPrefixAttention,
     AttentionClPrefixAttention,
@@ -90,9 +91,14 @@ def _timm_variants_handler(module: nn.Module) -> AttentionMatch | None:
     return AttentionMatch(*found) if found is not None else None
 
 
+def _timm_biased_handler(module: nn.Module) -> AttentionMatch | None:
+    found = timm_biased_family(module)  # LeViT, TinyViT, EfficientFormer: learned per-position attention biases
+    return AttentionMatch(*found) if found is not None else None
+
+
 _HANDLERS: list[AttentionHandler] = [
     _transformers_handler, _inline_transformers_handler, _multihead_handler, _timm_handler, _window_handler,
-    _timm_variants_handler,
+    _timm_variants_handler, _timm_biased_handler,
 ]
 
 
