@@ -4,10 +4,10 @@ encoders and encoder-decoders, folding, exact start, gradient checkpointing."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch
+from attention_checks import capture, rotate_half
 from torch import nn
 
 from lightning_peft import PrefixTuning, adapters, adapters_disabled, fold_prefix, inject, unload
@@ -57,22 +57,6 @@ def prefix_adapters(model: nn.Module) -> list[PrefixAttention]:
     return [a for _, a in adapters(model) if isinstance(a, PrefixAttention)]
 
 
-def capture(adapter: PrefixAttention) -> dict[str, Any]:
-    """Record the inputs and output of the attention module inside ``adapter``."""
-    seen: dict[str, Any] = {}
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        seen.update(args=args, kwargs=kwargs, output=output)
-
-    adapter.base_layer.register_forward_hook(hook, with_kwargs=True)
-    return seen
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
                         allowed: torch.Tensor) -> torch.Tensor:
     """Written out: concatenate the prefix, score n x (p+n), mask, softmax, weight the values."""
@@ -92,7 +76,7 @@ def test_attention_equals_hand_written_reference_with_explicit_concatenation(fam
                                                                              impl: str) -> None:
     model = inject(tiny(family, impl), PrefixTuning(num_tokens=P))
     adapter = prefix_adapters(model)[1]  # the second layer: its input already went through a prefixed layer
-    seen = capture(adapter)
+    seen = capture(adapter.base_layer)
     inputs = batch(padded)
     with torch.no_grad():
         model(**inputs)

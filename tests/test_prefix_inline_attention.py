@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from attention_checks import capture, rotate_half
 from torch import nn
 
 from lightning_peft import PrefixTuning, adapters, adapters_disabled, inject
@@ -49,22 +50,6 @@ def batch(padded: bool = True, n: int = 7, rows: int = 2) -> dict[str, torch.Ten
 
 def prefix_adapters(model: nn.Module) -> list[PrefixAttention]:
     return [a for _, a in adapters(model) if isinstance(a, PrefixAttention)]
-
-
-def capture(module: nn.Module) -> dict[str, Any]:
-    """The arguments the model passes to ``module`` (the adapter: before it touches them) and its output."""
-    seen: dict[str, Any] = {}
-
-    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        seen.update(args=args, kwargs=kwargs, output=output)
-
-    module.register_forward_hook(hook, with_kwargs=True)
-    return seen
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 def softmax_over_prefix_and_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor,

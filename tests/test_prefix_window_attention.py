@@ -8,11 +8,11 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_checks import capture
 from torch import nn
 from zoo_checks import nondegenerate
 
@@ -48,16 +48,6 @@ def images(height: int = 32, width: int = 32) -> torch.Tensor:
 
 def prefix_layers(model: nn.Module) -> list[PrefixAttention]:
     return [m for m in model.modules() if isinstance(m, PrefixAttention)]
-
-
-def capture(module: nn.Module) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-
-    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        seen.update(args=args, kwargs=kwargs, output=output)
-
-    module.register_forward_hook(hook, with_kwargs=True)
-    return seen
 
 
 def softmax_over_prefix_and_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor,

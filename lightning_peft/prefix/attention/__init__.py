@@ -17,23 +17,24 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_peft.prefix.attention.base import PrefixAttention, PrefixEncoder, PrefixShape
+from lightning_peft.imported import imported_class
+from lightning_peft.prefix.attention.base import AttentionClass, PrefixAttention, PrefixEncoder, PrefixShape
 from lightning_peft.prefix.attention.inline_transformers import (
+    INLINE_CLASSES,
     BloomPrefixAttention,
     DebertaV2PrefixAttention,
     FalconPrefixAttention,
-    inline_family,
 )
 from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention, multihead_shape
 from lightning_peft.prefix.attention.timm_attention import TimmPrefixAttention, is_timm_attention, timm_shape
-from lightning_peft.prefix.attention.timm_biased import timm_biased_family
+from lightning_peft.prefix.attention.timm_biased import TIMM_BIASED_CLASSES
 from lightning_peft.prefix.attention.timm_variants import (
+    TIMM_VARIANT_CLASSES,
     Attention2dPrefixAttention,
     AttentionClPrefixAttention,
     BeitPrefixAttention,
     EvaPrefixAttention,
     PvtV2PrefixAttention,
-    timm_variant,
 )
 from lightning_peft.prefix.attention.transformers_attention import (
     TransformersPrefixAttention,
@@ -41,11 +42,11 @@ from lightning_peft.prefix.attention.transformers_attention import (
     transformers_shape,
 )
 from lightning_peft.prefix.attention.window_attention import (
+    WINDOW_CLASSES,
     TimmWindowPrefixAttention,
     TimmWindowV2PrefixAttention,
     TorchvisionWindowPrefixAttention,
     TorchvisionWindowV2PrefixAttention,
-    window_family,
 )
 
 
@@ -66,11 +67,6 @@ def _transformers_handler(module: nn.Module) -> AttentionMatch | None:
     return AttentionMatch(TransformersPrefixAttention, transformers_shape(module))
 
 
-def _inline_transformers_handler(module: nn.Module) -> AttentionMatch | None:
-    found = inline_family(module)  # BLOOM, Falcon, DeBERTa-v2: attention computed inside their own forward
-    return AttentionMatch(*found) if found is not None else None
-
-
 def _multihead_handler(module: nn.Module) -> AttentionMatch | None:
     if not isinstance(module, nn.MultiheadAttention):
         return None
@@ -81,24 +77,27 @@ def _timm_handler(module: nn.Module) -> AttentionMatch | None:
     return AttentionMatch(TimmPrefixAttention, timm_shape(module)) if is_timm_attention(module) else None
 
 
-def _window_handler(module: nn.Module) -> AttentionMatch | None:
-    found = window_family(module)  # Swin: torchvision ShiftedWindowAttention (v1, v2), timm WindowAttention (v1, v2)
-    return AttentionMatch(*found) if found is not None else None
+def class_table_handler(table: tuple[AttentionClass, ...]) -> AttentionHandler:
+    """A handler matching the classes of ``table`` (of libraries already imported) to their adapters and shapes."""
 
+    def handler(module: nn.Module) -> AttentionMatch | None:
+        for entry in table:
+            cls = imported_class(entry.module, entry.name)
+            if cls is not None and (type(module) is cls or (entry.subclasses and isinstance(module, cls))):
+                return AttentionMatch(entry.adapter, entry.shape(module))
+        return None
 
-def _timm_variants_handler(module: nn.Module) -> AttentionMatch | None:
-    found = timm_variant(module)  # BEiT, EVA, PVTv2, CoAtNet/MaxViT: attention of their own model files
-    return AttentionMatch(*found) if found is not None else None
-
-
-def _timm_biased_handler(module: nn.Module) -> AttentionMatch | None:
-    found = timm_biased_family(module)  # LeViT, TinyViT, EfficientFormer: learned per-position attention biases
-    return AttentionMatch(*found) if found is not None else None
+    return handler
 
 
 _HANDLERS: list[AttentionHandler] = [
-    _transformers_handler, _inline_transformers_handler, _multihead_handler, _timm_handler, _window_handler,
-    _timm_variants_handler, _timm_biased_handler,
+    _transformers_handler,
+    class_table_handler(INLINE_CLASSES),  # BLOOM, Falcon, DeBERTa-v2: attention inside their own forward
+    _multihead_handler,
+    _timm_handler,
+    class_table_handler(WINDOW_CLASSES),  # Swin: torchvision ShiftedWindowAttention, timm WindowAttention (v1, v2)
+    class_table_handler(TIMM_VARIANT_CLASSES),  # BEiT, EVA, PVTv2, CoAtNet/MaxViT
+    class_table_handler(TIMM_BIASED_CLASSES),  # LeViT, TinyViT, EfficientFormer: per-position attention biases
 ]
 
 
@@ -128,6 +127,7 @@ def match_attention(module: nn.Module) -> AttentionMatch | None:
 __all__ = [
     "Attention2dPrefixAttention",
     "AttentionClPrefixAttention",
+    "AttentionClass",
     "AttentionHandler",
     "AttentionMatch",
     "BeitPrefixAttention",
@@ -146,6 +146,7 @@ __all__ = [
     "TorchvisionWindowPrefixAttention",
     "TorchvisionWindowV2PrefixAttention",
     "TransformersPrefixAttention",
+    "class_table_handler",
     "match_attention",
     "register_attention_handler",
 ]

@@ -17,8 +17,9 @@ equals the frozen one until ``g`` moves.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, overload
+from typing import Any, ClassVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,21 @@ class PrefixShape:
     def numel_per_token(self) -> int:
         """Numbers one prefix position holds in this layer (its keys and values over all heads)."""
         return self.kv_heads * (self.key_dim + self.value_dim)
+
+
+@dataclass(frozen=True)
+class AttentionClass:
+    """One attention class of an optional library: the adapter that wraps it and how to read its prefix shape.
+
+    The class is looked up only once its module is imported (see :func:`lightning_peft.imported.imported_class`).
+    A module matches its exact class, or any subclass of it when ``subclasses`` is true.
+    """
+
+    module: str
+    name: str
+    adapter: type[PrefixAttention]
+    shape: Callable[[Any], PrefixShape]
+    subclasses: bool = False
 
 
 class PrefixEncoder(nn.Module):

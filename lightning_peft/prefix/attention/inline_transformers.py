@@ -42,7 +42,14 @@ import torch
 from torch import nn
 
 from lightning_peft.imported import imported_class
-from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, attend, causal_bias, pad_columns
+from lightning_peft.prefix.attention.base import (
+    AttentionClass,
+    PrefixAttention,
+    PrefixShape,
+    attend,
+    causal_bias,
+    pad_columns,
+)
 
 _BLOOM = "transformers.models.bloom.modeling_bloom"
 _FALCON = "transformers.models.falcon.modeling_falcon"
@@ -262,18 +269,9 @@ def deberta_shape(module: Any) -> PrefixShape:
     return PrefixShape(module.num_attention_heads, module.attention_head_size, module.attention_head_size)
 
 
-#: (modeling module, attention class, adapter, shape reader) of each inline family.
-INLINE_FAMILIES: tuple[tuple[str, str, type[PrefixAttention], Callable[[nn.Module], PrefixShape]], ...] = (
-    (_BLOOM, "BloomAttention", BloomPrefixAttention, bloom_shape),
-    (_FALCON, "FalconAttention", FalconPrefixAttention, falcon_shape),
-    (_DEBERTA, "DisentangledSelfAttention", DebertaV2PrefixAttention, deberta_shape),
+#: BLOOM, Falcon and DeBERTa-v2 attention (subclasses too): attention computed inside their own forward.
+INLINE_CLASSES: tuple[AttentionClass, ...] = (
+    AttentionClass(_BLOOM, "BloomAttention", BloomPrefixAttention, bloom_shape, subclasses=True),
+    AttentionClass(_FALCON, "FalconAttention", FalconPrefixAttention, falcon_shape, subclasses=True),
+    AttentionClass(_DEBERTA, "DisentangledSelfAttention", DebertaV2PrefixAttention, deberta_shape, subclasses=True),
 )
-
-
-def inline_family(module: nn.Module) -> tuple[type[PrefixAttention], PrefixShape] | None:
-    """The adapter class and prefix shape for a BLOOM, Falcon or DeBERTa-v2 attention module, else ``None``."""
-    for module_name, class_name, adapter, shape in INLINE_FAMILIES:
-        cls = imported_class(module_name, class_name)
-        if cls is not None and isinstance(module, cls):
-            return adapter, shape(module)
-    return None

@@ -19,10 +19,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, TypeAlias
 
 import torch
-from torch import nn
 
-from lightning_peft.imported import imported_class
-from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, prefixed_attention
+from lightning_peft.prefix.attention.base import AttentionClass, PrefixAttention, PrefixShape, prefixed_attention
 
 if TYPE_CHECKING:
     from timm.models.efficientformer import Attention as EfficientFormerAttention
@@ -135,27 +133,16 @@ class LevitDownsamplePrefixAttention(LevitPrefixAttention):
         return (x.shape[-2] - 1) // stride + 1, (x.shape[-1] - 1) // stride + 1
 
 
-#: (module, class) of each family's attention, and the adapter that wraps it (exact type match).
-_FAMILIES: tuple[tuple[str, str, type[_BiasTablePrefixAttention]], ...] = (
-    ("timm.models.levit", "Attention", LevitPrefixAttention),
-    ("timm.models.levit", "AttentionDownsample", LevitDownsamplePrefixAttention),
-    ("timm.models.tiny_vit", "Attention", TinyVitPrefixAttention),
-    ("timm.models.efficientformer", "Attention", EfficientFormerPrefixAttention),
-)
-
-
-def timm_biased_family(module: nn.Module) -> tuple[type[PrefixAttention], PrefixShape] | None:
-    """The adapter class and prefix shape for a LeViT, TinyViT or EfficientFormer attention layer, else ``None``.
-
-    Keys are ``key_dim`` wide and values ``val_dim``, per head (classes looked up only if timm imported them).
-    """
-    for module_name, class_name, adapter in _FAMILIES:
-        cls = imported_class(module_name, class_name)
-        if cls is not None and type(module) is cls:
-            return adapter, biased_shape(module)
-    return None
-
-
 def biased_shape(module: BiasTableAttention) -> PrefixShape:
     """Heads, key width (``key_dim``) and value width (``val_dim = attn_ratio · key_dim``) of these layers."""
     return PrefixShape(module.num_heads, module.key_dim, module.val_dim)
+
+
+#: LeViT, TinyViT and EfficientFormer attention (exact types): learned per-position bias tables, keys ``key_dim``
+#: and values ``val_dim`` wide per head.
+TIMM_BIASED_CLASSES: tuple[AttentionClass, ...] = (
+    AttentionClass("timm.models.levit", "Attention", LevitPrefixAttention, biased_shape),
+    AttentionClass("timm.models.levit", "AttentionDownsample", LevitDownsamplePrefixAttention, biased_shape),
+    AttentionClass("timm.models.tiny_vit", "Attention", TinyVitPrefixAttention, biased_shape),
+    AttentionClass("timm.models.efficientformer", "Attention", EfficientFormerPrefixAttention, biased_shape),
+)

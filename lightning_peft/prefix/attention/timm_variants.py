@@ -18,7 +18,6 @@ prefix. EdgeNeXt's cross-covariance attention is refused by definition (:func:`p
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 from lightning_peft.imported import imported_class
 from lightning_peft.prefix.attention.base import (
+    AttentionClass,
     PrefixAttention,
     PrefixShape,
     additive_mask,
@@ -215,22 +215,14 @@ def _dim_head_shape(module: Any) -> PrefixShape:
     return PrefixShape(module.num_heads, module.dim_head, module.dim_head)
 
 
-#: (timm module, class) -> adapter class and the shape of its prefix; looked up only if timm is imported.
-_VARIANTS: dict[tuple[str, str], tuple[type[PrefixAttention], Callable[[Any], PrefixShape]]] = {
-    ("timm.models.beit", "Attention"): (BeitPrefixAttention, _beit_shape),
-    ("timm.models.eva", "EvaAttention"): (EvaPrefixAttention, _head_dim_shape),
-    ("timm.models.pvt_v2", "Attention"): (PvtV2PrefixAttention, _head_dim_shape),
-    ("timm.models.maxxvit", "Attention2d"): (Attention2dPrefixAttention, _dim_head_shape),
-    ("timm.models.maxxvit", "AttentionCl"): (AttentionClPrefixAttention, _dim_head_shape),
-}
-
-
-def timm_variant(module: nn.Module) -> tuple[type[PrefixAttention], PrefixShape] | None:
-    """The prefix adapter class and shape for one of the timm attention classes above (exact type), else ``None``."""
-    for (module_name, class_name), (adapter, shape) in _VARIANTS.items():
-        if type(module) is imported_class(module_name, class_name):
-            return adapter, shape(module)
-    return None
+#: BEiT, EVA, PVTv2 and CoAtNet/MaxViT attention: classes of their own timm model files (exact types).
+TIMM_VARIANT_CLASSES: tuple[AttentionClass, ...] = (
+    AttentionClass("timm.models.beit", "Attention", BeitPrefixAttention, _beit_shape),
+    AttentionClass("timm.models.eva", "EvaAttention", EvaPrefixAttention, _head_dim_shape),
+    AttentionClass("timm.models.pvt_v2", "Attention", PvtV2PrefixAttention, _head_dim_shape),
+    AttentionClass("timm.models.maxxvit", "Attention2d", Attention2dPrefixAttention, _dim_head_shape),
+    AttentionClass("timm.models.maxxvit", "AttentionCl", AttentionClPrefixAttention, _dim_head_shape),
+)
 
 
 #: Attention whose definition leaves no place for a token prefix: (timm module, class).

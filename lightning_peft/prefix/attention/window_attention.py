@@ -24,10 +24,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lightning_peft.imported import imported_class
-from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, prefixed_attention
+from lightning_peft.prefix.attention.base import AttentionClass, PrefixAttention, PrefixShape, prefixed_attention
 
 if TYPE_CHECKING:
     from timm.models.swin_transformer import WindowAttention
@@ -199,18 +197,12 @@ def window_shape(module: ShiftedWindowAttention | WindowAttention | WindowAttent
     return PrefixShape(module.num_heads, width, width)
 
 
-#: (module, class, adapter): exact classes (torchvision's v2 subclasses its v1), resolved once imported
-WINDOW_FAMILIES: tuple[tuple[str, str, type[PrefixAttention]], ...] = (
-    ("torchvision.models.swin_transformer", "ShiftedWindowAttention", TorchvisionWindowPrefixAttention),
-    ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2", TorchvisionWindowV2PrefixAttention),
-    ("timm.models.swin_transformer", "WindowAttention", TimmWindowPrefixAttention),
-    ("timm.models.swin_transformer_v2", "WindowAttention", TimmWindowV2PrefixAttention),
+_SWIN = "torchvision.models.swin_transformer"
+
+#: Swin window attention of torchvision and timm (exact classes: torchvision's v2 subclasses its v1).
+WINDOW_CLASSES: tuple[AttentionClass, ...] = (
+    AttentionClass(_SWIN, "ShiftedWindowAttention", TorchvisionWindowPrefixAttention, window_shape),
+    AttentionClass(_SWIN, "ShiftedWindowAttentionV2", TorchvisionWindowV2PrefixAttention, window_shape),
+    AttentionClass("timm.models.swin_transformer", "WindowAttention", TimmWindowPrefixAttention, window_shape),
+    AttentionClass("timm.models.swin_transformer_v2", "WindowAttention", TimmWindowV2PrefixAttention, window_shape),
 )
-
-
-def window_family(module: nn.Module) -> tuple[type[PrefixAttention], PrefixShape] | None:
-    """The adapter class and prefix shape for a torchvision or timm Swin window attention, else ``None``."""
-    for module_name, class_name, adapter in WINDOW_FAMILIES:
-        if type(module) is imported_class(module_name, class_name):
-            return adapter, window_shape(module)
-    return None
