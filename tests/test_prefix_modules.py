@@ -11,7 +11,15 @@ from torch import nn
 
 from lightning_peft import LoRA, PrefixTuning, TargetNotFoundError, adapters, inject, register_attention_handler
 from lightning_peft.errors import PEFTWarning
-from lightning_peft.prefix.attention import _HANDLERS, AttentionMatch, PrefixAttention, PrefixShape
+from lightning_peft.prefix.attention import (
+    _HANDLERS,
+    AttentionClass,
+    AttentionMatch,
+    PrefixAttention,
+    PrefixShape,
+    class_table_handler,
+    match_attention,
+)
 from lightning_peft.prefix.attention.base import prefixed_attention
 
 TOL = dict(atol=1e-5, rtol=1e-4)
@@ -199,6 +207,30 @@ def test_registered_handler_teaches_prefix_tuning_a_new_attention_class() -> Non
         adapted = inject(model, PrefixTuning(num_tokens=2))
         assert isinstance(adapted[0], OwnPrefixAttention) and adapted(x).shape == (2, 3, 8)
         assert not torch.allclose(adapted(x), base)
+    finally:
+        _HANDLERS.remove(own)
+
+
+class OwnAttentionSubclass(OwnAttention):
+    pass
+
+
+@pytest.mark.parametrize("subclasses", [False, True])
+def test_class_table_handler_matches_the_named_class_exactly_or_with_its_subclasses(subclasses: bool) -> None:
+    shape = PrefixShape(2, 4, 4)
+    own = class_table_handler((AttentionClass(__name__, "OwnAttention", OwnPrefixAttention, lambda m: shape,
+                                              subclasses=subclasses),))
+    assert own(OwnAttention()) == AttentionMatch(OwnPrefixAttention, shape)
+    assert (own(OwnAttentionSubclass()) is not None) == subclasses
+    assert own(nn.Linear(8, 8)) is None
+    missing = class_table_handler((AttentionClass("not_imported.module", "OwnAttention", OwnPrefixAttention,
+                                                  lambda m: shape),))
+    assert missing(OwnAttention()) is None  # a module that is not imported holds no class to match
+    register_attention_handler(own)
+    try:
+        assert match_attention(OwnAttention()) == AttentionMatch(OwnPrefixAttention, shape)
+        x = torch.randn(2, 3, 8)
+        assert inject(nn.Sequential(OwnAttention()), PrefixTuning(num_tokens=2))(x).shape == (2, 3, 8)
     finally:
         _HANDLERS.remove(own)
 

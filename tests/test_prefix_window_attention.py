@@ -6,6 +6,7 @@ disabled adapter against the base; gradients; the gate's exact start; injection 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from pathlib import Path
 
@@ -23,16 +24,24 @@ timm = pytest.importorskip("timm")
 tv = pytest.importorskip("torchvision.models.swin_transformer")
 P = 3
 TOL = dict(atol=1e-10, rtol=1e-10)  # float64 throughout
-FAMILIES = ["torchvision", "torchvision_v2", "timm", "timm_v2"]
-BASE_CLASSES = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2", "WindowAttention")
+SWIN = ["torchvision", "torchvision_v2", "timm", "timm_v2"]
+FAMILIES = [*SWIN, "torchvision_maxvit"]
+BASE_CLASSES = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2", "WindowAttention",
+                "RelativePositionalMultiHeadAttention")
 
 
 def tiny(family: str) -> nn.Module:
     """Two stages of two blocks (the second of stage 0 shifted), window 4, 8x8 feature map at 32x32, float64.
 
-    Zero-initialised weights get small values (timm v2's res-post-norms start at zero, hiding the attention)."""
+    Zero-initialised weights get small values (timm v2's res-post-norms start at zero, hiding the attention).
+    torchvision MaxViT: two stages of one block (window then grid attention each), partition 2, 8x8 then 4x4."""
     torch.manual_seed(0)
-    if family.startswith("torchvision"):
+    if family == "torchvision_maxvit":
+        from torchvision.models.maxvit import MaxVit
+
+        model = MaxVit(input_size=(32, 32), stem_channels=16, partition_size=2, block_channels=[16, 32],
+                       block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10)
+    elif family.startswith("torchvision"):
         v2 = dict(block=tv.SwinTransformerBlockV2, downsample_layer=tv.PatchMergingV2) if family.endswith("v2") else {}
         model = tv.SwinTransformer([4, 4], 16, [2, 2], [2, 2], [4, 4], num_classes=10, **v2)
     else:
@@ -130,7 +139,7 @@ def timm_reference(adapter: PrefixAttention, x: torch.Tensor, mask: torch.Tensor
 
 # torchvision pads a map the windows do not tile (36x28 images: 9x7 features, padded to 12x8); timm models take
 # their declared image size only
-SIZES = [(family, (32, 32)) for family in FAMILIES] + [("torchvision", (36, 28)), ("torchvision_v2", (36, 28))]
+SIZES = [(family, (32, 32)) for family in SWIN] + [("torchvision", (36, 28)), ("torchvision_v2", (36, 28))]
 
 
 @pytest.mark.parametrize("family,size", SIZES)
@@ -213,3 +222,35 @@ def test_prefix_tuning_adapts_every_window_attention_and_reloads_exactly(family:
         assert torch.equal(old.prefix_keys, new.prefix_keys) and torch.equal(old.prefix_values, new.prefix_values)
     with torch.no_grad():
         assert torch.equal(reloaded(images()), expected)
+
+
+def maxvit_reference(adapter: PrefixAttention, x: torch.Tensor) -> torch.Tensor:
+    """torchvision MaxViT attention written out, group by group of ``x (B, G, P, D)``: per head, scores over
+    ``[prefix; the group's P keys]`` at torchvision's scale ``D ** -0.5``, the relative bias on real keys only."""
+    attn = adapter.base_layer
+    bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)]
+    bias = bias.view(x.shape[2], x.shape[2], -1).permute(2, 0, 1)  # (h, P, P)
+    scale = x.shape[-1] ** -0.5
+    out = torch.empty_like(x)
+    for b, g in itertools.product(range(x.shape[0]), range(x.shape[1])):
+        q, k, v = heads(x[b, g] @ attn.to_qkv.weight.T + attn.to_qkv.bias, attn.n_heads)
+        scores = torch.cat([q @ adapter.prefix_keys.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1) * scale
+        scores = scores + F.pad(bias, (P, 0))
+        mixed = scores.softmax(dim=-1) @ torch.cat([adapter.prefix_values, v], dim=-2)  # (h, P, d)
+        out[b, g] = mixed.transpose(0, 1).reshape(x.shape[2], -1) @ attn.merge.weight.T + attn.merge.bias
+    return out
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 3], ids=["windows", "grid", "stage1-windows", "stage1-grid"])
+def test_torchvision_maxvit_layer_equals_written_out_softmax_over_prefix_and_group(layer: int) -> None:
+    model = inject(tiny("torchvision_maxvit"), PrefixTuningConfig(num_tokens=P))
+    adapter = prefix_layers(model)[layer]
+    seen = capture(adapter)
+    with torch.no_grad():
+        model(images())
+        x = seen["args"][0]
+        expected = maxvit_reference(adapter, x)
+    assert x.dim() == 4 and x.shape[1] > 1  # several groups, each attending over the prefix and itself only
+    torch.testing.assert_close(seen["output"], expected, **TOL)
+    print(f"maxvit layer {layer} {tuple(x.shape)}: max |adapter - reference| = "
+          f"{(seen['output'] - expected).abs().max():.2e}")

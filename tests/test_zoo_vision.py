@@ -118,6 +118,6 @@ def test_sweep_covers_every_torchvision_family_and_forty_timm_architectures() ->
         return re.match(r"[a-z]+", name).group()  # type: ignore[union-attr]
 
     families = {family(name) for name in models.list_models(module=models)}
-    # maxvit_t needs 224x224 inputs (too slow for this sweep); LoRA on it runs in the meta-device sweep
-    assert families - {family(name) for name in TORCHVISION} == {"maxvit"}
+    # maxvit_t itself needs 224x224 inputs (the sweep builds MaxVit smaller); LoRA on it runs on the meta device
+    assert families - {family(name) for name in TORCHVISION} == set()
     assert len(TIMM) >= 40

@@ -131,6 +131,16 @@ def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     return build
 
 
+def _maxvit() -> nn.Module:
+    """torchvision's MaxVit at a small configuration: maxvit_t (partition 7, four stages) takes 224x224 inputs
+    only, 6 s for one float64 forward and backward on a CPU core; this one keeps its blocks (MBConv, window and
+    grid attention with the relative bias) on 64x64 images, partition 4, two stages."""
+    from torchvision.models.maxvit import MaxVit
+
+    return MaxVit(input_size=(64, 64), stem_channels=16, partition_size=4, block_channels=[16, 32],
+                  block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10)
+
+
 def _convmixer() -> nn.Module:
     """A small ConvMixer (the registered ones fix 32 blocks of width 768; their 7x7 patches would leave the
     last 4 rows of a 32x32 image, and a prompt border there, unseen)."""
@@ -151,6 +161,7 @@ TORCHVISION: dict[str, VisionModel] = {
     "googlenet": VisionModel(_torchvision("googlenet", aux_logits=False, init_weights=True)),
     "inception_v3": VisionModel(_torchvision("inception_v3", aux_logits=False, init_weights=True), size=75),
     "squeezenet1_1": VisionModel(_torchvision("squeezenet1_1"), size=64, move=0.05),
+    "maxvit": VisionModel(_maxvit, size=64, prefix="ok", move=0.05),  # a 0.01 border moves logits 1e-3
     "swin_t": VisionModel(_torchvision("swin_t"), prefix="ok"),
     "swin_v2_t": VisionModel(_torchvision("swin_v2_t"), prefix="ok"),
     "vit_b_16": VisionModel(_torchvision("vit_b_16", image_size=32), prompt_kind="patches", prefix="ok"),

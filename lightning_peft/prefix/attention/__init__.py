@@ -45,6 +45,7 @@ from lightning_peft.prefix.attention.window_attention import (
     WINDOW_CLASSES,
     TimmWindowPrefixAttention,
     TimmWindowV2PrefixAttention,
+    TorchvisionMaxVitPrefixAttention,
     TorchvisionWindowPrefixAttention,
     TorchvisionWindowV2PrefixAttention,
 )
@@ -95,7 +96,7 @@ _HANDLERS: list[AttentionHandler] = [
     class_table_handler(INLINE_CLASSES),  # BLOOM, Falcon, DeBERTa-v2: attention inside their own forward
     _multihead_handler,
     _timm_handler,
-    class_table_handler(WINDOW_CLASSES),  # Swin: torchvision ShiftedWindowAttention, timm WindowAttention (v1, v2)
+    class_table_handler(WINDOW_CLASSES),  # Swin (torchvision, timm; v1, v2), torchvision MaxViT
     class_table_handler(TIMM_VARIANT_CLASSES),  # BEiT, EVA, PVTv2, CoAtNet/MaxViT
     class_table_handler(TIMM_BIASED_CLASSES),  # LeViT, TinyViT, EfficientFormer: per-position attention biases
 ]
@@ -143,6 +144,7 @@ __all__ = [
     "TimmPrefixAttention",
     "TimmWindowPrefixAttention",
     "TimmWindowV2PrefixAttention",
+    "TorchvisionMaxVitPrefixAttention",
     "TorchvisionWindowPrefixAttention",
     "TorchvisionWindowV2PrefixAttention",
     "TransformersPrefixAttention",

@@ -1,5 +1,6 @@
-"""Prefixes for Swin window attention: torchvision's ``ShiftedWindowAttention`` (v1, v2) and timm's
-``WindowAttention`` (``swin_transformer``, ``swin_transformer_v2``).
+"""Prefixes for window attention: Swin's (torchvision's ``ShiftedWindowAttention`` v1/v2, timm's
+``WindowAttention`` of ``swin_transformer`` and ``swin_transformer_v2``) and torchvision MaxViT's block and grid
+attention (``RelativePositionalMultiHeadAttention``).
 
 Swin attends inside non-overlapping windows of ``N = Wh·Ww`` tokens, the windows stacked on the batch axis. As
 VPT-deep on Swin, every window gets the layer's same ``p`` prefix keys and values::
@@ -15,6 +16,10 @@ prefix enters exactly where the real keys do.
 None of these classes exposes q, k, v: torchvision's computes them in the module-level
 ``shifted_window_attention``, timm's inside ``forward``. Each adapter owns the forward and mirrors the base's
 (padding, cyclic shift and window partition for torchvision; the fused or separate q/v biases for timm v2).
+
+torchvision's MaxViT partitions before the attention layer (into windows, then into a dilated grid) and hands it
+``(B, G, P, D)``: ``G`` groups of ``P`` tokens, each group attending only within itself. Every group gets the
+layer's prefix, with no relative position bias on the prefix columns, as in Swin.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from lightning_peft.prefix.attention.base import AttentionClass, PrefixAttention
 if TYPE_CHECKING:
     from timm.models.swin_transformer import WindowAttention
     from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
     from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 
@@ -191,6 +197,33 @@ class TimmWindowV2PrefixAttention(PrefixAttention):
         return 16 * torch.sigmoid(bias).unsqueeze(0)
 
 
+class TorchvisionMaxVitPrefixAttention(PrefixAttention):
+    """torchvision MaxViT ``RelativePositionalMultiHeadAttention`` with a prefix in every window (block attention)
+    and every grid cell (grid attention); takes ``x (B, G, P, D)``.
+
+    torchvision multiplies the keys by ``feat_dim ** -0.5`` (the layer's width, not a head's) before scoring;
+    the prefix keys are scored at that same scale.
+    """
+
+    family = "torchvision MaxViT RelativePositionalMultiHeadAttention"
+    base_layer: RelativePositionalMultiHeadAttention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.base_layer
+        if not self.enabled:
+            return attn(x)
+        b, groups, tokens, _ = x.shape
+        qkv = attn.to_qkv(x).reshape(b * groups, tokens, 3, attn.n_heads, attn.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B·G, h, P, d): torchvision's chunk(3) then heads
+        out, _ = prefixed_attention(self, q, k, v, attn.get_relative_positional_bias(), scale=attn.scale_factor)
+        return attn.merge(out.transpose(1, 2).reshape(b, groups, tokens, -1))
+
+
+def maxvit_shape(module: RelativePositionalMultiHeadAttention) -> PrefixShape:
+    """Heads and head width of a torchvision MaxViT attention layer."""
+    return PrefixShape(module.n_heads, module.head_dim, module.head_dim)
+
+
 def window_shape(module: ShiftedWindowAttention | WindowAttention | WindowAttentionV2) -> PrefixShape:
     """Heads and head width of a Swin window attention (``qkv`` holds ``3·heads·d`` outputs)."""
     width = module.qkv.out_features // 3 // module.num_heads
@@ -199,10 +232,13 @@ def window_shape(module: ShiftedWindowAttention | WindowAttention | WindowAttent
 
 _SWIN = "torchvision.models.swin_transformer"
 
-#: Swin window attention of torchvision and timm (exact classes: torchvision's v2 subclasses its v1).
+#: Swin window attention of torchvision and timm (exact classes: torchvision's v2 subclasses its v1), and
+#: torchvision MaxViT's block/grid attention.
 WINDOW_CLASSES: tuple[AttentionClass, ...] = (
     AttentionClass(_SWIN, "ShiftedWindowAttention", TorchvisionWindowPrefixAttention, window_shape),
     AttentionClass(_SWIN, "ShiftedWindowAttentionV2", TorchvisionWindowV2PrefixAttention, window_shape),
     AttentionClass("timm.models.swin_transformer", "WindowAttention", TimmWindowPrefixAttention, window_shape),
     AttentionClass("timm.models.swin_transformer_v2", "WindowAttention", TimmWindowV2PrefixAttention, window_shape),
+    AttentionClass("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention",
+                   TorchvisionMaxVitPrefixAttention, maxvit_shape),
 )
