@@ -116,7 +116,9 @@ def peft_virtual_tokens(name: str, method: str) -> str:
 
     config_class = peft.PromptTuningConfig if method == "prompt" else peft.PrefixTuningConfig
     try:
-        model = peft.get_peft_model(copy.deepcopy(base_model(name)), config_class(num_virtual_tokens=4))
+        # a task type, so that PEFT gets past choosing its model class and reports what it needs of the model
+        config = config_class(num_virtual_tokens=4, task_type="FEATURE_EXTRACTION")
+        model = peft.get_peft_model(copy.deepcopy(base_model(name)), config)
         output = model(*ZOO[name].inputs())
         output.float().square().mean().backward()
     except Exception as error:  # noqa: BLE001
@@ -127,6 +129,8 @@ def peft_virtual_tokens(name: str, method: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="keep the models whose name contains this")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="folder of the table (zoo-vision.md; zoo-vision-partial.md with --only)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -136,19 +140,23 @@ def main() -> None:
 
     names = [name for name in ZOO if args.only in name]
     rows, totals = [], {"ours": dict.fromkeys(METHODS, 0), "peft": dict.fromkeys(METHODS, 0)}
+    refused = dict.fromkeys(METHODS, 0)  # ours, where the method does not apply (prefix without token attention)
     for name in names:
         cells = {m: ours(name, m) for m in METHODS}
         theirs_lora = peft_lora(name)
         theirs = {"lora": theirs_lora[0], **{m: peft_virtual_tokens(name, m) for m in ("prompt", "prefix")}}
         for method in METHODS:
             totals["ours"][method] += cells[method][0] == "OK"
+            refused[method] += cells[method][0].startswith("refused")
             totals["peft"][method] += theirs[method] == "OK"
         params = f"{cells['lora'][1]:,} / {theirs_lora[1]:,}"
         rows.append(f"| {name} | {cells['lora'][0]} | {theirs['lora']} | {params} | {cells['prompt'][0]} | "
                     f"{theirs['prompt']} | {cells['prefix'][0]} | {theirs['prefix']} |")
         print(rows[-1], flush=True)
-    summary = ", ".join(f"{m}: ours {totals['ours'][m]}/{len(names)}, PEFT {totals['peft'][m]}/{len(names)}"
-                        for m in METHODS)
+    summary = "; ".join(
+        f"{m}: ours {totals['ours'][m]}/{len(names)}"
+        + (f" ({refused[m]} refused: the method does not apply)" if refused[m] else "")
+        + f", PEFT {totals['peft'][m]}/{len(names)}" for m in METHODS)
     lines = [
         "# Vision zoo: lightning_peft vs HF PEFT", "",
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
@@ -164,7 +172,7 @@ def main() -> None:
         "|---" * 8 + "|",
         *rows,
     ]
-    out = ROOT / "benchmarks" / "results" / ("zoo-vision.md" if not args.only else "zoo-vision-partial.md")
+    out = args.out / ("zoo-vision.md" if not args.only else "zoo-vision-partial.md")
     out.write_text("\n".join(lines) + "\n")
     print(summary)
     print(f"wrote {out}")

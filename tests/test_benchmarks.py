@@ -36,3 +36,20 @@ def test_benchmark_smoke_run_writes_json_and_markdown_with_every_figure(tmp_path
     table = (tmp_path / "smoke-cpu.md").read_text()
     assert result["machine"]["date"] in table and "Reproduce: `python benchmarks/run.py" in table
     assert table.count("\n| ") == len(rows) + 1  # header + one line per row
+
+
+def test_vision_zoo_benchmark_holds_both_libraries_to_the_same_checks_on_one_model(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "zoo_vision.py"), "--only", "torchvision/resnet18",
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "zoo-vision-partial.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| torchvision/resnet18 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    ours_lora, peft_lora, values, ours_prompt, peft_prompt, ours_prefix, peft_prefix = cells[1:]
+    assert ours_lora == "OK" and peft_lora == "OK"  # plain convolutions: both pass every check
+    mine, theirs = (int(v.replace(",", "")) for v in values.split(" / "))
+    assert mine == theirs > 0  # the same modules at the same rank
+    assert ours_prompt == "OK" and ours_prefix.startswith("refused (TargetNotFoundError: prefix tuning found no")
+    assert "has no attribute 'config'" in peft_prompt and "has no attribute 'config'" in peft_prefix
+    assert "lora: ours 1/1, PEFT 1/1; prompt: ours 1/1, PEFT 0/1; prefix: ours 0/1 (1 refused" in table
