@@ -28,18 +28,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
+from peft_checks import peft_lora_cell, short  # noqa: E402
 from test_zoo_vision import TOLERANCE, ZOO, base_model, lora_target_names, method_for  # noqa: E402
-from zoo_checks import check_cell, nondegenerate, relative_diff, run  # noqa: E402
+from zoo_checks import check_cell, nondegenerate  # noqa: E402
 
 METHODS = ("lora", "prompt", "prefix")
-
-
-def short(error: BaseException, words: int = 12) -> str:
-    text = str(error).replace("\n", " ").replace("|", "/").split()
-    return f"{type(error).__name__}: {' '.join(text[:words])}"
 
 
 def ours(name: str, method: str) -> tuple[str, int]:
@@ -58,56 +54,10 @@ def ours(name: str, method: str) -> tuple[str, int]:
     return "OK", report.adapter_values
 
 
-def peft_lora(name: str, tol: float = 1e-5) -> tuple[str, int]:
+def peft_lora(name: str) -> tuple[str, int]:
     """PEFT LoRA on the modules lightning_peft adapts, through the checks of ``zoo_checks.check_cell``."""
-    import peft
-
-    base = nondegenerate(copy.deepcopy(base_model(name))).eval()
-    inputs = ZOO[name].inputs()
-    with torch.no_grad():
-        reference = run(base, inputs)
-    try:
-        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-            r=4, lora_alpha=16, target_modules=sorted(lora_target_names(base)))).eval()
-    except Exception as error:  # noqa: BLE001
-        return f"error at inject ({short(error)})", 0
-    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    count = sum(p.numel() for p in lora.values())
-    with torch.no_grad():
-        identity = relative_diff(run(model, inputs), reference)
-        if identity > tol:
-            return f"FAIL (injected model differs from base by {identity:.1e})", count
-        generator = torch.Generator().manual_seed(1)
-        for parameter in lora.values():
-            parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
-                           .to(parameter.dtype) * ZOO[name].move)
-    adapted = run(model, inputs)
-    adapted.square().mean().backward()
-    silent = [n for n, p in lora.items() if p.grad is None or not bool(p.grad.ne(0).any())]
-    if silent:
-        return f"FAIL ({len(silent)} of {len(lora)} LoRA tensors get no gradient, e.g. {silent[0]})", count
-    adapted = adapted.detach()
-    moved = relative_diff(adapted, reference)
-    if moved <= 100 * tol:
-        return f"FAIL (moving the adapters changed the outputs by only {moved:.1e})", count
-    try:
-        with torch.no_grad():
-            model.merge_adapter()
-            merged = relative_diff(run(model, inputs), adapted)
-            model.unmerge_adapter()
-            unmerged = relative_diff(run(model, inputs), adapted)
-    except Exception as error:  # noqa: BLE001
-        return f"no merge ({short(error, 10)})", count
-    if max(merged, unmerged) > tol:
-        return f"FAIL (merged outputs differ by {merged:.1e}, unmerged by {unmerged:.1e})", count
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        fresh = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
-        with torch.no_grad():
-            reloaded = relative_diff(run(fresh, inputs), adapted)
-    if reloaded > tol:
-        return f"FAIL (reloaded outputs differ by {reloaded:.1e})", count
-    return "OK", count
+    base = nondegenerate(copy.deepcopy(base_model(name)))
+    return peft_lora_cell(base, ZOO[name].inputs(), lora_target_names(base), move=ZOO[name].move)
 
 
 def peft_virtual_tokens(name: str, method: str) -> str:
