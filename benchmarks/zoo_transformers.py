@@ -7,9 +7,9 @@ tuning with 4 tokens, the gated prefix, prompt tuning with 4 tokens):
   merge, save/load); OK, or the error class and the first words of its message;
 * HF PEFT LoRA on exactly the modules lightning_peft adapts, held to the same checks (``peft_checks.py``:
   identity, a gradient on every ``lora_`` tensor, outputs move, merge/unmerge exact, save/load exact);
-* HF PEFT ``PrefixTuningConfig`` / ``PromptTuningConfig`` (4 virtual tokens, the task type of the model): one
-  forward and backward on the same batch; OK means it ran and the output reached a trainable parameter, not
-  that it is correct.
+* HF PEFT ``PrefixTuningConfig`` / ``PromptTuningConfig`` (4 virtual tokens, the task type of the model): the
+  checks of ``peft_checks.peft_virtual_token_cell`` (disabled = base, a gradient on every trainable tensor,
+  outputs at the real tokens move, reload exact).
 
 Writes ``benchmarks/results/zoo-transformers.md``. Offline: models come from configs.
 Run: ``python benchmarks/zoo_transformers.py``.
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
-from peft_checks import peft_lora_cell, short  # noqa: E402
+from peft_checks import peft_lora_cell, peft_virtual_token_cell, short  # noqa: E402
 from test_zoo_transformers import REFUSED, base_model, method_for  # noqa: E402
 from zoo_checks import check_cell  # noqa: E402
 from zoo_transformers_models import ZOO  # noqa: E402
@@ -72,23 +72,11 @@ def peft_config(family: str, method: str) -> Any:
 
 
 def theirs(family: str, method: str) -> str:
-    """PEFT prefix or prompt tuning: whether one forward and backward ran and reached a trainable parameter."""
-    import peft
-
+    """PEFT prefix or prompt tuning on the same model and batch, through ``peft_checks.peft_virtual_token_cell``."""
     config = peft_config(family, method)
     if config is None:
         return "n/a"
-    try:
-        model = peft.get_peft_model(copy.deepcopy(base_model(family)), config)
-        output = model(**ZOO[family].inputs())
-        values = output[0] if isinstance(output, tuple) else next(v for v in output.values()
-                                                                 if isinstance(v, torch.Tensor))
-        values.float().square().mean().backward()
-        if not any(p.grad is not None for p in model.parameters() if p.requires_grad):
-            return "FAIL (no trainable parameter got a gradient)"
-    except Exception as error:  # noqa: BLE001
-        return f"error ({short(error)})"
-    return "OK"
+    return peft_virtual_token_cell(copy.deepcopy(base_model(family)), ZOO[family].inputs(), config, move=0.05)
 
 
 def main() -> None:
@@ -102,8 +90,9 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}. "
         "lightning_peft cells pass every check of `tests/zoo_checks.py`. PEFT LoRA adapts exactly the modules ours "
         "adapts and is held to the same checks (identity, a gradient on every LoRA tensor, outputs move, "
-        "merge/unmerge exact, save/load exact; the first failed check is shown); a PEFT prefix/prompt OK only "
-        "means forward and backward ran. Reproduce: `python benchmarks/zoo_transformers.py`.", "",
+        "merge/unmerge exact, save/load exact; the first failed check is shown). PEFT prefix/prompt: disabled = base, "
+        "a gradient on every trainable tensor, outputs at the real tokens move, reload exact. "
+        "Reproduce: `python benchmarks/zoo_transformers.py`.", "",
         "| family | lora (ours) | lora (PEFT) | LoRA values ours / PEFT | "
         + " | ".join(f"{m} (ours) | {m} (PEFT)" for m in METHODS[1:]) + " |",
         "|---" * (2 + 2 * len(METHODS)) + "|",

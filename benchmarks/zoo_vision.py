@@ -9,8 +9,8 @@ For each model of ``tests/zoo_vision_models.py`` (21 torchvision families, ~40 t
   checks: identity at init, every ``lora_`` tensor gets a non-zero gradient once the adapters moved, outputs
   move, ``merge_adapter``/``unmerge_adapter`` exact, ``save_pretrained`` then ``PeftModel.from_pretrained``
   exact. The first check that fails is recorded;
-* HF PEFT prompt and prefix tuning (``PromptTuningConfig``/``PrefixTuningConfig``, 4 virtual tokens): one
-  forward and backward; OK only means that ran.
+* HF PEFT prompt and prefix tuning (``PromptTuningConfig``/``PrefixTuningConfig``, 4 virtual tokens): the
+  checks of ``peft_checks.peft_virtual_token_cell`` (disabled = base, gradients, outputs move, reload exact).
 
 Writes ``benchmarks/results/zoo-vision.md``. Offline: random weights. Takes ~5 minutes on 2 CPU cores.
 Run: ``python benchmarks/zoo_vision.py`` (``--only resnet`` keeps the models whose name contains ``resnet``).
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
-from peft_checks import peft_lora_cell, short  # noqa: E402
+from peft_checks import peft_lora_cell, peft_virtual_token_cell, short  # noqa: E402
 from test_zoo_vision import TOLERANCE, ZOO, base_model, lora_target_names, method_for  # noqa: E402
 from zoo_checks import check_cell, nondegenerate  # noqa: E402
 
@@ -61,19 +61,13 @@ def peft_lora(name: str) -> tuple[str, int]:
 
 
 def peft_virtual_tokens(name: str, method: str) -> str:
-    """PEFT prompt or prefix tuning: whether one forward and backward run at all."""
+    """PEFT prompt or prefix tuning on the same model and batch, through ``peft_checks.peft_virtual_token_cell``."""
     import peft
 
     config_class = peft.PromptTuningConfig if method == "prompt" else peft.PrefixTuningConfig
-    try:
-        # a task type, so that PEFT gets past choosing its model class and reports what it needs of the model
-        config = config_class(num_virtual_tokens=4, task_type="FEATURE_EXTRACTION")
-        model = peft.get_peft_model(copy.deepcopy(base_model(name)), config)
-        output = model(*ZOO[name].inputs())
-        output.float().square().mean().backward()
-    except Exception as error:  # noqa: BLE001
-        return f"error ({short(error, 8)})"
-    return "OK (ran)"
+    # a task type, so that PEFT gets past choosing its model class and reports what it needs of the model
+    config = config_class(num_virtual_tokens=4, task_type="FEATURE_EXTRACTION")
+    return peft_virtual_token_cell(copy.deepcopy(base_model(name)), ZOO[name].inputs(), config, move=ZOO[name].move)
 
 
 def main() -> None:
@@ -114,7 +108,7 @@ def main() -> None:
         "(`tests/zoo_vision_models.py`). Both LoRAs adapt the same modules (every convolution and non-head linear "
         "layer, r=4) and are held to the same checks (identity, a gradient on every LoRA tensor, outputs move, "
         "merge/unmerge exact, save/load exact; tolerance 1e-5 relative); the first failed check is shown. PEFT "
-        "prompt/prefix: `OK (ran)` would only mean a forward and backward ran. Reproduce: "
+        "prompt/prefix: disabled = base, a gradient on every trainable tensor, outputs move, reload exact. Reproduce: "
         "`python benchmarks/zoo_vision.py`.", "",
         f"Cells fully OK: {summary}.", "",
         "| model | LoRA (ours) | LoRA (PEFT) | LoRA values ours / PEFT | prompt (ours) | prompt (PEFT) | "

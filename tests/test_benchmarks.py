@@ -53,3 +53,28 @@ def test_vision_zoo_benchmark_holds_both_libraries_to_the_same_checks_on_one_mod
     assert ours_prompt == "OK" and ours_prefix.startswith("refused (TargetNotFoundError: prefix tuning found no")
     assert "has no attribute 'config'" in peft_prompt and "has no attribute 'config'" in peft_prefix
     assert "lora: ours 1/1, PEFT 1/1; prompt: ours 1/1, PEFT 0/1; prefix: ours 0/1 (1 refused" in table
+
+
+def test_peft_virtual_token_cells_pass_on_gpt2_and_compare_prompts_at_the_real_positions() -> None:
+    import pytest
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import peft
+        from peft_checks import _at_real_positions, peft_virtual_token_cell
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from zoo_checks import seeded
+    from zoo_transformers_models import ZOO
+
+    base = seeded(ZOO["gpt2"].build).eval()
+    for config in (peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+                   peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")):  # logits: 4 + 8 positions
+        assert peft_virtual_token_cell(base, ZOO["gpt2"].inputs(), config, move=0.05) == "OK"
+    adapted = {"logits": torch.arange(2 * 12 * 3.0).reshape(2, 12, 3), "pooled": torch.ones(2, 3)}
+    reference = {"logits": torch.zeros(2, 8, 3), "pooled": torch.zeros(2, 3)}
+    cut, flat = _at_real_positions(adapted, reference, virtual=4)
+    assert torch.equal(cut, torch.cat([adapted["logits"][:, 4:].reshape(-1), torch.ones(6)])) and flat.numel() == 54
+    with pytest.raises(AssertionError, match=r"output shapes differ: \(2, 12, 3\) vs \(2, 8, 3\)"):
+        _at_real_positions(adapted, reference, virtual=3)  # not the virtual tokens' count: nothing is cut

@@ -45,15 +45,14 @@ class CellReport:
     adapter_values: int  # trainable numbers the adapters add
 
 
-def float_outputs(output: Any) -> torch.Tensor:
-    """Every floating-point tensor in a model's output (tensors, tuples, dicts, ``ModelOutput``), flattened and
-    concatenated: the whole output is compared, not just one head."""
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output (tensors, tuples, dicts, ``ModelOutput``), in order."""
     found: list[torch.Tensor] = []
 
     def walk(value: Any) -> None:
         if isinstance(value, torch.Tensor):
             if value.is_floating_point():
-                found.append(value.reshape(-1).float())
+                found.append(value)
         elif isinstance(value, Mapping):
             for item in value.values():
                 walk(item)
@@ -62,9 +61,16 @@ def float_outputs(output: Any) -> torch.Tensor:
                 walk(item)
 
     walk(output)
+    return found
+
+
+def float_outputs(output: Any) -> torch.Tensor:
+    """Every floating-point tensor in a model's output, flattened and concatenated: the whole output is compared,
+    not just one head."""
+    found = output_tensors(output)
     if not found:
         raise TypeError(f"the model returned no floating-point tensor ({type(output).__name__})")
-    return torch.cat(found)
+    return torch.cat([t.reshape(-1).float() for t in found])
 
 
 def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,10 +80,14 @@ def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
 
 
+def call(model: nn.Module, inputs: Inputs) -> Any:
+    """``model``'s output for ``inputs`` (keyword arguments or positional ones)."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(*inputs)
+
+
 def run(model: nn.Module, inputs: Inputs) -> torch.Tensor:
-    """The model's flattened floating-point outputs for ``inputs`` (keyword arguments or positional ones)."""
-    output = model(**inputs) if isinstance(inputs, Mapping) else model(*inputs)
-    return float_outputs(output)
+    """The model's flattened floating-point outputs for ``inputs``."""
+    return float_outputs(call(model, inputs))
 
 
 def nondegenerate(model: nn.Module, seed: int = 2) -> nn.Module:
