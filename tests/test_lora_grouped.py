@@ -7,7 +7,9 @@ against the adapter (1e-5 relative), the parameter counts on real torchvision la
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft import LoRA, inject, merge, save_adapter, unmerge
+from lightning_peft import LoRA, adapters, inject, merge, save_adapter, unmerge
+from lightning_peft.errors import PEFTWarning
 from lightning_peft.lora import LoRAConfig, LoRAConv
 from lightning_peft.methods import MethodConfig
 
@@ -176,3 +179,15 @@ def test_files_saved_before_conv_groups_existed_rebuild_the_per_group_form() -> 
     del saved["conv_groups"]
     assert MethodConfig.from_dict(saved).conv_groups == "per_group"  # the only form those files could hold
     assert MethodConfig.from_dict(LoRAConfig(r=4).to_dict()).conv_groups == "shared"
+
+
+def test_an_adapter_larger_than_its_layer_is_named_with_the_rank_that_would_not_be() -> None:
+    # a depthwise 3x3 conv of 32 channels is a 32 x 9 matrix (288 values); r=8 adds 8 · (9 + 32) = 328
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, groups=32, bias=False), nn.Conv2d(32, 64, 1, bias=False))
+    with pytest.warns(PEFTWarning, match=r"in 1 of 2 layers, e\.g\. '0' \(Conv2d: rank 8 adds 328 values, the layer "
+                                         r"holds 288\).*rank_pattern=\{'0': 7\}.*trainable_modules"):
+        inject(copy.deepcopy(model), LoRA(r=8, target_modules="all-conv"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PEFTWarning)  # the suggested rank: 7 · 41 = 287 <= 288, no warning
+        adapted = inject(copy.deepcopy(model), LoRA(r=8, target_modules="all-conv", rank_pattern={"0": 7}))
+    assert {n: a.r for n, a in adapters(adapted)} == {"0": 7, "1": 8}  # nothing changed behind the user's back

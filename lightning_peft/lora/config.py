@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from torch import nn
 
 from lightning_peft.adapter import Adapter, innermost
+from lightning_peft.errors import PEFTWarning
 from lightning_peft.lora.attention import LoRAMultiheadAttention
 from lightning_peft.lora.conv import ConvGroups, ConvPath, LoRAConv
 from lightning_peft.lora.layers import LoRAConv1D, LoRAEmbedding, LoRAInit, LoRALayer, LoRALinear
@@ -212,6 +214,31 @@ class LoRAConfig(TargetedConfig):
     def finish(self, model: nn.Module, built: list[tuple[str, Adapter]]) -> None:
         if self.bias == "all":
             _mark_biases(model)
+        _warn_larger_than_their_layers(built)
+
+
+def _warn_larger_than_their_layers(built: list[tuple[str, Adapter]]) -> None:
+    """Warn (:class:`PEFTWarning`) where an adapter trains more values than its layer holds: a rank ``r`` update
+    of a small matrix (a depthwise 3x3 conv of 32 channels is a 32 x 9 matrix: 328 values at ``r=8``, the layer
+    288) saves nothing there. Nothing is changed: the user picks the rank."""
+    larger = []
+    for name, adapter in built:
+        if isinstance(adapter, LoRALayer):
+            added = sum(p.numel() for n, p in adapter.named_parameters() if not n.startswith("base_layer."))
+            own = sum(p.numel() for p in adapter.base_layer.parameters())
+            if added > own:
+                larger.append((name, adapter, added, own))
+    if not larger:
+        return
+    name, adapter, added, own = larger[0]
+    lower = max(1, own * adapter.r // added)  # an adapter's values grow linearly with its rank
+    warnings.warn(
+        f"LoRA trains more values than the layer it adapts holds in {len(larger)} of {len(built)} layers, e.g. "
+        f"{name!r} ({type(innermost(adapter)).__name__}: rank {adapter.r} adds {added:,} values, the layer holds "
+        f"{own:,}), so the low-rank update saves nothing there. Give such layers a lower rank "
+        f"(rank_pattern={{{name!r}: {lower}}}) or train them fully (trainable_modules) instead.",
+        PEFTWarning, stacklevel=4,
+    )
 
 
 def _mark_biases(root: nn.Module) -> None:
