@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo_checks import nondegenerate
 
 from lightning_peft import PrefixTuning, adapters, adapters_disabled, inject
 from lightning_peft.errors import TargetNotFoundError
@@ -268,3 +269,33 @@ def test_edgenext_cross_covariance_attention_is_refused_with_the_reason_and_the_
     model = timm.create_model("edgenext_xx_small", pretrained=False, num_classes=10)
     with pytest.raises(TargetNotFoundError, match=r"attends over channels, not tokens.*Use LoRA .* or PromptTuning"):
         inject(model, PrefixTuning(num_tokens=P))
+
+
+#: timm models whose prefix adapters apply the base's attention dropout (timm_attention.timm_dropout), built
+#: with attn_drop_rate=0.5 and no other dropout: a prefix layer that ignored it would give equal train-mode calls
+DROPOUT_MODELS: dict[str, tuple[str, dict[str, Any], int]] = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, window_size=4, embed_dim=32, depths=(2, 2),
+                                                  num_heads=(2, 4)), 32),
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=32, window_size=4, embed_dim=32, depths=(2, 2),
+                                               num_heads=(2, 4)), 32),
+    **{family: MODELS[family] for family in ("beit", "eva", "pvt_v2")},
+}
+
+
+@pytest.mark.parametrize("family", list(DROPOUT_MODELS))
+def test_prefix_layers_apply_the_base_attention_dropout_in_training_only(family: str) -> None:
+    name, kwargs, size = DROPOUT_MODELS[family]
+    torch.manual_seed(0)
+    base = timm.create_model(name, pretrained=False, num_classes=10, attn_drop_rate=0.5, drop_path_rate=0.0, **kwargs)
+    model = inject(nondegenerate(base), PrefixTuning(num_tokens=P))  # Swin-V2's zero post-norms hide attention
+    layers = prefix_adapters(model)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.allclose(model(x), model(x))  # attention weights dropped at random, every call
+    with adapters_disabled(model), torch.no_grad():
+        assert not torch.allclose(model(x), model(x))  # the base itself (the reference behaviour)
+    assert layers and all(float(layer.base_layer.attn_drop.p) == 0.5 for layer in layers)

@@ -26,7 +26,7 @@ from lightning_peft.prefix.attention.inline_transformers import (
     FalconPrefixAttention,
 )
 from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention, multihead_shape
-from lightning_peft.prefix.attention.timm_attention import TimmPrefixAttention, is_timm_attention, timm_shape
+from lightning_peft.prefix.attention.timm_attention import TIMM_CLASSES, TimmPrefixAttention
 from lightning_peft.prefix.attention.timm_biased import TIMM_BIASED_CLASSES
 from lightning_peft.prefix.attention.timm_variants import (
     TIMM_VARIANT_CLASSES,
@@ -74,10 +74,6 @@ def _multihead_handler(module: nn.Module) -> AttentionMatch | None:
     return AttentionMatch(MultiheadPrefixAttention, multihead_shape(module))
 
 
-def _timm_handler(module: nn.Module) -> AttentionMatch | None:
-    return AttentionMatch(TimmPrefixAttention, timm_shape(module)) if is_timm_attention(module) else None
-
-
 def class_table_handler(table: tuple[AttentionClass, ...]) -> AttentionHandler:
     """A handler matching the classes of ``table`` (of libraries already imported) to their adapters and shapes."""
 
@@ -95,7 +91,7 @@ _HANDLERS: list[AttentionHandler] = [
     _transformers_handler,
     class_table_handler(INLINE_CLASSES),  # BLOOM, Falcon, DeBERTa-v2: attention inside their own forward
     _multihead_handler,
-    _timm_handler,
+    class_table_handler(TIMM_CLASSES),  # timm Attention (ViT, DeiT, ...)
     class_table_handler(WINDOW_CLASSES),  # Swin (torchvision, timm; v1, v2), torchvision MaxViT
     class_table_handler(TIMM_VARIANT_CLASSES),  # BEiT, EVA, PVTv2, CoAtNet/MaxViT
     class_table_handler(TIMM_BIASED_CLASSES),  # LeViT, TinyViT, EfficientFormer: per-position attention biases

@@ -57,6 +57,17 @@ class AttentionClass:
     subclasses: bool = False
 
 
+def head_dim_shape(module: Any) -> PrefixShape:
+    """``num_heads`` key/value heads of ``head_dim`` (timm ``Attention``, EVA, PVTv2, BLOOM)."""
+    return PrefixShape(module.num_heads, module.head_dim, module.head_dim)
+
+
+def fused_qkv_shape(module: Any) -> PrefixShape:
+    """``num_heads`` heads whose width is read off a fused ``qkv`` projection of ``3·heads·d`` outputs (Swin, BEiT)."""
+    width = module.qkv.out_features // 3 // module.num_heads
+    return PrefixShape(module.num_heads, width, width)
+
+
 class PrefixEncoder(nn.Module):
     """Reparameterization (Li & Liang 2021, §4.3): one MLP that produces every layer's prefix while training.
 

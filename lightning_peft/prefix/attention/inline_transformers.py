@@ -48,6 +48,7 @@ from lightning_peft.prefix.attention.base import (
     PrefixShape,
     attend,
     causal_bias,
+    head_dim_shape,
     pad_columns,
 )
 
@@ -254,11 +255,6 @@ class DebertaV2PrefixAttention(PrefixAttention):
         return context, (weights if output_attentions else None)
 
 
-def bloom_shape(module: Any) -> PrefixShape:
-    """BLOOM: one key/value head per query head."""
-    return PrefixShape(module.num_heads, module.head_dim, module.head_dim)
-
-
 def falcon_shape(module: Any) -> PrefixShape:
     """Falcon: ``num_kv_heads`` key/value heads (grouped queries, or 1 for multi-query)."""
     return PrefixShape(module.num_kv_heads, module.head_dim, module.head_dim)
@@ -271,7 +267,7 @@ def deberta_shape(module: Any) -> PrefixShape:
 
 #: BLOOM, Falcon and DeBERTa-v2 attention (subclasses too): attention computed inside their own forward.
 INLINE_CLASSES: tuple[AttentionClass, ...] = (
-    AttentionClass(_BLOOM, "BloomAttention", BloomPrefixAttention, bloom_shape, subclasses=True),
+    AttentionClass(_BLOOM, "BloomAttention", BloomPrefixAttention, head_dim_shape, subclasses=True),
     AttentionClass(_FALCON, "FalconAttention", FalconPrefixAttention, falcon_shape, subclasses=True),
     AttentionClass(_DEBERTA, "DisentangledSelfAttention", DebertaV2PrefixAttention, deberta_shape, subclasses=True),
 )

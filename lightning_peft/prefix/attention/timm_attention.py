@@ -6,22 +6,37 @@ attention, scale norm, output gate, projection, dropouts) with the prefix prepen
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
-from lightning_peft.imported import imported_class
 from lightning_peft.prefix.attention.base import (
+    AttentionClass,
     PrefixAttention,
-    PrefixShape,
     additive_mask,
     causal_bias,
+    head_dim_shape,
     prefixed_attention,
 )
 
 if TYPE_CHECKING:
     from timm.layers.attention import Attention
+
+
+def timm_dropout(adapter: PrefixAttention) -> float:
+    """The attention dropout timm applies: the base's ``attn_drop`` probability while training, none in eval."""
+    attn: Any = adapter.base_layer
+    return float(attn.attn_drop.p) if adapter.training else 0.0
+
+
+def timm_fused_qkv(attn: Any, x: torch.Tensor) -> torch.Tensor:
+    """timm's fused ``qkv`` projection ``(..., 3·h·d)``, with the separate q/v biases and zero k bias of BEiT, EVA
+    and Swin-V2 where the layer has them."""
+    if attn.q_bias is None:
+        return attn.qkv(x)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    return attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
 
 
 class TimmPrefixAttention(PrefixAttention):
@@ -41,21 +56,15 @@ class TimmPrefixAttention(PrefixAttention):
         q, k = attn.q_norm(q), attn.k_norm(k)
         # as timm's unfused path: is_causal wins over a mask (its fused path refuses both); bool True means attend
         bias = causal_bias(n, n, q) if is_causal else additive_mask(attn_mask, q.dtype, keep_true=True)
-        out, _ = prefixed_attention(self, q, k, v, bias, dropout=attn.attn_drop.p if self.training else 0.0,
-                                    scale=attn.scale)
+        out, _ = prefixed_attention(self, q, k, v, bias, dropout=timm_dropout(self), scale=attn.scale)
         out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
         if gate is not None:
             out = out * gate
         return attn.proj_drop(attn.proj(out))
 
 
-def timm_shape(module: Attention) -> PrefixShape:
-    """Heads and head width of a timm ``Attention``."""
-    return PrefixShape(module.num_heads, module.head_dim, module.head_dim)
-
-
-def is_timm_attention(module: nn.Module) -> bool:
-    """Whether ``module`` is timm's ``Attention`` (checked only if timm is already imported)."""
-    attention = imported_class("timm.layers.attention", "Attention")
-    return attention is not None and type(module) is attention
+#: timm's ``Attention`` (exact type: the model files' own attention classes have their handlers).
+TIMM_CLASSES: tuple[AttentionClass, ...] = (
+    AttentionClass("timm.layers.attention", "Attention", TimmPrefixAttention, head_dim_shape),
+)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.imported import imported_class
@@ -31,27 +30,17 @@ from lightning_peft.prefix.attention.base import (
     PrefixShape,
     additive_mask,
     causal_bias,
+    fused_qkv_shape,
+    head_dim_shape,
     prefixed_attention,
 )
+from lightning_peft.prefix.attention.timm_attention import timm_dropout, timm_fused_qkv
 
 if TYPE_CHECKING:
     from timm.models.beit import Attention as BeitAttention
     from timm.models.eva import EvaAttention
     from timm.models.maxxvit import Attention2d, AttentionCl
     from timm.models.pvt_v2 import Attention as PvtAttention
-
-
-def _dropout(adapter: PrefixAttention, module: Any) -> float:
-    """The attention dropout timm applies: its ``attn_drop`` probability while training, none in eval."""
-    return float(module.attn_drop.p) if adapter.training else 0.0
-
-
-def _fused_qkv(attn: BeitAttention | EvaAttention, x: torch.Tensor) -> torch.Tensor:
-    """timm's fused projection with optional q/v biases and a zero k bias: ``(b, n, 3·h·d)``."""
-    if attn.q_bias is None:
-        return attn.qkv(x)
-    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    return attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
 
 
 class BeitPrefixAttention(PrefixAttention):
@@ -65,11 +54,11 @@ class BeitPrefixAttention(PrefixAttention):
         if not self.enabled:
             return attn(x, shared_rel_pos_bias=shared_rel_pos_bias)
         b, n, _ = x.shape
-        q, k, v = _fused_qkv(attn, x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = timm_fused_qkv(attn, x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         bias = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None  # (1, h, n, n)
         if shared_rel_pos_bias is not None:
             bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
-        out, _ = prefixed_attention(self, q, k, v, bias, dropout=_dropout(self, attn), scale=attn.scale)
+        out, _ = prefixed_attention(self, q, k, v, bias, dropout=timm_dropout(self), scale=attn.scale)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b, n, -1)))
 
 
@@ -91,7 +80,7 @@ class EvaPrefixAttention(PrefixAttention):
         b, n, _ = x.shape
         gate = attn.gate(x).sigmoid() if attn.gate is not None else None
         if attn.qkv is not None:
-            q, k, v = _fused_qkv(attn, x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = timm_fused_qkv(attn, x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = (proj(x).reshape(b, n, attn.num_heads, -1).transpose(1, 2)  # (b, h, n, d)
                        for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -100,7 +89,7 @@ class EvaPrefixAttention(PrefixAttention):
             q, k = _rotate_patch_tokens(attn, q, rope).type_as(v), _rotate_patch_tokens(attn, k, rope).type_as(v)
         # as timm's unfused path: is_causal wins over a mask; bool True means attend
         bias = causal_bias(n, n, q) if is_causal else additive_mask(attn_mask, q.dtype, keep_true=True)
-        out, _ = prefixed_attention(self, q, k, v, bias, dropout=_dropout(self, attn), scale=attn.scale)
+        out, _ = prefixed_attention(self, q, k, v, bias, dropout=timm_dropout(self), scale=attn.scale)
         out = attn.norm(out.transpose(1, 2).reshape(b, n, -1))
         if gate is not None:
             out = out * gate
@@ -135,7 +124,7 @@ class PvtV2PrefixAttention(PrefixAttention):
         reduced = _reduce(attn, x, feat_size)  # (b, m, c)
         kv = attn.kv(reduced).reshape(b, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # (b, h, m, d)
-        out, _ = prefixed_attention(self, q, k, v, None, dropout=_dropout(self, attn), scale=attn.scale)
+        out, _ = prefixed_attention(self, q, k, v, None, dropout=timm_dropout(self), scale=attn.scale)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 
@@ -172,7 +161,7 @@ class Attention2dPrefixAttention(PrefixAttention):
             q, k, v = attn.qkv(x).reshape(b, 3, attn.num_heads, attn.dim_head, -1).unbind(1)
         q, k, v = (t.transpose(-1, -2) for t in (q, k, v))  # (b, h, d, H·W) -> (b, h, H·W, d)
         out, _ = prefixed_attention(self, q, k, v, _maxxvit_bias(attn, shared_rel_pos),
-                                    dropout=_dropout(self, attn), scale=attn.scale)
+                                    dropout=timm_dropout(self), scale=attn.scale)
         out = out.transpose(-1, -2).reshape(b, -1, height, width)  # (b, h·d, H, W)
         return attn.proj_drop(attn.proj(out))
 
@@ -198,17 +187,8 @@ class AttentionClPrefixAttention(PrefixAttention):
         else:
             q, k, v = attn.qkv(x).reshape(b, -1, 3, attn.num_heads, attn.dim_head).transpose(1, 3).unbind(2)
         out, _ = prefixed_attention(self, q, k, v, _maxxvit_bias(attn, shared_rel_pos),
-                                    dropout=_dropout(self, attn), scale=attn.scale)
+                                    dropout=timm_dropout(self), scale=attn.scale)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(*rows, -1)))
-
-
-def _beit_shape(module: Any) -> PrefixShape:
-    head_dim = module.qkv.out_features // 3 // module.num_heads
-    return PrefixShape(module.num_heads, head_dim, head_dim)
-
-
-def _head_dim_shape(module: Any) -> PrefixShape:
-    return PrefixShape(module.num_heads, module.head_dim, module.head_dim)
 
 
 def _dim_head_shape(module: Any) -> PrefixShape:
@@ -217,9 +197,9 @@ def _dim_head_shape(module: Any) -> PrefixShape:
 
 #: BEiT, EVA, PVTv2 and CoAtNet/MaxViT attention: classes of their own timm model files (exact types).
 TIMM_VARIANT_CLASSES: tuple[AttentionClass, ...] = (
-    AttentionClass("timm.models.beit", "Attention", BeitPrefixAttention, _beit_shape),
-    AttentionClass("timm.models.eva", "EvaAttention", EvaPrefixAttention, _head_dim_shape),
-    AttentionClass("timm.models.pvt_v2", "Attention", PvtV2PrefixAttention, _head_dim_shape),
+    AttentionClass("timm.models.beit", "Attention", BeitPrefixAttention, fused_qkv_shape),
+    AttentionClass("timm.models.eva", "EvaAttention", EvaPrefixAttention, head_dim_shape),
+    AttentionClass("timm.models.pvt_v2", "Attention", PvtV2PrefixAttention, head_dim_shape),
     AttentionClass("timm.models.maxxvit", "Attention2d", Attention2dPrefixAttention, _dim_head_shape),
     AttentionClass("timm.models.maxxvit", "AttentionCl", AttentionClPrefixAttention, _dim_head_shape),
 )

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
-from lightning_peft.prefix.attention.base import AttentionClass, PrefixAttention, PrefixShape, prefixed_attention
+from lightning_peft.prefix.attention.base import (
+    AttentionClass,
+    PrefixAttention,
+    PrefixShape,
+    fused_qkv_shape,
+    prefixed_attention,
+)
+from lightning_peft.prefix.attention.timm_attention import timm_dropout, timm_fused_qkv
 
 if TYPE_CHECKING:
     from timm.models.swin_transformer import WindowAttention
@@ -162,8 +169,8 @@ class TimmWindowPrefixAttention(PrefixAttention):
         windows, n, _ = x.shape
         qkv = attn.qkv(x).reshape(windows, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B·nW, h, N, d) each
-        out = windowed_attention(self, q, k, v, attn._get_rel_pos_bias(), mask,
-                                 dropout=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale)
+        out = windowed_attention(self, q, k, v, attn._get_rel_pos_bias(), mask, dropout=timm_dropout(self),
+                                 scale=attn.scale)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(windows, n, -1)))
 
 
@@ -178,14 +185,9 @@ class TimmWindowV2PrefixAttention(PrefixAttention):
         if not self.enabled:
             return attn(x, mask=mask)
         windows, n, c = x.shape
-        if attn.q_bias is None:
-            qkv = attn.qkv(x)
-        else:  # the key bias is a zero buffer
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-            qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
-        q, k, v = qkv.reshape(windows, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        out = windowed_attention(self, q, k, v, self._relative_bias(n), mask,
-                                 dropout=attn.attn_drop.p if attn.training else 0.0, scale=1.0,
+        qkv = timm_fused_qkv(attn, x).reshape(windows, n, 3, attn.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = windowed_attention(self, q, k, v, self._relative_bias(n), mask, dropout=timm_dropout(self), scale=1.0,
                                  logit_scale=attn.logit_scale)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(windows, n, c)))
 
@@ -224,21 +226,15 @@ def maxvit_shape(module: RelativePositionalMultiHeadAttention) -> PrefixShape:
     return PrefixShape(module.n_heads, module.head_dim, module.head_dim)
 
 
-def window_shape(module: ShiftedWindowAttention | WindowAttention | WindowAttentionV2) -> PrefixShape:
-    """Heads and head width of a Swin window attention (``qkv`` holds ``3·heads·d`` outputs)."""
-    width = module.qkv.out_features // 3 // module.num_heads
-    return PrefixShape(module.num_heads, width, width)
-
-
 _SWIN = "torchvision.models.swin_transformer"
 
 #: Swin window attention of torchvision and timm (exact classes: torchvision's v2 subclasses its v1), and
 #: torchvision MaxViT's block/grid attention.
 WINDOW_CLASSES: tuple[AttentionClass, ...] = (
-    AttentionClass(_SWIN, "ShiftedWindowAttention", TorchvisionWindowPrefixAttention, window_shape),
-    AttentionClass(_SWIN, "ShiftedWindowAttentionV2", TorchvisionWindowV2PrefixAttention, window_shape),
-    AttentionClass("timm.models.swin_transformer", "WindowAttention", TimmWindowPrefixAttention, window_shape),
-    AttentionClass("timm.models.swin_transformer_v2", "WindowAttention", TimmWindowV2PrefixAttention, window_shape),
+    AttentionClass(_SWIN, "ShiftedWindowAttention", TorchvisionWindowPrefixAttention, fused_qkv_shape),
+    AttentionClass(_SWIN, "ShiftedWindowAttentionV2", TorchvisionWindowV2PrefixAttention, fused_qkv_shape),
+    AttentionClass("timm.models.swin_transformer", "WindowAttention", TimmWindowPrefixAttention, fused_qkv_shape),
+    AttentionClass("timm.models.swin_transformer_v2", "WindowAttention", TimmWindowV2PrefixAttention, fused_qkv_shape),
     AttentionClass("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention",
                    TorchvisionMaxVitPrefixAttention, maxvit_shape),
 )
