@@ -4,6 +4,7 @@ Attention, the handler registry, and the error for models without attention."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -269,3 +270,33 @@ def test_a_model_with_known_and_unknown_attention_warns_which_layers_keep_no_pre
                                          r"\(e\.g\. 'own'\)"):
         adapted = inject(model, PrefixTuning(num_tokens=2))
     assert [n for n, _ in adapters(adapted)] == ["known"]
+
+
+class TokenMixer(OwnAttention):
+    """Attention under a name that does not say so."""
+
+
+class AttentionBlock(nn.Module):
+    """A block whose name says attention, around a handled mixer and a non-attention layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixer, self.norm = TokenMixer(), nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixer(self.norm(x))
+
+
+def test_a_block_named_attention_around_a_handled_layer_is_not_reported_as_unhandled() -> None:
+    mixer = class_table_handler((AttentionClass(__name__, "TokenMixer", OwnPrefixAttention,
+                                                lambda m: PrefixShape(2, 4, 4)),))
+    register_attention_handler(mixer)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PEFTWarning)  # the block holds the handled layer: nothing left out
+            adapted = inject(nn.Sequential(AttentionBlock()), PrefixTuning(num_tokens=2))
+        assert [n for n, _ in adapters(adapted)] == ["0.mixer"]
+        with pytest.warns(PEFTWarning, match=r"but not 1 others .*OwnAttention \(e\.g\. '1'\)"):
+            inject(nn.Sequential(AttentionBlock(), OwnAttention()), PrefixTuning(num_tokens=2))
+    finally:
+        _HANDLERS.remove(mixer)

@@ -28,10 +28,15 @@ from torch import nn
 from lightning_peft.adapter import Adapter, adapters
 from lightning_peft.errors import PEFTWarning, TargetNotFoundError
 from lightning_peft.methods import Site, TargetedConfig, check_positive_int, init_seed
-from lightning_peft.prefix.attention import AttentionMatch, MultiheadPrefixAttention, match_attention
+from lightning_peft.prefix.attention import (
+    AttentionMatch,
+    MultiheadPrefixAttention,
+    match_attention,
+    prefix_undefined,
+)
 from lightning_peft.prefix.attention.base import PrefixAttention, PrefixEncoder
-from lightning_peft.prefix.attention.timm_variants import prefix_undefined
 from lightning_peft.record import find_record
+from lightning_peft.targets import is_inside
 from lightning_peft.tensors import refresh_trainable
 
 
@@ -178,11 +183,9 @@ def _unhandled_attention(model: nn.Module, handled: list[str]) -> list[tuple[str
     """Innermost modules whose class name looks like attention, outside and around none of ``handled`` (nor of
     an adapter already there)."""
     handled = [*handled, *(name for name, m in model.named_modules() if isinstance(m, Adapter))]
-    inside = tuple(f"{name}." for name in handled)
     return [(name, module) for name, module in model.named_modules()
             if name and _ATTENTION_LIKE.search(type(module).__name__) and not isinstance(module, Adapter)
-            and name not in handled and not name.startswith(inside)
-            and not any(h.startswith(f"{name}.") for h in handled)
+            and name not in handled and not is_inside(name, handled) and not any(is_inside(h, [name]) for h in handled)
             and not any(m is not module and _ATTENTION_LIKE.search(type(m).__name__) for m in module.modules())]
 
 

@@ -35,6 +35,7 @@ from lightning_peft.prefix.attention.timm_variants import (
     BeitPrefixAttention,
     EvaPrefixAttention,
     PvtV2PrefixAttention,
+    prefix_undefined,
 )
 from lightning_peft.prefix.attention.transformers_attention import (
     TransformersPrefixAttention,
@@ -146,5 +147,6 @@ __all__ = [
     "TransformersPrefixAttention",
     "class_table_handler",
     "match_attention",
+    "prefix_undefined",
     "register_attention_handler",
 ]
