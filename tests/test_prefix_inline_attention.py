@@ -271,8 +271,12 @@ def test_gated_prefix_is_the_identity_at_init_and_disabled_adapters_give_the_bas
 
 
 def test_falcon_flash_attention_is_refused_with_the_fix() -> None:
-    from transformers.models.falcon.modeling_falcon import FalconFlashAttention2
+    import transformers
+    from transformers.models.falcon import modeling_falcon
 
+    FalconFlashAttention2 = getattr(modeling_falcon, "FalconFlashAttention2", None)  # noqa: N806
+    if FalconFlashAttention2 is None:
+        pytest.skip(f"transformers {transformers.__version__} has no FalconFlashAttention2 (removed in 5.25)")
     try:
         attn = FalconFlashAttention2(tiny("falcon").config, layer_idx=0)
     except Exception as error:  # noqa: BLE001 - constructing it may need flash-attn
