@@ -6,14 +6,8 @@
 import sys
 import warnings
 
-from lightning_peft.adapter_files.export import (
-    adapter_from_checkpoint,
-    export,
-    load_base,
-    main,
-    read_checkpoint,
-    read_deepspeed_checkpoint,
-)
+from lightning_peft.adapter_files.checkpoint import adapter_from_checkpoint, read_checkpoint, read_deepspeed_checkpoint
+from lightning_peft.adapter_files.export import export, load_base, main
 from lightning_peft.errors import PEFTDeprecationWarning
 
 warnings.warn("lightning_peft.export moved to lightning_peft.adapter_files.export; import from there, and run "

@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_peft import LoRA, load_adapter
+from lightning_peft import AdapterStateError, LoRA, load_adapter, load_from_checkpoint
 from lightning_peft.adapter_files.export import export, main
 
 transformers = pytest.importorskip("transformers")
@@ -88,6 +88,38 @@ def test_a_directory_that_is_no_deepspeed_checkpoint_is_refused_with_what_was_lo
     (tmp_path / "run").mkdir()
     assert main([str(tmp_path / "run"), str(tmp_path / "x")]) == 2
     assert "not a DeepSpeed checkpoint (no checkpoint/mp_rank_00_model_states.pt" in capsys.readouterr().err
+
+
+def test_load_from_checkpoint_rebuilds_a_callback_trained_module_bitwise(trained: dict[str, Any]) -> None:
+    module = load_from_checkpoint(CausalLM, trained["ckpt"]).eval()  # the path comes from the saved hyperparameters
+    with torch.no_grad():
+        assert torch.equal(module.model(IDS).logits, trained["logits"])
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {
+        n for n in module.state_dict() if ".lora_" in n or ".ln_f." in n}  # LoRA and trainable_modules train again
+
+
+@pytest.mark.parametrize("inner", [False, True], ids=["lightning_module", "inner_model"])
+def test_load_adapter_reads_a_lightning_checkpoint_into_the_module_or_its_inner_model(trained: dict[str, Any],
+                                                                                     inner: bool) -> None:
+    model: torch.nn.Module = base_model(trained) if inner else CausalLM(str(trained["root"] / "base"))
+    load_adapter(model, Path(trained["ckpt"])).eval()
+    with torch.no_grad():
+        logits = (model if inner else model.model)(IDS).logits
+    assert torch.equal(logits, trained["logits"])
+
+
+def test_a_checkpoint_saved_without_adapters_is_refused_naming_the_plain_route(trained: dict[str, Any],
+                                                                               tmp_path: Path) -> None:
+    checkpoint = torch.load(trained["ckpt"], weights_only=True)
+    del checkpoint["lightning_peft"]
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    model = base_model(trained)
+    refusal = r"plain.ckpt: .*no 'lightning_peft' adapter record.*load_from_checkpoint"
+    with pytest.raises(AdapterStateError, match=refusal):
+        load_adapter(model, tmp_path / "plain.ckpt")
+    with pytest.raises(AdapterStateError, match="no 'lightning_peft' adapter record"):
+        load_from_checkpoint(CausalLM, tmp_path / "plain.ckpt")
+    assert not any(p.requires_grad is False for p in model.parameters())  # left as it was: nothing frozen
 
 
 class Opaque:

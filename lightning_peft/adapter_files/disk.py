@@ -146,5 +146,6 @@ def _refuse_missing(directory: Path, path: Path) -> None:
     raise FileNotFoundError(
         f"{path} does not exist; "
         + (f"{directory} holds {what[:8]}. " if what is not None else f"there is no folder {directory}. ")
-        + "Pass the folder save_adapter() (or peft's save_pretrained) wrote."
+        + "Pass the folder save_adapter() (or peft's save_pretrained) wrote, or a Lightning checkpoint saved with "
+        "adapters (a .ckpt file)."
     )

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
-from lightning_peft.adapter_files.native import load_native, save_native
+from lightning_peft.adapter_files.checkpoint import adapter_of_checkpoint, is_lightning_checkpoint, read_checkpoint
+from lightning_peft.adapter_files.native import check_metadata, load_native, load_recorded_adapter, save_native
 from lightning_peft.adapter_files.peft_load import is_peft_directory, load_peft
 from lightning_peft.adapter_files.peft_save import save_peft
-from lightning_peft.state import refuse_merged, restored_on_error
+from lightning_peft.state import base_shapes, refuse_merged, restored_on_error
 
 
 def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "peft"] = "native") -> Path:
@@ -35,22 +36,40 @@ def save_adapter(model: nn.Module, path: str | Path, format: Literal["native", "
     return save_native(model, path)
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | Path, *, strict_base: bool = False) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model``; inject its methods first if needed.
 
-    A directory saved by Hugging Face PEFT (or with ``format="peft"``) is recognised and read too. The load is all
-    or nothing: when it fails, ``model`` is left as it was (no adapters injected, hooks, ``requires_grad`` flags and
-    values unchanged).
+    A directory saved by Hugging Face PEFT (or with ``format="peft"``) is recognised and read too, and so is a
+    Lightning checkpoint saved with adapters (a ``.ckpt`` file, or DeepSpeed's checkpoint directory): ``model`` is
+    then the LightningModule that was trained, freshly built, or the base model inside it (``lit.model``; the
+    checkpoint's names are matched to it). The load is all or nothing: when it fails, ``model`` is left as it was
+    (no adapters injected, hooks, ``requires_grad`` flags and values unchanged).
+
+    Adapters record a fingerprint of the base weights they were trained on: loading into other weights of the same
+    shapes (a re-seeded model, pretrained weights not loaded yet) warns with a ``PEFTWarning`` naming the first
+    layers that differ, or raises with ``strict_base=True``. Files without a fingerprint load as before.
 
     Raises:
-        BaseModelMismatchError: ``model`` is not the base model the adapter was saved from.
+        BaseModelMismatchError: ``model`` is not the base model the adapter was saved from (other names or
+            shapes; with ``strict_base``, also other weights).
         AdapterStateError: The file's tensors do not fit the model's adapters, hold NaN/inf or integers where the
             model has floats, a file is corrupt, or ``model``'s adapters are merged.
         FileNotFoundError: The directory lacks a file (a pickle-only folder is refused, with how to convert it).
     """
     directory = Path(path)
     refuse_merged(model, str(directory))
+    if is_lightning_checkpoint(directory):
+        return load_checkpoint_adapter(model, read_checkpoint(directory), str(directory), strict_base)
     if is_peft_directory(directory):
         with restored_on_error(model):
             return load_peft(model, directory)
-    return load_native(model, directory)
+    return load_native(model, directory, strict_base)
+
+
+def load_checkpoint_adapter(model: nn.Module, checkpoint: dict[str, Any], source: str, strict_base: bool = False
+                            ) -> nn.Module:
+    """Load the adapter of a read Lightning ``checkpoint`` into ``model`` (as :func:`load_adapter` does for a
+    checkpoint file); ``source`` names it in errors."""
+    state, meta = adapter_of_checkpoint(checkpoint, set(base_shapes(model)), source)
+    check_metadata(meta, source)
+    return load_recorded_adapter(model, meta, state, source, strict_base)

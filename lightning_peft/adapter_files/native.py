@@ -13,6 +13,7 @@ loading compares the ids and refuses such a pair instead of loading tensors with
 from __future__ import annotations
 
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,7 +23,8 @@ from torch import nn
 from lightning_peft.adapter import is_injected
 from lightning_peft.adapter_files.constants import CONFIG_NAME, FORMAT_VERSION, NATIVE_TENSOR_METADATA, WEIGHTS_NAME
 from lightning_peft.adapter_files.disk import read_config, read_tensor_metadata, read_tensors, write_adapter_files
-from lightning_peft.errors import AdapterStateError
+from lightning_peft.errors import AdapterStateError, BaseModelMismatchError, PEFTWarning
+from lightning_peft.fingerprint import base_fingerprint, fingerprint_mismatch
 from lightning_peft.injection import inject
 from lightning_peft.methods import Method, MethodConfig
 from lightning_peft.state import (
@@ -36,12 +38,16 @@ from lightning_peft.tensors import adapter_state_dict
 from lightning_peft.zero3 import is_nonzero_rank
 
 
-def checkpoint_metadata(model: nn.Module, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What an adapter checkpoint records beside the tensors: format, method configurations, base shapes."""
+def checkpoint_metadata(model: nn.Module, state_dict: dict[str, Any] | None = None, fingerprint: bool = True
+                        ) -> dict[str, Any]:
+    """What an adapter checkpoint records beside the tensors: format, method configurations, base shapes and the
+    base weights' fingerprint (:mod:`lightning_peft.fingerprint`; pass ``fingerprint=False`` where the local
+    weights are flat shards, as under FSDP1)."""
     return {
         "format_version": FORMAT_VERSION,
         "methods": method_configs(model),
         "base_shapes": base_shapes(model, state_dict),
+        "base_fingerprint": base_fingerprint(model) if fingerprint else {},
     }
 
 
@@ -92,7 +98,7 @@ def check_save_id(directory: Path, meta: dict[str, Any]) -> None:
         )
 
 
-def load_native(model: nn.Module, directory: Path) -> nn.Module:
+def load_native(model: nn.Module, directory: Path, strict_base: bool = False) -> nn.Module:
     """Load a native adapter directory into ``model``, injecting its methods first if ``model`` has none.
 
     All or nothing: when it fails, ``model`` is left as it was.
@@ -104,19 +110,40 @@ def load_native(model: nn.Module, directory: Path) -> nn.Module:
             :func:`~lightning_peft.state.load_adapter_state_dict`).
     """
     meta = read_config(directory)
+    check_metadata(meta, str(directory))
+    check_save_id(directory, meta)
+    return load_recorded_adapter(model, meta, read_tensors(directory), str(directory), strict_base)
+
+
+def check_metadata(meta: dict[str, Any], source: str) -> None:
+    """Raise :class:`AdapterStateError` unless ``meta`` is native adapter metadata this release reads."""
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise AdapterStateError(
-            f"{directory} uses adapter format {meta['format_version']}; this lightning_peft reads up to "
+            f"{source} uses adapter format {meta['format_version']}; this lightning_peft reads up to "
             f"{FORMAT_VERSION}. Upgrade lightning_peft."
         )
     for key in ("methods", "base_shapes"):
         if not isinstance(meta.get(key), (list, dict)):
-            raise AdapterStateError(f"{directory} has no {key!r} in its config: it was not written by save_adapter.")
-    check_save_id(directory, meta)
-    check_base_shapes(model, meta["base_shapes"], str(directory))
-    state = read_tensors(directory)
+            raise AdapterStateError(f"{source} has no {key!r} in its config: it was not written by save_adapter.")
+
+
+def load_recorded_adapter(
+    model: nn.Module, meta: dict[str, Any], state: dict[str, torch.Tensor], source: str, strict_base: bool = False
+) -> nn.Module:
+    """Inject the methods ``meta`` records (unless ``model`` holds adapters already) and load ``state``.
+
+    The one loading path of native directories and Lightning checkpoints; all or nothing. Base weights other than
+    those the adapter was trained on (its fingerprint) warn, or raise with ``strict_base``.
+    """
+    check_base_shapes(model, meta["base_shapes"], source)
     pissa = any(m.get("init") == "pissa" for m in meta["methods"])  # PiSSA changes base weights when injected
     with restored_on_error(model, values=pissa and not is_injected(model)):
         if not is_injected(model):
             inject(model, *[cast(Method, MethodConfig.from_dict(m)) for m in meta["methods"]])  # registered configs
-        return load_adapter_state_dict(model, state, source=str(directory))  # values checked there, once
+        mismatch = fingerprint_mismatch(model, meta.get("base_fingerprint"), source)  # after PiSSA's residual
+        if mismatch and strict_base:
+            raise BaseModelMismatchError(mismatch)
+        if mismatch:
+            warnings.warn(f"{mismatch} (load_adapter(..., strict_base=True) refuses such a load.)", PEFTWarning,
+                          stacklevel=3)
+        return load_adapter_state_dict(model, state, source=source)  # values checked there, once
