@@ -60,10 +60,12 @@ class Classifier(L.LightningModule):
 
 def accuracy(model: nn.Module, data: TensorDataset) -> float:
     metric = MulticlassAccuracy(num_classes=int(data.tensors[1].max()) + 1, average="micro")
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         for images, labels in DataLoader(data, batch_size=256):
             metric.update(model(images), labels)
+    model.train(was_training)  # a model measured between fits starts the next one in training mode
     return float(metric.compute())
 
 

@@ -9,10 +9,12 @@ from lightning_peft.distributed import fsdp_auto_wrap_policy, restore_fsdp1_para
 from lightning_peft.errors import (
     AdapterStateError,
     BaseModelMismatchError,
+    ParticipationError,
     PEFTDeprecationWarning,
     PEFTWarning,
     TargetNotFoundError,
 )
+from lightning_peft.guard import participation_check
 from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig, register_lora_layer, register_weight_reader
 from lightning_peft.named import (
@@ -40,6 +42,7 @@ from lightning_peft.tensors import adapter_state_dict
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them on first use
     from lightning_peft.callbacks import LoRA, PrefixTuning, PromptTuning
+    from lightning_peft.glue.reload import load_from_checkpoint
     from lightning_peft.mixin import PEFTMixin
 
 __version__ = "0.1.0"
@@ -47,7 +50,8 @@ __version__ = "0.1.0"
 # The Lightning glue loads on first use: importing lightning (and through torchmetrics, transformers and
 # torchvision) costs seconds, and plain-PyTorch users of the core never need it.
 _GLUE = {"LoRA": "lightning_peft.callbacks", "PrefixTuning": "lightning_peft.callbacks",
-         "PEFTMixin": "lightning_peft.mixin", "PromptTuning": "lightning_peft.callbacks"}
+         "PEFTMixin": "lightning_peft.mixin", "PromptTuning": "lightning_peft.callbacks",
+         "load_from_checkpoint": "lightning_peft.glue.reload"}
 
 
 def __getattr__(name: str) -> Any:
@@ -65,6 +69,7 @@ __all__ = [
     "PEFTDeprecationWarning",
     "PEFTMixin",
     "PEFTWarning",
+    "ParticipationError",
     "PrefixTuning",
     "PrefixTuningConfig",
     "PromptTuning",
@@ -85,8 +90,10 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "load_adapter_state_dict",
+    "load_from_checkpoint",
     "merge",
     "merge_and_unload",
+    "participation_check",
     "register_attention_handler",
     "register_lora_layer",
     "register_vit_locator",

@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft.participation import read_through
+
 
 class Adapter(nn.Module):
     """Base class of every module lightning_peft adds to a model.
@@ -20,6 +22,9 @@ class Adapter(nn.Module):
     mergeable: ClassVar[bool] = False
     #: Whether the adapter can be an FSDP1 wrap unit of its own (its tensors are used only inside its forward).
     fsdp_unit: ClassVar[bool] = True
+    #: Whether it calls :func:`lightning_peft.guard.took_part` where its tensors enter the computation (otherwise the
+    #: participation check takes a call of its ``forward`` as taking part).
+    reports_participation: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -29,6 +34,10 @@ class Adapter(nn.Module):
     def reset_parameters(self) -> None:
         """Restore the adapter's initial values, at which the adapted model equals the base model."""
         raise NotImplementedError
+
+    def merge_problem(self) -> str | None:
+        """Why :meth:`merge` cannot be exact for this adapter's layer, or ``None`` (asked before anything merges)."""
+        return None
 
     def merge(self) -> None:
         """Fold the adapter into the base weights (only for adapters with ``mergeable = True``)."""
@@ -81,7 +90,10 @@ class Adapter(nn.Module):
             base = self.__dict__.get("_modules", {}).get("base_layer")
             if base is None or name == "base_layer":
                 raise
-            return getattr(base, name)
+            found = getattr(base, name)
+            if isinstance(found, torch.Tensor):
+                read_through(self, name)  # code reading the layer's tensors around the adapter: the guard sees it
+            return found
 
 
 def innermost(module: nn.Module) -> nn.Module:

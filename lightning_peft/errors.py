@@ -1,7 +1,7 @@
 """Errors and warnings raised by lightning_peft.
 
-Every error subclasses a builtin (``ValueError``, ``TypeError``), so ``except ValueError`` keeps working;
-every warning is a :class:`PEFTWarning`, so users can filter ours without hiding others.
+Every error subclasses a builtin (``ValueError``, ``TypeError``, ``RuntimeError``), so ``except ValueError`` keeps
+working; every warning is a :class:`PEFTWarning`, so users can filter ours without hiding others.
 """
 
 from __future__ import annotations
@@ -25,3 +25,8 @@ class BaseModelMismatchError(ValueError):
 
 class AdapterStateError(ValueError):
     """Saved adapter state is missing tensors, has extra ones, or names another method configuration."""
+
+
+class ParticipationError(RuntimeError):
+    """An enabled adapter did not take part in a forward pass: its update was silently left out
+    (:mod:`lightning_peft.guard`)."""

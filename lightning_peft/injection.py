@@ -14,10 +14,12 @@ from torch import nn
 
 from lightning_peft.adapter import Adapter
 from lightning_peft.errors import TargetNotFoundError
+from lightning_peft.fast_paths import avoid_fused_paths
+from lightning_peft.guard import install_participation_check
 from lightning_peft.methods import LAYER_NAME, BatchNormMode, Method, Site, init_seed
 from lightning_peft.record import Origin, add_peft_hook, find_record, record, remove_peft_hooks
 from lightning_peft.targets import select_names
-from lightning_peft.tensors import clean_name, mark_trainable, marked, refresh_trainable
+from lightning_peft.tensors import base_name, clean_name, mark_trainable, marked, refresh_trainable
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -56,7 +58,7 @@ def inject(model: nn.Module, *methods: Method) -> nn.Module:
             raise TypeError(f"inject() takes method objects such as LoRA(r=8); got {type(method).__name__}.")
         origin = len(applied_methods(model))
         built: list[tuple[str, Adapter]] = []
-        sites = method.sites(model)
+        sites = _sites(model, method)
         if not sites:  # an empty selection (target_modules=[]) would train nothing, silently
             raise TargetNotFoundError(
                 f"{_label(method)} selected nothing to adapt in {type(model).__name__} (an empty target_modules, and "
@@ -80,13 +82,38 @@ def inject(model: nn.Module, *methods: Method) -> nn.Module:
         _configure_batchnorm(model, method.batchnorm)
         record(model).methods.append(method)
     refresh_trainable(model)
+    avoid_fused_paths(model)
+    install_participation_check(model)
     return model
+
+
+def _sites(model: nn.Module, method: Method) -> list[Site[Any]]:
+    """The method's sites; a model that holds the same kind of method already is named in the error, as the cause.
+
+    Raises:
+        ValueError: ``method`` was injected into ``model`` before (equal arguments), or it selects layers that an
+            earlier method of its kind adapted.
+    """
+    kind = method.to_dict().get("method")
+    earlier = [m for m in applied_methods(model) if m.to_dict().get("method") == kind]
+    fix = ("Inject each method once: unload(model) first to start over, or add_adapter(model, name, config) for a "
+           "second, named set of adapters.")
+    if any(m.to_dict() == method.to_dict() for m in earlier):
+        raise ValueError(f"{type(model).__name__} already holds {_label(method)} adapters with these arguments "
+                         f"(injected earlier). {fix}")
+    try:
+        return list(method.sites(model))
+    except TargetNotFoundError as error:
+        if not earlier:
+            raise
+        raise type(error)(f"{type(model).__name__} already holds {_label(method)} adapters from an earlier inject, "
+                          f"and this one selects layers inside them: {error} {fix}") from None
 
 
 def _build(model: nn.Module, method: Method, site: Site[Any]) -> Adapter:
     """The method's adapter for ``site``; an error raised while building names the layer (the one error text)."""
     try:
-        return method.build(model, site, init_seed(method.seed, site.name))
+        return method.build(model, site, init_seed(method.seed, base_name(site.name)))  # the same in any order
     except ValueError as error:
         message = str(error).replace(LAYER_NAME, repr(site.name))
         raise type(error)(f"{_label(method)} cannot adapt {site.name!r}: {message}") from None

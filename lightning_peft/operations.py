@@ -23,6 +23,10 @@ def merge(model: nn.Module) -> nn.Module:
 
     Adapters that change activations rather than weights (prompts, prefixes) stay active.
 
+    Raises:
+        TypeError: A LoRA layer's weight cannot take its update exactly (a layer whose own forward transforms the
+            weight, as timm's ``ScaledStdConv2d``; a parametrization that cannot store ``W + ΔW``); nothing is merged.
+
     Example:
         >>> from lightning_peft import LoRA, inject
         >>> model = inject(nn.Sequential(nn.Linear(4, 4)), LoRA(r=2, target_modules=["0"]))
@@ -30,9 +34,19 @@ def merge(model: nn.Module) -> nn.Module:
         True
     """
     _require_whole_weights(model, "merge")
-    for _, adapter in adapters(model):
-        if adapter.mergeable and not adapter.merged:
-            adapter.merge()
+    pending = [(name, adapter) for name, adapter in adapters(model) if adapter.mergeable and not adapter.merged]
+    refused = [(name, adapter, problem) for name, adapter in pending
+               if (problem := adapter.merge_problem()) is not None]
+    if refused:  # before any weight changes: all layers or none
+        name, layer, problem = refused[0]
+        raise TypeError(
+            f"merge() changed nothing: {len(refused)} LoRA layer(s) cannot take their update into the weight, e.g. "
+            f"{name!r} ({type(layer.base_layer).__name__}): {problem}. Keep the adapters unmerged, or leave such "
+            f"layers out with exclude_modules (all: {', '.join(repr(n) for n, _, _ in refused[:8])}"
+            f"{', ...' if len(refused) > 8 else ''})."
+        )
+    for _, adapter in pending:
+        adapter.merge()
     return model
 
 

@@ -58,6 +58,8 @@ class Record:
     pending: list[Method] = field(default_factory=list)
     #: On a PEFTMixin module: whether ``configure_peft`` was applied.
     configured: bool = False
+    #: On a module the participation check watches: its state (:mod:`lightning_peft.guard`).
+    guard: Any = None
 
 
 def record(module: nn.Module) -> Record:
@@ -98,7 +100,7 @@ def forget_injection(model: nn.Module, keep_weights: bool = False) -> None:
                 step(keep_weights)
             found.undo.clear()
             found.saved_tensors, found.frozen_stats, found.wrapped_base = frozenset(), False, False
-            found.methods, found.named_adapters, found.origin = [], None, None
+            found.methods, found.named_adapters, found.origin, found.guard = [], None, None, None
             if all(getattr(found, f.name) == getattr(_EMPTY, f.name) for f in fields(Record)):
                 del module.__dict__[_KEY]  # nothing of lightning_peft is left to pickle with the module
 

@@ -21,7 +21,7 @@ from lightning_peft.errors import AdapterStateError, BaseModelMismatchError
 from lightning_peft.injection import applied_methods
 from lightning_peft.record import find_record
 from lightning_peft.targets import SHORTCUTS, matches
-from lightning_peft.tensors import adapter_tensors, clean_name
+from lightning_peft.tensors import adapter_tensors, base_name, clean_name
 from lightning_peft.zero3 import gathered, global_shape
 
 
@@ -36,13 +36,10 @@ def base_shapes(model: nn.Module, state_dict: dict[str, Any] | None = None) -> d
              for local, _ in m.adapter_tensors()}
     source = model.state_dict(keep_vars=True) if state_dict is None else state_dict
     return {
-        _BASE_LAYER.sub("", f".{name}")[1:]: list(global_shape(tensor))  # "a.base_layer.weight" -> "a.weight"
+        base_name(name): list(global_shape(tensor))  # "a.base_layer.weight" -> "a.weight"
         for name, tensor in ((clean_name(n), t) for n, t in source.items())
         if name not in owned and isinstance(tensor, torch.Tensor)
     }
-
-
-_BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
 
 
 def check_base_shapes(model: nn.Module, saved: dict[str, list[int]], source: str = "the checkpoint") -> None:

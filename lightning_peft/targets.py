@@ -24,6 +24,7 @@ from torch import nn
 
 from lightning_peft.errors import TargetNotFoundError
 from lightning_peft.imported import imported_class
+from lightning_peft.tensors import base_name
 
 TargetRule = str | type[nn.Module]
 Targets = str | Sequence[TargetRule]
@@ -220,7 +221,9 @@ def select_modules(
     rules: list[Targets] = [targets] if isinstance(targets, str) else [[rule] for rule in targets]
     chosen: set[str] = set()
     for rule in rules:  # every rule of a list must select something adaptable
-        hits = [name for name, module in modules.items() if matches(rule, name, module, heads) and kept(name)]
+        # also by the base model's name: a layer inside a prompt or prefix adapter is still the layer the user named
+        hits = [name for name, module in modules.items() if kept(name) and (
+            matches(rule, name, module, heads) or matches(rule, base_name(name), module, heads))]
         adaptable_hits = [name for name in hits if name in adaptable]
         if hits and not adaptable_hits:
             raise TargetNotFoundError(

@@ -49,6 +49,19 @@ def clean_name(name: str) -> str:
     return _WRAPPER_PARTS.sub("", name).lstrip(".")
 
 
+def base_name(name: str) -> str:
+    """The base model's name for a module or tensor: without wrapper parts and adapters' ``base_layer`` parts.
+
+    Example:
+        >>> base_name("_fsdp_wrapped_module.conv1.base_layer.base_layer.weight")
+        'conv1.weight'
+    """
+    return _BASE_LAYER.sub("", f".{clean_name(name)}.")[1:-1]
+
+
+_BASE_LAYER = re.compile(r"(?<=\.)base_layer\.")
+
+
 def adapter_tensors(model: nn.Module, include_buffers: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """``(full name, tensor)`` for every tensor an adapter checkpoint holds: adapter tensors and marked ones, i.e.
     the model's parameters (and persistent buffers) whose names pass :func:`adapter_name_test`.

@@ -12,7 +12,7 @@ import torch
 from glue_models import Task, family_lora
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_peft import AdapterStateError, BaseModelMismatchError, adapter_state_dict
+from lightning_peft import AdapterStateError, BaseModelMismatchError, LoRA, adapter_state_dict
 
 
 def _size(state: dict[str, torch.Tensor]) -> int:
@@ -99,3 +99,32 @@ def test_resuming_from_a_checkpoint_missing_adapter_tensors_fails_naming_them(
     other = make_trainer(callbacks=[family_lora("mlp")], max_epochs=2)
     with pytest.raises(AdapterStateError, match=r"missing 1 adapter tensors \(backbone\.2\.lora_B\)"):
         other.fit(Task(family="mlp"), ckpt_path=tmp_path / "broken.ckpt")
+
+
+class EveryStage(Task):
+    """The task with validation, test and predict steps, on its training data."""
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.training_step(batch, batch_idx)
+
+    test_step = validation_step
+
+    def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+    val_dataloader = test_dataloader = predict_dataloader = Task.train_dataloader
+
+
+@pytest.mark.parametrize("stage", ["fit", "validate", "test", "predict"])
+def test_a_checkpoint_of_other_adapters_is_refused_in_every_stage_naming_what_differs(
+    stage: str, make_trainer: Callable[..., L.Trainer], tmp_path: Path
+) -> None:
+    # fewer targets than the checkpoint holds: predict used to warn and compute with half the adapters
+    trainer = make_trainer(callbacks=[LoRA(r=2, target_modules=["backbone.0", "backbone.2"])])
+    trainer.fit(EveryStage(family="mlp"))
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    fewer = make_trainer(callbacks=[LoRA(r=2, target_modules=["backbone.0"])], max_epochs=2, limit_val_batches=1,
+                         limit_test_batches=1, limit_predict_batches=1)
+    with pytest.raises(AdapterStateError, match=r"saved with lora target_modules=\['backbone\.0', 'backbone\.2'\] "
+                                                r"\(the model has target_modules=\['backbone\.0'\]\)"):
+        getattr(fewer, stage)(EveryStage(family="mlp"), ckpt_path=tmp_path / "two.ckpt")

@@ -15,7 +15,7 @@ import lightning_peft
 
 PACKAGE = Path(lightning_peft.__file__).parent
 # the only modules allowed to import Lightning (paths inside the package)
-GLUE = {"callbacks.py", "mixin.py", "glue/checkpoints.py", "glue/prepare.py", "glue/strategies.py"}
+GLUE = {"callbacks.py", "mixin.py", "glue/checkpoints.py", "glue/prepare.py", "glue/reload.py", "glue/strategies.py"}
 LIGHTNING = {"lightning", "pytorch_lightning"}
 LAZY = {"transformers", "timm", "torchvision"}  # imported inside the code that needs them, never at import time
 SOURCES = sorted(PACKAGE.rglob("*.py"))
@@ -60,6 +60,31 @@ def test_optional_libraries_are_not_imported_at_module_level(path: Path) -> None
     tree = ast.parse(path.read_text(), str(path))
     found = [(node.lineno, name) for node in _import_time_nodes(tree) for name in _imported(node) if name in LAZY]
     assert found == [], f"{_relative(path)} imports {found} at import time; import them inside the code that needs them."
+
+
+def test_every_upstream_class_looked_up_by_name_may_be_gone_without_breaking_inject(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Classes of transformers/timm/torchvision are looked up by name (``imported_class``), never imported, so a
+    release that removes one (transformers 5.25 dropped FalconFlashAttention2) cannot break import or inject."""
+    import torch
+    from torch import nn
+
+    from lightning_peft import LoRA, PrefixTuning, PromptTuning, inject
+
+    looked_up = [m for name, m in sys.modules.items() if name.startswith("lightning_peft") and
+                 getattr(m, "imported_class", None) is not None]
+    assert len(looked_up) >= 5  # the modules that name upstream classes
+    for module in looked_up:
+        monkeypatch.setattr(module, "imported_class", lambda module_name, class_name: None)  # every class gone
+
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    text = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 2))
+    image = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    image(torch.randn(1, 3, 8, 8))
+    inject(text, LoRA(r=2, target_modules=["linear1"]), PrefixTuning(num_tokens=2))
+    inject(image, LoRA(r=2, target_modules="all-conv"), PromptTuning(kind="pixels", width=1, image_size=[8, 8]))
+    assert text(torch.randn(2, 5, 16)).shape == (2, 5, 2) and image(torch.randn(2, 3, 8, 8)).shape == (2, 2)
 
 
 def test_import_lightning_peft_loads_no_optional_library_and_no_lightning() -> None:

@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_peft.adapter_files.constants import CHECKPOINT_KEY
 from lightning_peft.adapter_files.native import checkpoint_metadata
-from lightning_peft.errors import AdapterStateError
+from lightning_peft.errors import AdapterStateError, PEFTWarning
+from lightning_peft.fingerprint import fingerprint_mismatch
 from lightning_peft.glue.strategies import is_fsdp1_wrapped
 from lightning_peft.injection import applied_methods
 from lightning_peft.state import check_adapter_state, check_base_shapes
@@ -30,7 +31,8 @@ def keep_adapter_tensors(pl_module: pl.LightningModule, checkpoint: dict[str, An
     is_adapter_tensor = adapter_name_test(pl_module)  # by name: FSDP1's flat parameters hide the tensors
     # FSDP's gathered state dict has the global shapes; ZeRO-3's holds empty partitions, its parameters know them
     zero3 = any(is_partitioned(p) for p in pl_module.parameters())
-    checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(pl_module, None if zero3 else checkpoint["state_dict"])
+    checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(pl_module, None if zero3 else checkpoint["state_dict"],
+                                                     fingerprint=not is_fsdp1_wrapped(pl_module))
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_tensor(k)}
     # their names: strategies that load the weights before on_load_checkpoint (FSDP, ModelParallel, DeepSpeed)
     # pass no state_dict to check_checkpoint, which then compares these with the model's adapter tensors
@@ -60,12 +62,24 @@ def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) 
             "its base weights load, adapters keep their current values."
         )
         return
-    if not is_fsdp1_wrapped(pl_module):  # FSDP1's flat shards hold no global shapes to compare
+    if not is_fsdp1_wrapped(pl_module):  # FSDP1's flat shards hold no global shapes or weights to compare
         check_base_shapes(pl_module, meta["base_shapes"])
+        mismatch = fingerprint_mismatch(pl_module, meta.get("base_fingerprint"), "the checkpoint")
+        if mismatch:
+            rank_zero_warn(f"lightning_peft: {mismatch}", category=PEFTWarning)
     now = [method.to_dict() for method in applied_methods(pl_module)]
-    if meta.get("methods") != now:
-        rank_zero_warn(
-            f"lightning_peft: the checkpoint was saved with methods {meta.get('methods')}, the model has {now}."
+    if meta.get("methods") != now:  # other targets, ranks or scales: loading would compute something else
+        tensors = ""
+        if "state_dict" in checkpoint:
+            try:
+                check_adapter_state(pl_module, checkpoint["state_dict"])
+            except AdapterStateError as error:
+                tensors = f" {error}"
+        raise AdapterStateError(
+            f"the checkpoint does not fit the adapters of {type(pl_module).__name__}: it was saved with "
+            f"{_differences(meta.get('methods') or [], now)}.{tensors} Use the methods it was saved with (the same "
+            "callbacks with the same arguments), or rebuild the module from it with "
+            "lightning_peft.load_from_checkpoint()."
         )
     if "state_dict" not in checkpoint:  # the strategy loaded the weights itself (strict=False), before this hook
         saved = meta.get("tensors")
@@ -77,12 +91,7 @@ def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) 
                 f"({meta.get('methods')})."
             )
         return
-    try:
-        check_adapter_state(pl_module, checkpoint["state_dict"])
-    except AdapterStateError as error:
-        differences = _differences(meta.get("methods") or [], now)
-        raise AdapterStateError(f"{error} The checkpoint was saved with {differences}." if differences else str(error)
-                                ) from None
+    check_adapter_state(pl_module, checkpoint["state_dict"])
     if trainer is None:
         state = checkpoint["state_dict"]
         for name, tensor in pl_module.state_dict().items():

@@ -18,7 +18,10 @@ Three paths compute the same ``base(x) + s · B A dropout(x)`` (``conv_path``; :
 - ``"fused"``: one convolution with ``[W; A]`` stacked per group (:mod:`lightning_peft.lora.fused_conv`; CPU).
 
 ``"auto"`` (default) takes the fused path on CPU in training where it pays, the folded one without gradients, on
-CUDA and for the shared form, and the adapter path with active dropout or where neither applies.
+CUDA and for the shared form, and the adapter path with active dropout or where neither applies. The folded and
+fused paths convolve with the raw weight and never call the base layer, so a base that must be called takes the
+adapter path: one whose class has a forward of its own (timm's ``ScaledStdConv2d`` standardizes W first), or
+that has hooks (``register_forward_pre_hook`` and the like, or a ``forward`` set on the instance as accelerate does).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from lightning_peft.lora.fused_conv import fused_lora_conv
 from lightning_peft.lora.layers import LAYER_NAME, LoRALayer
+from lightning_peft.participation import took_part
 
 ConvGroups = Literal["shared", "per_group"]
 ConvPath = Literal["auto", "adapter", "folded", "fused"]
@@ -51,10 +55,12 @@ class LoRAConv(LoRALayer):
 
     Raises:
         ValueError: ``conv_groups="per_group"`` with ``r`` not a multiple of ``groups``; ``conv_path="folded"`` or
-            ``"fused"`` with dropout; ``"fused"`` on the shared grouped form or with ``padding="same"``.
+            ``"fused"`` with dropout or on a base that must be called (its own forward, hooks); ``"fused"`` on the
+            shared grouped form or with ``padding="same"``.
     """
 
     base_layer: _ConvNd
+    formula_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
     def __init__(
         self, base: _ConvNd, r: int, *args: Any, conv_groups: ConvGroups = "shared", conv_path: ConvPath = "auto",
@@ -95,13 +101,15 @@ class LoRAConv(LoRALayer):
             ValueError: ``conv_path="fused"`` on an input or a state the fused convolution cannot take (a
                 trainable base weight, mixed dtypes, an unbatched input).
         """
-        if self.conv_path == "fused":
-            problem = self._fused_problem(x)
+        if self.conv_path in ("folded", "fused"):
+            problem = self._fused_problem(x) if self.conv_path == "fused" else self._folded_problem()
             if problem is not None:
-                raise ValueError(f"conv_path='fused' cannot run this {type(self.base_layer).__name__} now: {problem}.")
-            return "fused"
-        if self.conv_path != "auto":
+                raise ValueError(
+                    f"conv_path={self.conv_path!r} cannot run this {type(self.base_layer).__name__} now: {problem}."
+                )
             return self.conv_path
+        if self.conv_path == "adapter" or self._call_problem() is not None:
+            return "adapter"
         if self.shared_over_groups or (x.is_cuda and not self.dropout_active):
             # shared form: conv(x, W + s·ΔW), one grouped conv of the base shape (ΔW is as small as W). CUDA: the
             # adapter's r-channel convolutions are launch- and occupancy-bound (ResNet-50, H200, bf16: README)
@@ -113,10 +121,21 @@ class LoRAConv(LoRALayer):
             return "folded"  # inference: one convolution of out channels
         return "fused"
 
+    def _call_problem(self) -> str | None:
+        """Why the base layer must be called itself rather than convolved with its weight, or ``None``."""
+        base = self.base_layer
+        if self.own_forward:
+            return (f"{type(base).__name__} computes through a forward of its own (it may transform the weight, as "
+                    "weight standardization does), which one convolution with the raw weight would skip")
+        if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+                or "forward" in vars(base)):
+            return "it has hooks (or a forward set on the instance), which run only when the layer is called"
+        return None
+
     def _folded_problem(self) -> str | None:
         if isinstance(self.dropout, nn.Dropout):
             return f"it has no separate adapter input to apply dropout={self.dropout.p} to"
-        return None
+        return self._call_problem()
 
     def _fused_problem(self, x: torch.Tensor | None = None) -> str | None:
         """Why the fused convolution cannot run (``x=None``: what is known at inject), or ``None``."""
@@ -130,6 +149,8 @@ class LoRAConv(LoRALayer):
             return self._folded_problem()
         if self.dropout_active:
             return "dropout is active"
+        if (problem := self._call_problem()) is not None:
+            return problem
         if base.weight.requires_grad:
             return "the base weight is trainable, and the fused backward computes no gradient for it"
         if x.dim() != base.weight.dim():
@@ -163,6 +184,7 @@ class LoRAConv(LoRALayer):
 
         Only where :meth:`path` allows it (``_fused_problem`` is ``None``).
         """
+        took_part(self)
         base = self.base_layer
         dtype = cast(torch.dtype, _compute_dtype(x, self._fused_operands()))  # path() checked: not None
         padding = cast(list[int], _numeric_padding(base))

@@ -9,10 +9,17 @@ builds them.
     └──► dropout ──► A (r × in) ──► B (out × r) ──┘              s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
 A starts Kaiming-uniform and B at zero, so the adapted model equals the base model at step 0 (paper §4.1).
+
+The base layer computes ``base(x)`` itself, through its own ``forward`` and hooks. A layer whose class has a forward
+of its own (timm's ``ScaledStdConv2d`` standardizes W before convolving) may not compute ``W x``, so ``W + ΔW``
+would not compute ``base(x) + ΔW x``: LoRA neither merges into it nor computes it from the raw weight
+(:attr:`LoRALayer.own_forward`). A parametrized weight (``torch.nn.utils.parametrizations.weight_norm``) is merged
+by storing ``W + ΔW`` through the parametrization's ``right_inverse``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import warnings
@@ -21,10 +28,14 @@ from typing import Any, ClassVar, Literal, TypeGuard, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_peft.adapter import Adapter
 from lightning_peft.errors import PEFTWarning
+from lightning_peft.imported import imported_class
 from lightning_peft.methods import LAYER_NAME
+from lightning_peft.participation import read_through, took_part
+from lightning_peft.targets import transformers_conv1d_type
 from lightning_peft.zero3 import global_shape, is_partitioned
 
 LoRAInit = Literal["default", "gaussian", "pissa"]
@@ -63,11 +74,16 @@ class LoRALayer(Adapter):
             is enabled and unmerged, so the update applies there too (without dropout: a warning says so).
 
     Raises:
-        ValueError: ``init="pissa"`` on a grouped layer, on meta-device weights (PiSSA needs the real weights) or
-            with ``r`` above the smaller side of the weight matrix.
+        ValueError: ``init="pissa"`` on a grouped layer, on meta-device weights (PiSSA needs the real weights), with
+            ``r`` above the smaller side of the weight matrix, or where W cannot keep the exact residual (a layer with
+            a forward of its own, a parametrization without ``right_inverse``).
     """
 
     mergeable: ClassVar[bool] = True
+    reports_participation: ClassVar[bool] = True
+    #: The torch layers whose ``forward`` (``W x`` and the like) this adapter's formula assumes; a base whose class
+    #: overrides it has an :attr:`own_forward`. Empty: not checked (``nn.MultiheadAttention``).
+    formula_types: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     def __init__(
         self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
@@ -97,6 +113,12 @@ class LoRALayer(Adapter):
             raise ValueError(
                 f"init='pissa' splits the real weights, but this {type(base).__name__}'s are {where}. "
                 "Inject after the pretrained weights are loaded (outside deepspeed.zero.Init), or use init='default'."
+            )
+        problem = self.weight_problem() if init == "pissa" else None
+        if problem is not None:
+            raise ValueError(
+                f"init='pissa' leaves W the residual of the top-r SVD part, which cannot be exact for this "
+                f"{type(base).__name__}: {problem}. Use init='default', or leave the layer out with exclude_modules."
             )
         matrix = tuple(self.weight_matrix(self.base_weight).shape) if init == "pissa" else ()
         if matrix and r > min(matrix):
@@ -153,6 +175,7 @@ class LoRALayer(Adapter):
         (``read_directly``) while the adapter is enabled and unmerged, otherwise the base layer's ``weight``."""
         if self.read_directly and self.enabled and not self.merged:
             return self.folded_weight()
+        read_through(self, "weight")
         return cast(torch.Tensor, self.base_layer.weight)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -161,10 +184,12 @@ class LoRALayer(Adapter):
             return result
         if x.is_floating_point():  # (token ids of an embedding stay as they are)
             x = self.dropout(x.to(self.lora_A.dtype))
+        took_part(self)
         return torch.add(result, self.lora_delta(x).to(result.dtype), alpha=self.scale)  # scaled in the one add
 
     def delta_matrix(self) -> torch.Tensor:
         """``scale · B @ A`` as an ``(out, in)`` matrix (block-diagonal per group for grouped layers)."""
+        took_part(self)
         g = self.groups
         a = self.lora_A.reshape(g, self.r // g, -1)  # (groups, r/g, in/g · prod(k))
         b = self.lora_B.reshape(g, -1, self.r // g)  # (groups, out/g, r/g)
@@ -176,11 +201,51 @@ class LoRALayer(Adapter):
 
     def folded_weight(self) -> torch.Tensor:
         """``W + scale · B A`` in the base weight's layout and dtype, as one batched multiply-add per group."""
+        took_part(self)
         g, weight = self.groups, self.base_weight
         a = self.lora_A.reshape(g, self.r // g, -1).to(weight.dtype)
         b = self.lora_B.reshape(g, -1, self.r // g).to(weight.dtype)
         matrix = self.weight_matrix(weight).reshape(g, b.shape[1], a.shape[-1])
         return self.from_matrix(torch.baddbmm(matrix, b, a, alpha=self.scale).reshape(-1, a.shape[-1]))
+
+    @property
+    def own_forward(self) -> bool:
+        """Whether the base layer's class computes through a ``forward`` of its own instead of the torch layer's
+        (:attr:`formula_types`; timm's ``Linear`` and Falcon's ``FalconLinear`` compute the same ``x W^T + b``)."""
+        forward = type(self.base_layer).forward
+        if not self.formula_types or any(forward is t.forward for t in self.formula_types):
+            return False
+        return not any(forward is t.forward for t in plain_forward_types())
+
+    def weight_problem(self) -> str | None:
+        """Why the base weight cannot take a change ``W + ΔW`` that computes ``base(x) + ΔW·x``, or ``None``."""
+        base = self.base_layer
+        if self.own_forward:
+            return (f"{type(base).__name__} computes through a forward of its own, which may transform the weight "
+                    "(weight standardization does), so W + ΔW would not compute base(x) + ΔW·x")
+        if not self.formula_types:
+            return None
+        if parametrize.is_parametrized(base, "weight"):
+            missing = [type(p).__name__ for p in _parametrizations(base) if not hasattr(p, "right_inverse")]
+            if missing:
+                return (f"its weight is parametrized by {', '.join(missing)}, which has no right_inverse to store "
+                        "W + ΔW through")
+        elif "weight" not in base._parameters and "weight" not in base._buffers:
+            return ("its weight is not a tensor it stores but one computed on each call (as torch.nn.utils."
+                    "weight_norm's hook does), which would overwrite W + ΔW")
+        return None
+
+    def merge_problem(self) -> str | None:
+        """Why :meth:`merge` would not give the adapted outputs, or ``None``: see :meth:`weight_problem`; a
+        parametrization must also represent ``W + ΔW`` (an orthogonal one cannot)."""
+        problem = self.weight_problem()
+        if problem is None and self._parametrized:
+            problem = _storing_problem(self.base_layer, self.base_weight + self.delta_weight())
+        return problem
+
+    @property
+    def _parametrized(self) -> bool:
+        return bool(self.formula_types) and parametrize.is_parametrized(self.base_layer, "weight")
 
     @property
     def dropout_active(self) -> bool:
@@ -189,15 +254,34 @@ class LoRALayer(Adapter):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Add ``scale · B A`` to the base weight.
+
+        Raises:
+            TypeError: The base weight cannot take the update exactly (:meth:`merge_problem`); nothing is changed.
+        """
         if not self.merged:
-            self.base_weight.add_(self.delta_weight())
+            problem = self.merge_problem()
+            if problem is not None:
+                raise TypeError(
+                    f"Cannot merge LoRA into this {type(self.base_layer).__name__}: {problem}. Keep the adapter "
+                    "unmerged, or leave the layer out with exclude_modules."
+                )
+            self._add_to_weight(self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base_weight.sub_(self.delta_weight())
+            self._add_to_weight(-self.delta_weight())
             self.merged = False
+
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
+        # a parametrized weight is computed on each read: store W + ΔW through its right_inverse (weight_norm's
+        # gives exact g and v) rather than into the computed copy
+        if self._parametrized:
+            self.base_layer.weight = self.base_weight + delta
+        else:
+            self.base_weight.add_(delta)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -215,17 +299,56 @@ class LoRALayer(Adapter):
     def _pissa_split(self) -> None:
         # W = U S V^T: scale·B A takes the top-r part, W keeps the residual. A second call folds the current
         # update back first, so the adapted layer's outputs stay the same.
-        weight = self.base_weight
         if self.pissa_applied and not self.merged:
-            weight.add_(self.delta_weight())
-        a, b = pissa_factors(self.weight_matrix(weight).cpu(), self.r, self.scale)
+            self._add_to_weight(self.delta_weight())
+        a, b = pissa_factors(self.weight_matrix(self.base_weight).cpu(), self.r, self.scale)
         self.lora_A.copy_(a.reshape(self.lora_A.shape))
         self.lora_B.copy_(b.reshape(self.lora_B.shape))
-        weight.sub_(self.delta_weight())
+        residual = self.base_weight - self.delta_weight()
+        problem = _storing_problem(self.base_layer, residual) if self._parametrized else None
+        if problem is not None:
+            raise ValueError(f"init='pissa' cannot keep the residual in this {type(self.base_layer).__name__}: "
+                             f"{problem}. Use init='default', or leave the layer out with exclude_modules.")
+        self._add_to_weight(-self.delta_weight())
         self.pissa_applied, self.merged = True, False
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, init={self.init!r}"
+
+
+def plain_forward_types() -> tuple[type[nn.Module], ...]:
+    """Subclasses of torch layers whose own ``forward`` computes the torch layer's formula with the weight as it is
+    (timm's ``Linear``: a dtype cast under TorchScript; Falcon's ``FalconLinear``: ``x @ W.T + b``), once imported."""
+    found = (imported_class("timm.layers.linear", "Linear"),
+             imported_class("transformers.models.falcon.modeling_falcon", "FalconLinear"))
+    return tuple(t for t in found if t is not None)
+
+
+def _parametrizations(layer: nn.Module) -> list[nn.Module]:
+    """The parametrizations of ``layer.weight``, first applied first."""
+    return list(cast(parametrize.ParametrizationList, cast(nn.ModuleDict, layer.parametrizations)["weight"]))
+
+
+def _storing_problem(layer: nn.Module, value: torch.Tensor) -> str | None:
+    """Why ``layer.weight = value`` would not read back as ``value`` through its parametrization, or ``None``.
+
+    Runs the ``right_inverse`` methods and then the parametrizations on copies (a ``right_inverse`` may keep
+    state: the orthogonal one's ``base``), storing nothing.
+    """
+    chain = [copy.deepcopy(parametrization) for parametrization in _parametrizations(layer)]
+    stored: Any = value
+    for parametrization in reversed(chain):
+        stored = cast(Any, parametrization).right_inverse(stored)  # checked: it has one
+    back = chain[0](*stored) if isinstance(stored, (tuple, list)) else chain[0](stored)
+    for parametrization in chain[1:]:
+        back = parametrization(back)
+    error = (back - value).abs().max().item()
+    limit = 64 * torch.finfo(value.dtype).eps * value.abs().max().item()
+    if error > limit:
+        names = ", ".join(type(p).__name__ for p in chain)
+        return (f"its weight parametrization ({names}) cannot represent W + ΔW (stored and read back, it is off by "
+                f"{error:.3g})")
+    return None
 
 
 def lora_factor(shape: tuple[int, ...], weight: torch.Tensor) -> nn.Parameter:
@@ -265,6 +388,12 @@ class LoRALinear(LoRALayer):
     the adapter stays in floating point, and ``merge()`` de-quantizes the layer into a plain ``nn.Linear``
     (a quantized weight cannot hold the exact sum), with a :class:`PEFTWarning`.
     """
+
+    formula_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+
+    @property
+    def own_forward(self) -> bool:
+        return not _is_quantized(self.base_layer) and super().own_forward  # bitsandbytes: W x, de-quantized
 
     def a_shape(self) -> tuple[int, ...]:
         return (self.r, cast(int, self.base_layer.in_features))
@@ -313,6 +442,11 @@ def _dequantized_linear(layer: nn.Linear) -> nn.Linear:
 class LoRAConv1D(LoRALinear):
     """LoRA for transformers' ``Conv1D`` (GPT-2), whose weight is stored ``(in, out)``."""
 
+    @property
+    def own_forward(self) -> bool:
+        conv1d = transformers_conv1d_type()  # imported: a Conv1D is being adapted
+        return conv1d is not None and type(self.base_layer).forward is not conv1d.forward
+
     def a_shape(self) -> tuple[int, ...]:
         return (self.r, self.weight_shape[0])
 
@@ -329,6 +463,7 @@ class LoRAEmbedding(LoRALayer):
     """LoRA for ``nn.Embedding``: A is ``(r, num_embeddings)``, B is ``(dim, r)``; A starts at zero, B normal."""
 
     base_layer: nn.Embedding
+    formula_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Embedding,)
 
     def a_shape(self) -> tuple[int, ...]:
         return (self.r, self.weight_shape[0])

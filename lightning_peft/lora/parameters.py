@@ -24,6 +24,7 @@ from torch.func import functional_call
 from lightning_peft.adapter import Adapter
 from lightning_peft.lora.layers import LoRAInit, lora_scale
 from lightning_peft.methods import LAYER_NAME, init_seed
+from lightning_peft.participation import took_part
 from lightning_peft.zero3 import global_shape
 
 
@@ -44,6 +45,7 @@ class LoRAParameters(Adapter):
     """
 
     mergeable: ClassVar[bool] = True
+    reports_participation: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, names: list[str], r: int, alpha: float, rslora: bool = False,
                  init: LoRAInit = "default", seed: int = 0) -> None:
@@ -90,6 +92,7 @@ class LoRAParameters(Adapter):
         if self.merged or not self.enabled:
             return self.base_layer(*args, **kwargs)
         adapted = {name: self.parameter(name) + self.delta(name) for name in self.lora_A}
+        took_part(self)
         return functional_call(self.base_layer, adapted, args, kwargs, strict=False)
 
     @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -15,6 +17,8 @@ class PromptAdapter(Adapter):
     block, the image stem) as ``base_layer``; :func:`~lightning_peft.core.unload` puts that module back.
     Prompts change activations, not weights, so they are never mergeable.
     """
+
+    reports_participation: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, seed: int) -> None:
         super().__init__()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_peft.imported import imported_class
+from lightning_peft.participation import took_part
 from lightning_peft.prompt.base import PromptAdapter
 from lightning_peft.targets import is_inside
 
@@ -147,6 +148,7 @@ class PatchPrompt(PromptAdapter):
     def forward(self, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled:
             return self.base_layer(tokens, *args, **kwargs)
+        took_part(self)  # a block that only passes or removes prompt tokens takes part by doing that
         s, p = self.start, self.num_tokens
         if self.prompt is not None:
             prompt = self.prompt.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)

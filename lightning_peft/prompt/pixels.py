@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from lightning_peft.adapter import Adapter
+from lightning_peft.participation import took_part
 from lightning_peft.prompt.base import PromptAdapter
 
 
@@ -99,6 +101,7 @@ class PixelPrompt(PromptAdapter):
 
     def forward(self, image: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.enabled:
+            took_part(self)
             size = (int(image.shape[-2]), int(image.shape[-1]))
             if self.any_size:
                 return self.base_layer(image + self.pattern(size).to(image.dtype), *args, **kwargs)
@@ -174,7 +177,16 @@ def image_module(model: nn.Module, name: str | None) -> tuple[str, nn.Module]:
             f"pixel prompts found no nn.Conv2d in {type(model).__name__} to take the image; pass image_module="
             "'<name of the module that first receives the image>'."
         )
-    return candidates[0]
+    return outermost(model, candidates[0][0])
+
+
+def outermost(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """The module at ``name``'s place in ``model`` with every adapter around it: a conv that LoRA wraps is reached
+    as ``stem.base_layer``, and the image must enter at ``stem``, so the prompt reaches LoRA's own input too (the
+    same model whichever method is injected first)."""
+    while name.endswith(".base_layer") and isinstance(model.get_submodule(name[: -len(".base_layer")]), Adapter):
+        name = name[: -len(".base_layer")]
+    return name, model.get_submodule(name)
 
 
 def pixel_placement(model: nn.Module, image_size: int | list[int] | None) -> PixelPlacement:

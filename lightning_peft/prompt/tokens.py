@@ -37,6 +37,7 @@ from torch import nn
 
 from lightning_peft.adapter import innermost
 from lightning_peft.errors import TargetNotFoundError
+from lightning_peft.participation import took_part
 from lightning_peft.prompt.base import PromptAdapter
 from lightning_peft.record import add_peft_hook
 from lightning_peft.targets import is_inside
@@ -117,6 +118,7 @@ class TokenPrompt(PromptAdapter):
 
     def prepend(self, embeds: torch.Tensor) -> torch.Tensor:
         """``[prompt | embeds]`` along the sequence axis: ``(B, n, d)`` → ``(B, p + n, d)``."""
+        took_part(self)
         prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         return torch.cat([prompt, embeds], dim=1)
 
@@ -129,6 +131,7 @@ class TokenPrompt(PromptAdapter):
         call = bind_call(model, args, kwargs)
         past = cache_length(call)
         if past > 0:
+            took_part(self)  # the prompt is in the cache the model reads
             _extend_for_cached_prompt(call, self.num_tokens, past, self.max_length)
             return (), call
         embeds = self._embed(model, call)
@@ -182,6 +185,7 @@ class TokenPrompt(PromptAdapter):
             n = self._fit(call, source.shape[1], type(model).__name__, keys=keys)
             self._real_length = n
         else:
+            took_part(self)  # the prompt is in the encoder outputs the decoder reads
             n = encoded[0].shape[1] - self.num_tokens
         mask = call.get("attention_mask")
         if mask is not None and mask.shape[-1] == n:
@@ -403,24 +407,37 @@ def init_ids(init: str, init_text: str | None, tokenizer: str | None) -> list[in
     return list(ids)
 
 
-def _max_length(config: Any) -> int | None:
+def prompted_length_limit(host: PreTrainedModel) -> int | None:
+    """The most tokens, prompt included, that ``host`` (or its encoder) takes: ``max_position_embeddings``, if set."""
+    config = host.config
+    if getattr(config, "is_encoder_decoder", False):
+        config = getattr(config, "encoder", config)
     limit = getattr(config, "max_position_embeddings", None)
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
 def hook_into_transformers(adapter: TokenPrompt, host: PreTrainedModel) -> None:
-    """Let a transformers model's forward (and its encoder's) extend inputs for, and strip outputs of, the prompt."""
+    """Let a transformers model's forward (and its encoder's) extend inputs for, and strip outputs of, the prompt.
+
+    Raises:
+        ValueError: The prompt alone fills the model's maximum length (no position is left for real tokens).
+    """
     hf_config = host.config
+    adapter.max_length = prompted_length_limit(host)
+    if adapter.max_length is not None and adapter.num_tokens >= adapter.max_length:
+        raise ValueError(
+            f"num_tokens={adapter.num_tokens} leaves no position for real tokens: {type(host).__name__} takes at most "
+            f"{adapter.max_length} tokens (max_position_embeddings). Pass num_tokens below {adapter.max_length}, "
+            "leaving room for your inputs."
+        )
     if getattr(hf_config, "is_encoder_decoder", False):
         encoder = host.get_encoder()
-        adapter.max_length = _max_length(getattr(hf_config, "encoder", hf_config))
         add_peft_hook(encoder, encoder.register_forward_pre_hook(adapter.encoder_pre_hook, with_kwargs=True))
         add_peft_hook(host, host.register_forward_pre_hook(adapter.seq2seq_pre_hook, with_kwargs=True))
         add_peft_hook(host, host.register_forward_hook(adapter.seq2seq_post_hook, with_kwargs=True))
     else:
         adapter.causal = bool(host.can_generate())
         adapter.token_labels = not type(host).__name__.endswith(_SEQUENCE_LEVEL_HEADS)
-        adapter.max_length = _max_length(hf_config)
         add_peft_hook(host, host.register_forward_pre_hook(adapter.model_pre_hook, with_kwargs=True))
         add_peft_hook(host, host.register_forward_hook(adapter.model_post_hook, with_kwargs=True))
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.adapter import Adapter
+from lightning_peft.participation import took_part
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class PrefixAttention(Adapter):
     """
 
     family: ClassVar[str] = "attention"
+    reports_participation: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, shape: PrefixShape, num_tokens: int, gate: bool = False,
                  init_std: float = 1.0, seed: int = 0) -> None:
@@ -168,6 +170,7 @@ class PrefixAttention(Adapter):
         self.prefix_values = nn.Parameter(values.detach().clone())
 
     def _prefix_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        took_part(self)
         encoder = self.__dict__.get("_encoder")
         if encoder is None:
             return self.prefix_keys, self.prefix_values
