@@ -22,6 +22,14 @@ METHODS: dict[str, Callable[..., L.Callback]] = {
     "prefix": lambda **kw: PrefixTuning(num_tokens=3, **kw),
     "prompt": lambda **kw: PromptTuning(num_tokens=3, init="random", **kw),
 }
+COMPOSED = "lora+prompt"  # two methods on one model: under DDP (find_unused_parameters=False) every tensor trains
+
+
+def make_methods(name: str, **kwargs: object) -> list[L.Callback]:
+    """The callbacks of ``name``: one of :data:`METHODS`, or several joined by ``+`` (:data:`COMPOSED`)."""
+    return [METHODS[part](**kwargs) for part in name.split("+")]
+
+
 TRAINABLE = ["ln_f"]  # a trainable_modules entry beside the adapters: GPT-2's final norm (FSDP's root unit)
 RTOL, ATOL = 1e-5, 1e-6  # a multi-process run against one process: float sums in another order
 
@@ -96,7 +104,7 @@ def one_process_trainables(method: str, epochs: int = 1, batch_size: int = 8, mo
     Every tensor must move by more than ``ATOL``, so that none passes a comparison without having trained.
     """
     root = CausalLM() if in_module else tiny_gpt2()
-    inject(root, METHODS[method](**method_kwargs))
+    inject(root, *make_methods(method, **method_kwargs))
     model = root.model if in_module else root
     start = {name: tensor.clone() for name, tensor in adapter_state_dict(root).items()}
     optimizer = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=0.05, momentum=momentum)

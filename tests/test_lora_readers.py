@@ -122,3 +122,23 @@ def test_lora_not_read_directly_answers_weight_with_the_base_parameter() -> None
 def test_dropout_on_a_directly_read_layer_warns_that_it_does_not_apply() -> None:
     with pytest.warns(PEFTWarning, match=r"LoRA dropout does not apply where the parent reads this Linear's weight"):
         inject(tiny_mamba(), LoRAConfig(r=R, dropout=0.1, target_modules=["dt_proj"]))
+
+
+def test_lora_on_wavlm_attention_projections_applies_although_torch_reads_their_weights() -> None:
+    # WavLMAttention passes q/k/v/out_proj weights to F.multi_head_attention_forward: without the reader the
+    # participation check raises (the adapters are not called, their .weight is read); with it the update applies
+    config = transformers.WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                      conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_buckets=16,
+                                      num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
+    torch.manual_seed(0)
+    base = transformers.WavLMModel(config).eval()
+    model = inject(copy.deepcopy(base), LoRAConfig(r=R, alpha=ALPHA, target_modules=["q_proj", "v_proj", "out_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    audio = torch.randn(2, 400, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = model(audio).last_hidden_state
+        assert (adapted - base(audio).last_hidden_state).abs().max() > 1e-3
+        torch.testing.assert_close(merge(model)(audio).last_hidden_state, adapted, atol=1e-5, rtol=1e-5)

@@ -6,7 +6,9 @@
    for methods that start as the identity (LoRA, gated prefixes, pixel prompts);
 2. exactly the adapter tensors require grad, and each of them gets a non-zero gradient once the adapters have
    moved off their initial values (a LoRA ``A`` gets none while ``B`` is zero, by the method's definition);
-3. the outputs change once the adapters move;
+3. the outputs change once the adapters move, and eval under ``no_grad`` gives the same outputs as eval with
+   gradients (no fused inference path drops an adapter); a training-mode forward runs too: the participation
+   check (``lightning_peft.guard``) raises if any adapter is left out in train, eval or eval under ``no_grad``;
 4. for mergeable methods, ``merge`` gives the adapted outputs and ``unmerge`` gives them back;
 5. ``save_adapter`` then ``load_adapter`` into a fresh copy of the base gives the same adapter tensors, bit for
    bit, and the same outputs.
@@ -173,6 +175,9 @@ def check_cell(
     adapted = adapted.detach()
     moved = relative_diff(adapted, reference)
     assert moved > 100 * tol, f"moving the adapters changed the outputs by only {moved}"
+    with torch.no_grad():
+        inference = relative_diff(run(model, inputs), adapted)
+    assert inference <= tol, f"eval under no_grad differs from eval by {inference}"
 
     merged = None
     if mergeable:
@@ -193,6 +198,7 @@ def check_cell(
         reloaded = relative_diff(run(fresh, inputs), adapted)
     assert reloaded <= tol, f"reloaded outputs differ by {reloaded}"
     values = sum(tensor.numel() for name, tensor in saved.items() if name in trainable)
+    assert bool(run(fresh.train(), inputs).isfinite().all())  # the participation check watches training mode too
     return CellReport(identity, moved, merged, reloaded, len(saved), values)
 
 

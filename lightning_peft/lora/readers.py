@@ -18,10 +18,14 @@ FalconH1 mixers
 ``ZambaMambaMixer``        ``conv1d``
 =========================  ==============================================  ======================================
 
-``in_proj`` is called as a module on every path. torchvision's Swin attention (``ShiftedWindowAttention`` and
-``ShiftedWindowAttentionV2``) passes ``qkv.weight`` and ``proj.weight`` to ``shifted_window_attention``, so those
-two are read directly too, as timm's BEiT ``Attention``, ``EvaAttention`` and Swin-V2 ``WindowAttention`` read
-``qkv.weight`` (to add their separate q/v biases). Teach LoRA another such parent with :func:`register_weight_reader`.
+``in_proj`` is called as a module on every path. WavLM's attention passes its four projections' weights to
+``F.multi_head_attention_forward``, LongCat-Flash's router its ``classifier.weight`` to ``F.linear`` and DAB-DETR's
+attention map its ``k_linear.weight`` to ``F.conv2d``: read directly too. torchvision's Swin attention
+(``ShiftedWindowAttention`` and ``ShiftedWindowAttentionV2``) passes ``qkv.weight`` and ``proj.weight`` to
+``shifted_window_attention``, so those two are read directly too, as timm's BEiT ``Attention``, ``EvaAttention`` and
+Swin-V2 ``WindowAttention`` read ``qkv.weight`` (to add their separate q/v biases). Teach LoRA another such parent
+with :func:`register_weight_reader`; a parent no one taught is caught by the participation check
+(:mod:`lightning_peft.guard`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ _TRANSFORMERS_READERS: list[tuple[str, str, frozenset[str]]] = [
     ("zamba2", "Zamba2MambaMixer", _MAMBA2),
     ("falcon_h1", "FalconH1Mixer", _MAMBA2),
     ("zamba", "ZambaMambaMixer", frozenset({"conv1d"})),
+    # these pass the weights to F.multi_head_attention_forward / F.linear / F.conv2d themselves
+    ("wavlm", "WavLMAttention", frozenset({"q_proj", "k_proj", "v_proj", "out_proj"})),
+    ("longcat_flash", "LongcatFlashTopkRouter", frozenset({"classifier"})),
+    ("dab_detr", "DabDetrMHAttentionMap", frozenset({"k_linear"})),
 ]
 #: (torchvision or timm module, class, children it reads the weight of); resolved only once that is imported
 _VISION_READERS: list[tuple[str, str, frozenset[str]]] = [

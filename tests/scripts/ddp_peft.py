@@ -1,5 +1,6 @@
 """Lightning's DDP (``strategy="ddp"``) on 2 CPU processes (gloo), every method with a ``trainable_modules``
-entry, in one launch: on one node (``torchrun --standalone --nproc_per_node 2``) or across two nodes simulated on
+entry, and LoRA with a token prompt on one model (``COMPOSED``, 2 epochs: in 1, the first LoRA ``A`` barely moves while
+its ``B`` leaves zero), in one launch: on one node (``torchrun --standalone --nproc_per_node 2``) or across two nodes simulated on
 one machine (two torchrun agents, ``--nnodes 2 --node_rank 0|1``, one process each, meeting at ``--master_addr
 127.0.0.1``; ``Trainer(num_nodes=2, devices=1)`` reads the node and global ranks from their environment, as on a
 cluster).
@@ -22,14 +23,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from strategy_models import METHODS, TRAINABLE, CausalLM, end_process
+from strategy_models import COMPOSED, METHODS, TRAINABLE, CausalLM, end_process, make_methods
 
 from lightning_peft import adapter_state_dict
 
 
 def fit(out: Path, method: str, nodes: int, epochs: int, ckpt_path: Path | None = None,
         checkpoint: bool = False) -> tuple[L.Trainer, dict[str, torch.Tensor]]:
-    callbacks: list[L.Callback] = [METHODS[method](trainable_modules=TRAINABLE)]
+    callbacks: list[L.Callback] = make_methods(method, trainable_modules=TRAINABLE)
     if checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=out / method, save_last=True))
     trainer = L.Trainer(accelerator="cpu", devices=2 // nodes, num_nodes=nodes, strategy="ddp", max_epochs=epochs,
@@ -41,10 +42,10 @@ def fit(out: Path, method: str, nodes: int, epochs: int, ckpt_path: Path | None 
 
 
 def main(out: Path, nodes: int) -> None:
-    for method in sorted(METHODS):
-        trainer, cut = fit(out, method, nodes, epochs=1, checkpoint=True)
+    for method in [*sorted(METHODS), COMPOSED]:
+        trainer, cut = fit(out, method, nodes, epochs=2 if method == COMPOSED else 1, checkpoint=True)
         runs = {"cut": cut}
-        if nodes == 1:
+        if nodes == 1 and method != COMPOSED:
             runs["straight"] = fit(out, method, nodes, epochs=2)[1]
             runs["resumed"] = fit(out, method, nodes, epochs=2, ckpt_path=out / method / "last.ckpt")[1]
         if trainer.global_rank == 0:
