@@ -35,6 +35,7 @@ from lightning_peft.prefix.attention import (
     prefix_undefined,
 )
 from lightning_peft.prefix.attention.base import PrefixAttention, PrefixEncoder
+from lightning_peft.prefix.attention.sdpa import sdpa_shape_hint
 from lightning_peft.record import find_record
 from lightning_peft.targets import is_inside
 from lightning_peft.tensors import refresh_trainable
@@ -168,7 +169,7 @@ def _no_attention_message(model: nn.Module) -> str:
             f"prefix tuning has no handler for the attention layers of {type(model).__name__}: "
             f"{', '.join(classes[:4])} (e.g. {unknown[0][0]!r}, {len(unknown)} layers). Teach it with "
             "lightning_peft.register_attention_handler (a handler returns AttentionMatch(adapter, PrefixShape)), "
-            "or use LoRA or PromptTuning, which apply to any model."
+            f"or use LoRA or PromptTuning, which apply to any model.{sdpa_shape_hint(model.modules())}"
         )
     kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
     return (
@@ -176,6 +177,7 @@ def _no_attention_message(model: nn.Module) -> str:
         "Prefixes are keys and values for attention; for a model without attention use LoRA "
         "(LoRA(target_modules='all-conv') for a CNN) or pixel prompts (PromptTuning). If the model has an "
         "attention class of its own, teach it with lightning_peft.register_attention_handler."
+        + sdpa_shape_hint(model.modules())
     )
 
 

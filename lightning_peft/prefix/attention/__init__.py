@@ -26,6 +26,7 @@ from lightning_peft.prefix.attention.inline_transformers import (
     FalconPrefixAttention,
 )
 from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention, multihead_shape
+from lightning_peft.prefix.attention.sdpa import SdpaPrefixAttention, sdpa_shape
 from lightning_peft.prefix.attention.timm_attention import TIMM_CLASSES, TimmPrefixAttention
 from lightning_peft.prefix.attention.timm_biased import TIMM_BIASED_CLASSES
 from lightning_peft.prefix.attention.timm_variants import (
@@ -75,6 +76,11 @@ def _multihead_handler(module: nn.Module) -> AttentionMatch | None:
     return AttentionMatch(MultiheadPrefixAttention, multihead_shape(module))
 
 
+def _sdpa_handler(module: nn.Module) -> AttentionMatch | None:
+    shape = sdpa_shape(module)
+    return AttentionMatch(SdpaPrefixAttention, shape) if shape is not None else None
+
+
 def class_table_handler(table: tuple[AttentionClass, ...]) -> AttentionHandler:
     """A handler matching the classes of ``table`` (of libraries already imported) to their adapters and shapes."""
 
@@ -96,6 +102,7 @@ _HANDLERS: list[AttentionHandler] = [
     class_table_handler(WINDOW_CLASSES),  # Swin (torchvision, timm; v1, v2), torchvision MaxViT
     class_table_handler(TIMM_VARIANT_CLASSES),  # BEiT, EVA, PVTv2, CoAtNet/MaxViT
     class_table_handler(TIMM_BIASED_CLASSES),  # LeViT, TinyViT, EfficientFormer: per-position attention biases
+    _sdpa_handler,  # last: any other module whose forward calls F.scaled_dot_product_attention (sdpa.py)
 ]
 
 
@@ -138,6 +145,7 @@ __all__ = [
     "PrefixEncoder",
     "PrefixShape",
     "PvtV2PrefixAttention",
+    "SdpaPrefixAttention",
     "TimmPrefixAttention",
     "TimmWindowPrefixAttention",
     "TimmWindowV2PrefixAttention",

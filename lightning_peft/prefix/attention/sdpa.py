@@ -1,0 +1,254 @@
+"""Prefixes for any attention module whose ``forward`` calls ``F.scaled_dot_product_attention`` (SDPA).
+
+The adapter runs the module's *own* forward and, only while that forward runs, a ``TorchFunctionMode`` rewrites
+its SDPA call(s): the layer's prefix is prepended to the keys and values it passes, per key/value head::
+
+    module.forward(x) ──► ... ──► F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal, scale, ...)
+                                      ▼  (intercepted)
+          q: (b, h, n, d)    k, v: (b, h_kv, s, d) ──► [P_k; k], [P_v; v]: (b, h_kv, p + s, d)
+          attn_mask (bool / additive, any broadcastable shape) ──► p always-visible columns in front (True / 0.0)
+          is_causal=True ──► an explicit mask: prefix visible, SDPA's own top-left causal mask over the real keys
+
+``scale``, ``dropout_p`` and ``enable_gqa`` are passed on as given. With grouped-query attention the prefix has
+``h_kv`` heads; a module that repeats its keys to ``h`` heads before SDPA (``repeat_interleave``, as transformers'
+``repeat_kv``) gets its prefix repeated the same way; so does one that folds its heads into the batch,
+``(b·h, n, d)`` batch-major as ``reshape(b * h, ...)`` gives (timm's SAM). An SDPA call whose queries and keys do
+not have the layer's heads on axis -3 and its head width is not this layer's attention and passes through
+unchanged; a forward in which no call took the prefix raises (with no SDPA call at all, the participation check
+does).
+
+**Which modules.** A module is an attention layer for this handler when the code of its class's ``forward`` (or of
+a method of the same class that ``forward`` names) calls ``scaled_dot_product_attention``. The prefix's shape must
+be known at inject, before the optimizer exists, so it is read from the module's attributes:
+
+* heads: ``num_heads``, ``num_attention_heads``, ``n_head``, ``n_heads`` or ``heads``;
+* key/value heads (grouped-query attention): ``num_kv_heads``, ``num_key_value_heads`` or ``n_kv_heads``
+  (default: the heads);
+* head width: ``head_dim`` or ``head_dimension``, else ``embed_dim``, ``dim`` or ``hidden_size`` divided by the heads.
+
+A module calling SDPA whose heads or width cannot be read stays unhandled; the refusal names the attributes to
+set (or use :func:`~lightning_peft.prefix.attention.register_attention_handler`). So does one whose ``fused_attn``
+is False (timm's switch to its explicit path). Handlers of known families (transformers, timm, torchvision,
+``nn.MultiheadAttention``) are asked first.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from types import CodeType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_peft.adapter import Adapter
+from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, pad_columns
+from lightning_peft.prefix.attention.timm_variants import prefix_undefined
+
+_SDPA = F.scaled_dot_product_attention
+_SDPA_NAME = "scaled_dot_product_attention"
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
+KV_HEAD_ATTRIBUTES = ("num_kv_heads", "num_key_value_heads", "n_kv_heads")
+HEAD_DIM_ATTRIBUTES = ("head_dim", "head_dimension")
+WIDTH_ATTRIBUTES = ("embed_dim", "dim", "hidden_size")
+
+
+def _names(code: CodeType) -> set[str]:
+    """Names a code object and the functions defined inside it load (globals and attributes)."""
+    found = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            found |= _names(const)
+    return found
+
+
+def _code(function: Any) -> CodeType | None:
+    if isinstance(function, (staticmethod, classmethod)):
+        function = function.__func__
+    return getattr(inspect.unwrap(function), "__code__", None) if callable(function) else None
+
+
+def calls_sdpa(cls: type) -> bool:
+    """Whether ``cls.forward``, or a method of ``cls`` it names, calls ``scaled_dot_product_attention``."""
+    code = _code(inspect.getattr_static(cls, "forward", None))
+    if code is None:
+        return False
+    names = _names(code)
+    if _SDPA_NAME in names:
+        return True
+    helpers = (_code(inspect.getattr_static(cls, name, None)) for name in names if name != "forward")
+    return any(helper is not None and _SDPA_NAME in _names(helper) for helper in helpers)
+
+
+def _int_attribute(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _read_shape(module: nn.Module) -> PrefixShape | None:
+    """The prefix shape read off ``module``'s attributes (see the module docstring), or ``None``."""
+    heads = _int_attribute(module, HEAD_ATTRIBUTES)
+    if heads is None:
+        return None
+    kv_heads = _int_attribute(module, KV_HEAD_ATTRIBUTES) or heads
+    head_dim = _int_attribute(module, HEAD_DIM_ATTRIBUTES)
+    width = _int_attribute(module, WIDTH_ATTRIBUTES)
+    if head_dim is None and width is not None and width % heads == 0:
+        head_dim = width // heads
+    if head_dim is None or heads % kv_heads:
+        return None
+    return PrefixShape(kv_heads, head_dim, head_dim)
+
+
+def _candidate(module: nn.Module) -> bool:
+    return not isinstance(module, Adapter) and calls_sdpa(type(module)) and prefix_undefined(module) is None
+
+
+def _explicit_path(module: nn.Module) -> bool:
+    """timm's switch: with ``fused_attn`` False the forward computes scores by hand, not with SDPA."""
+    return getattr(module, "fused_attn", True) is False
+
+
+def sdpa_shape(module: nn.Module) -> PrefixShape | None:
+    """The prefix shape of a module whose forward calls SDPA, or ``None`` (not such a module, shape unreadable)."""
+    if not _candidate(module) or _explicit_path(module):
+        return None
+    return _read_shape(module)
+
+
+def sdpa_shape_hint(modules: Iterable[nn.Module]) -> str:
+    """Sentences for the refusal naming modules that call SDPA but are not adapted, and the fix ('' if none)."""
+    found = [m for m in modules if _candidate(m)]
+    unreadable = sorted({type(m).__qualname__ for m in found if _read_shape(m) is None})
+    explicit = sorted({type(m).__qualname__ for m in found if _explicit_path(m) and _read_shape(m) is not None})
+    hint = ""
+    if unreadable:
+        hint += (f" {', '.join(unreadable[:4])} call(s) F.scaled_dot_product_attention: prefix tuning adapts such a "
+                 f"module once it can read its heads and head width, so set the attributes {HEAD_ATTRIBUTES[0]} (or "
+                 f"{', '.join(HEAD_ATTRIBUTES[1:])}) and {HEAD_DIM_ATTRIBUTES[0]} (or {', '.join(WIDTH_ATTRIBUTES)}, "
+                 f"divided by the heads), plus {KV_HEAD_ATTRIBUTES[0]} for grouped-query attention.")
+    if explicit:
+        hint += (f" {', '.join(explicit[:4])} call(s) F.scaled_dot_product_attention only when fused_attn is True "
+                 "(it is False): set fused_attn = True on them to adapt them.")
+    return hint
+
+
+def _split_heads(call: dict[str, Any], heads: int | None) -> dict[str, Any] | None:
+    """A call on ``(b·h, L, d)`` tensors (heads folded into the batch, as timm's SAM) on ``(b, h, L, d)`` views."""
+    q, k, v = call["query"], call["key"], call["value"]
+    if heads is None or q.shape[0] % heads or k.dim() != 3 or not q.shape[0] == k.shape[0] == v.shape[0]:
+        return None
+    mask = call.get("attn_mask")
+    if mask is not None and mask.dim() == 3 and mask.shape[0] == q.shape[0]:
+        mask = mask.unflatten(0, (-1, heads))
+    return {**call, "query": q.unflatten(0, (-1, heads)), "key": k.unflatten(0, (-1, heads)),
+            "value": v.unflatten(0, (-1, heads)), "attn_mask": mask}
+
+
+class SdpaPrefixAttention(PrefixAttention):
+    """Any attention module that calls ``F.scaled_dot_product_attention``, with a prefix; its forward runs unchanged.
+
+    The forward takes whatever the module's forward takes. See the module docstring for what the SDPA call gets.
+
+    Raises:
+        ValueError: The module's forward called SDPA, but no call had keys this layer's prefix fits (the head
+            attributes the shape was read from do not describe the keys it attends over).
+    """
+
+    family = "scaled_dot_product_attention"
+
+    def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
+        super().__init__(base, *args, **kwargs)
+        self.query_heads = _int_attribute(base, HEAD_ATTRIBUTES)  # None: a user's handler gave the shape alone
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled:
+            return self.base_layer(*args, **kwargs)
+        mode = _PrefixSdpa(self)
+        with mode:
+            out = self.base_layer(*args, **kwargs)
+        if mode.unfit and not mode.fit:  # SDPA ran, none of its calls took the prefix: it would be silently left out
+            (queries, keys), s = mode.unfit[0], self.shape
+            raise ValueError(
+                f"{type(self.base_layer).__name__} called F.scaled_dot_product_attention with queries {queries} and "
+                f"keys {keys}, but its prefix was built for {self.query_heads or 'any'} query heads, {s.kv_heads} "
+                f"key/value heads of width {s.key_dim} (read from its attributes at inject), heads on axis -3 as in "
+                f"SDPA's (batch, heads, length, width). Set {HEAD_ATTRIBUTES[0]}, {KV_HEAD_ATTRIBUTES[0]} and "
+                f"{HEAD_DIM_ATTRIBUTES[0]} to what it attends with and inject again, or teach it with "
+                "lightning_peft.register_attention_handler."
+            )
+        return out
+
+    def fits(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """Whether an SDPA call is this layer's: ``(..., h, s, d)`` keys and values of the prefix's widths, with
+        ``h`` its key/value heads or the query heads (repeated kv heads), and queries of the layer's heads."""
+        s, heads = self.shape, self.query_heads
+        if not (key.dim() >= 4 and value.dim() == key.dim() and key.shape[-1] == s.key_dim
+                and value.shape[-1] == s.value_dim and key.shape[-3] == value.shape[-3]):
+            return False
+        if heads is None:
+            return key.shape[-3] % s.kv_heads == 0
+        return query.shape[-3] == heads and key.shape[-3] in (s.kv_heads, heads)
+
+    def _prefix_like(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix as ``(..., h_k, p, d)`` beside ``key``/``value`` ``(..., h_k, s, d)``."""
+        pk, pv = self.prefix(1, like=key)  # (1, h_kv, p, d)
+        groups = key.shape[-3] // self.shape.kv_heads  # > 1: the module repeated its kv heads before SDPA
+        if groups > 1:
+            pk, pv = pk.repeat_interleave(groups, dim=1), pv.repeat_interleave(groups, dim=1)
+        return pk.expand(*key.shape[:-3], -1, -1, -1), pv.expand(*value.shape[:-3], -1, -1, -1)
+
+    def prefixed_sdpa(self, call: dict[str, Any]) -> torch.Tensor:
+        """The SDPA call ``call`` (its arguments by name) over ``[prefix; keys]``: one softmax over both."""
+        q, k, v = call["query"], call["key"], call["value"]
+        pk, pv = self._prefix_like(k, v)
+        p, q_len, kv_len = self.num_tokens, q.shape[-2], k.shape[-2]
+        mask = call.get("attn_mask")
+        if mask is not None:  # (..., L|1, S|1) -> (..., L|1, p + S), prefix columns visible
+            mask = pad_columns(mask.expand(*mask.shape[:-1], kv_len), p)
+        elif call.get("is_causal"):  # SDPA's causal mask (top-left aligned) over the real keys only
+            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
+            mask, call = pad_columns(causal, p), {**call, "is_causal": False}
+        call = {**call, "key": torch.cat([pk, k], dim=-2), "value": torch.cat([pv, v], dim=-2), "attn_mask": mask}
+        return _SDPA(**call)
+
+    def gated_branch(self, call: dict[str, Any]) -> torch.Tensor:
+        """``tanh(g)`` times the call's queries attending over the prefix alone (added to the unchanged call)."""
+        pk, pv = self._prefix_like(call["key"], call["value"])
+        extra = _SDPA(**{**call, "key": pk, "value": pv, "attn_mask": None, "is_causal": False})
+        return self.gate_value(extra) * extra
+
+
+class _PrefixSdpa(TorchFunctionMode):
+    """Entered only during one adapted module's forward: rewrites its SDPA calls that fit the adapter."""
+
+    def __init__(self, adapter: SdpaPrefixAttention) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.fit = False
+        self.unfit: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (query shape, key shape) of calls passed on
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not _SDPA:
+            return func(*args, **kwargs)
+        call = {**dict(zip(_SDPA_ARGS, args, strict=False)), **kwargs}
+        merged = call["query"].dim() == 3  # (b·h, L, d): attend on (b, h, L, d) views, fold the heads back after
+        split = _split_heads(call, self.adapter.query_heads) if merged else call
+        if split is None or not self.adapter.fits(split["query"], split["key"], split["value"]):
+            self.unfit.append((tuple(call["query"].shape), tuple(call["key"].shape)))
+            return func(*args, **kwargs)
+        self.fit = True
+        if self.adapter.gated:  # the call as the module made it, plus the gated prefix branch (exact start)
+            extra = self.adapter.gated_branch(split)
+            return func(*args, **kwargs) + (extra.flatten(0, 1) if merged else extra)
+        out = self.adapter.prefixed_sdpa(split)
+        return out.flatten(0, 1) if merged else out

@@ -1,0 +1,375 @@
+"""Prefix tuning for any attention module that calls F.scaled_dot_product_attention (prefix/attention/sdpa.py):
+outputs against softmax over [prefix; keys] written out in float64, GQA, masks, training, the gate, the
+refusals and the participation check."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_peft import (
+    ParticipationError,
+    PrefixTuningConfig,
+    TargetNotFoundError,
+    adapters,
+    adapters_disabled,
+    inject,
+    load_adapter,
+    save_adapter,
+)
+from lightning_peft.prefix.attention import (
+    _HANDLERS,
+    MultiheadPrefixAttention,
+    SdpaPrefixAttention,
+    match_attention,
+)
+
+TOL = dict(atol=1e-5, rtol=0.0)  # float64: the adapted path and the written-out formula agree far below this
+P, B, N = 4, 2, 6
+
+
+class MyAttention(nn.Module):
+    """A user's attention: fused qkv, ``num_heads`` and ``dim`` attributes, F.scaled_dot_product_attention."""
+
+    def __init__(self, dim: int = 8, num_heads: int = 2) -> None:
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b, n, _ = x.shape  # (b, n, 3·dim) -> 3 x (b, h, n, d)
+        return tuple(self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        q, k, v = self.heads(x)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention: 4 query heads share 2 key/value heads, by repeat_interleave or enable_gqa."""
+
+    def __init__(self, enable_gqa: bool, dim: int = 16) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.enable_gqa = 4, 2, 4, enable_gqa
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, 16), nn.Linear(dim, 8), nn.Linear(dim, 8)
+        self.o_proj = nn.Linear(16, dim)
+
+    def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, 4, 4).transpose(1, 2)
+        k, v = (proj(x).view(b, n, 2, 4).transpose(1, 2) for proj in (self.k_proj, self.v_proj))
+        if not self.enable_gqa:
+            k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.enable_gqa)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class Net(nn.Module):
+    def __init__(self, attention: nn.Module | None = None, dim: int = 8) -> None:
+        super().__init__()
+        self.attn, self.head = attention or MyAttention(dim), nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return self.head(self.attn(x, **kwargs))
+
+
+def adapted(base: nn.Module, **config: object) -> tuple[nn.Module, SdpaPrefixAttention]:
+    model = inject(copy.deepcopy(base), PrefixTuningConfig(num_tokens=P, **config))  # type: ignore[arg-type]
+    adapter = model.attn
+    assert isinstance(adapter, SdpaPrefixAttention)
+    return model, adapter
+
+
+def softmax_over_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q·[P_k; K]ᵀ/√d + [0 | bias])·[P_v; V], per head; ``bias`` additive over the real keys."""
+    keys = torch.cat([pk.expand(q.shape[0], -1, -1, -1), k], dim=2)
+    values = torch.cat([pv.expand(q.shape[0], -1, -1, -1), v], dim=2)
+    scores = q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + F.pad(bias.expand(*bias.shape[:-1], k.shape[2]), (pk.shape[-2], 0))
+    return scores.softmax(-1) @ values
+
+
+def masks(kind: str) -> tuple[dict[str, object], torch.Tensor | None]:
+    """The module's keyword arguments, and the same mask written as an additive bias over the real keys."""
+    generator = torch.Generator().manual_seed(3)
+    if kind == "none":
+        return {}, None
+    if kind == "causal":
+        return {"causal": True}, torch.zeros(N, N, dtype=torch.float64).masked_fill(
+            torch.ones(N, N, dtype=torch.bool).triu(1), -math.inf)
+    if kind == "additive_padding":  # (b, 1, 1, s): the last two keys of the first sample are padding
+        padding = torch.zeros(B, 1, 1, N, dtype=torch.float64)
+        padding[0, ..., -2:] = -math.inf
+        return {"mask": padding}, padding
+    if kind == "additive_per_head":
+        bias = torch.randn(B, 2, N, N, generator=generator, dtype=torch.float64)
+        return {"mask": bias}, bias
+    keep = torch.rand(N, N, generator=generator) > 0.4  # bool: True attends
+    keep.fill_diagonal_(True)
+    return {"mask": keep}, torch.zeros(N, N, dtype=torch.float64).masked_fill(~keep, -math.inf)
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "additive_padding", "additive_per_head", "bool"])
+def test_users_sdpa_attention_equals_softmax_over_prefix_and_keys(kind: str) -> None:
+    torch.manual_seed(0)
+    base = Net().double()
+    model, adapter = adapted(base)
+    kwargs, bias = masks(kind)
+    x = torch.randn(B, N, 8, dtype=torch.float64)
+    attn = adapter.base_layer
+    q, k, v = attn.heads(x)
+    expected = base.head(attn.proj(softmax_over_prefix(q, k, v, adapter.prefix_keys, adapter.prefix_values, bias)
+                                   .transpose(1, 2).flatten(2)))
+    torch.testing.assert_close(model(x, **kwargs), expected, **TOL)
+    assert not torch.allclose(model(x, **kwargs), base(x, **kwargs))
+
+
+@pytest.mark.parametrize("enable_gqa", [False, True])
+def test_grouped_query_attention_gets_one_prefix_per_key_value_head(enable_gqa: bool) -> None:
+    torch.manual_seed(0)
+    base = Net(GQAttention(enable_gqa), dim=16).double()
+    model, adapter = adapted(base)
+    assert adapter.prefix_keys.shape == (2, P, 4)
+    x = torch.randn(B, N, 16, dtype=torch.float64)
+    attn = adapter.base_layer
+    q = attn.q_proj(x).view(B, N, 4, 4).transpose(1, 2)
+    k, v = (proj(x).view(B, N, 2, 4).transpose(1, 2).repeat_interleave(2, dim=1) for proj in (attn.k_proj, attn.v_proj))
+    pk, pv = (t.repeat_interleave(2, dim=0) for t in (adapter.prefix_keys, adapter.prefix_values))  # head j: kv j // 2
+    causal = torch.zeros(N, N, dtype=torch.float64).masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), -math.inf)
+    expected = base.head(attn.o_proj(softmax_over_prefix(q, k, v, pk, pv, causal).transpose(1, 2).flatten(2)))
+    torch.testing.assert_close(model(x), expected, **TOL)
+
+
+class LastQueries(MyAttention):
+    """Causal attention of the last two positions over all six keys (L != S)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        q, k, v = self.heads(x)
+        return F.scaled_dot_product_attention(q[:, :, -2:], k, v, is_causal=True).sum()
+
+
+def test_is_causal_with_fewer_queries_than_keys_keeps_sdpas_mask_over_the_real_keys() -> None:
+    # SDPA's is_causal is top-left aligned (query i sees keys j <= i); the prefix must not shift that
+    torch.manual_seed(0)
+    base = nn.ModuleDict({"attn": LastQueries()}).double()
+    model = inject(copy.deepcopy(base), PrefixTuningConfig(num_tokens=P))
+    adapter = model["attn"]
+    x = torch.randn(B, N, 8, dtype=torch.float64)
+    q, k, v = adapter.base_layer.heads(x)
+    top_left = torch.zeros(2, N, dtype=torch.float64).masked_fill(~torch.ones(2, N, dtype=torch.bool).tril(), -math.inf)
+    expected = softmax_over_prefix(q[:, :, -2:], k, v, adapter.prefix_keys, adapter.prefix_values, top_left).sum()
+    torch.testing.assert_close(adapter(x), expected, **TOL)
+
+
+class FoldedHeads(MyAttention):
+    """Heads folded into the batch, ``(b·h, n, d)`` with a per-head bias, as timm's SAM attention."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        q, k, v = (t.flatten(0, 1) for t in self.heads(x))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.flatten(0, 1) if mask is not None else None)
+        return self.proj(out.unflatten(0, (x.shape[0], -1)).transpose(1, 2).flatten(2))
+
+
+def test_heads_folded_into_the_batch_get_one_prefix_per_head() -> None:
+    torch.manual_seed(0)
+    base = Net(FoldedHeads()).double()
+    model, adapter = adapted(base)
+    kwargs, bias = masks("additive_per_head")
+    x = torch.randn(B, N, 8, dtype=torch.float64)
+    attn = adapter.base_layer
+    q, k, v = attn.heads(x)
+    out = softmax_over_prefix(q, k, v, adapter.prefix_keys, adapter.prefix_values, bias)
+    torch.testing.assert_close(model(x, **kwargs), base.head(attn.proj(out.transpose(1, 2).flatten(2))), **TOL)
+    gated, _ = adapted(base, gate=True)
+    assert torch.equal(gated(x, **kwargs), base(x, **kwargs))  # the gate's exact start holds on folded heads too
+
+
+class TwoCalls(MyAttention):
+    """Attention plus a second SDPA call of another width (a pooling over 3-wide features): not the layer's."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        pooled = F.scaled_dot_product_attention(x[:, None, :1, :3], x[:, None, :, :3], x[:, None, :, :3])
+        return super().forward(x) + pooled.sum()
+
+
+def test_an_sdpa_call_of_another_shape_in_the_same_forward_passes_through_unchanged() -> None:
+    torch.manual_seed(0)
+    base = Net(TwoCalls()).double()
+    model, adapter = adapted(base)
+    x = torch.randn(B, N, 8, dtype=torch.float64)
+    attn = adapter.base_layer
+    q, k, v = attn.heads(x)
+    pooled = (x[:, None, :1, :3] @ x[:, None, :, :3].transpose(-1, -2) / math.sqrt(3)).softmax(-1) @ x[:, None, :, :3]
+    out = softmax_over_prefix(q, k, v, adapter.prefix_keys, adapter.prefix_values, None)
+    torch.testing.assert_close(model(x), base.head(attn.proj(out.transpose(1, 2).flatten(2)) + pooled.sum()), **TOL)
+
+
+def test_only_the_prefix_trains_and_a_few_sgd_steps_lower_the_loss() -> None:
+    torch.manual_seed(0)
+    model, adapter = adapted(Net())
+    x, target = torch.randn(8, N, 8), torch.randn(8, N, 3)
+    model(x, causal=True).sum().backward()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"attn.prefix_keys", "attn.prefix_values"}
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == {"attn.prefix_keys", "attn.prefix_values"}
+    assert adapter.prefix_keys.grad.abs().sum() > 0 and adapter.prefix_values.grad.abs().sum() > 0
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x, causal=True), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_disabled_adapters_give_the_base_outputs_and_a_saved_adapter_loads_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = Net()
+    model, _ = adapted(base)
+    x = torch.randn(B, N, 8)
+    with adapters_disabled(model):
+        assert torch.equal(model(x, causal=True), base(x, causal=True))
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    assert isinstance(loaded.attn, SdpaPrefixAttention)
+    assert torch.equal(loaded(x, causal=True), model(x, causal=True))
+
+
+def test_the_gate_starts_exactly_at_the_base_and_opens_to_a_prefix_branch_of_its_own() -> None:
+    torch.manual_seed(0)
+    base = Net().double()
+    model, adapter = adapted(base, gate=True)
+    x = torch.randn(B, N, 8, dtype=torch.float64)
+    out = model(x, causal=True)
+    assert torch.equal(out, base(x, causal=True))
+    out.pow(2).sum().backward()
+    assert adapter.prefix_gate.grad.abs().sum() > 0
+    with torch.no_grad():
+        adapter.prefix_gate.fill_(0.7)
+    attn = adapter.base_layer
+    q, k, v = attn.heads(x)
+    _, causal = masks("causal")
+    own = softmax_over_prefix(q, k[..., :0, :], v[..., :0, :], adapter.prefix_keys, adapter.prefix_values, None)
+    mixed = softmax_over_prefix(q, k, v, k[..., :0, :], v[..., :0, :], causal) + math.tanh(0.7) * own
+    torch.testing.assert_close(model(x, causal=True), base.head(attn.proj(mixed.transpose(1, 2).flatten(2))), **TOL)
+
+
+class HandAttention(nn.Module):
+    """Scores computed by hand: no SDPA call to intercept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.qkv = 2, 4, nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return ((q @ k.transpose(-1, -2) * 0.5).softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+
+class NoHeadsAttention(nn.Module):
+    """Calls SDPA, but its head count and width are kept under names we do not read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h, self.qkv = 2, nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(*x.shape[:2], 3, self.h, -1).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def test_attention_computed_by_hand_is_still_refused() -> None:
+    refusal = r"no handler for the attention layers of Sequential: .*HandAttention .*register_attention_handler"
+    with pytest.raises(TargetNotFoundError, match=refusal) as info:
+        inject(nn.Sequential(HandAttention()), PrefixTuningConfig(num_tokens=P))
+    assert "scaled_dot_product_attention" not in str(info.value)
+
+
+def test_sdpa_attention_without_readable_head_attributes_is_refused_naming_them() -> None:
+    refusal = (r"no handler for the attention layers of Sequential: .*NoHeadsAttention .*NoHeadsAttention call\(s\) "
+               r"F\.scaled_dot_product_attention.*set the attributes num_heads .*head_dim .*num_kv_heads")
+    with pytest.raises(ValueError, match=refusal):  # TargetNotFoundError subclasses ValueError
+        inject(nn.Sequential(NoHeadsAttention()), PrefixTuningConfig(num_tokens=P))
+
+
+class SwitchedAttention(MyAttention):
+    """timm's convention: SDPA only when ``fused_attn``, scores by hand otherwise."""
+
+    fused_attn = False
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        q, k, v = self.heads(x)
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = (q @ k.transpose(-1, -2) / 2).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+def test_sdpa_attention_on_its_explicit_path_is_refused_naming_fused_attn() -> None:
+    refusal = (r"no handler for the attention layers of Net: .*SwitchedAttention .*SwitchedAttention call\(s\) "
+               r"F\.scaled_dot_product_attention only when fused_attn is True \(it is False\)")
+    with pytest.raises(TargetNotFoundError, match=refusal):
+        inject(Net(SwitchedAttention()), PrefixTuningConfig(num_tokens=P))
+    switched = SwitchedAttention()
+    switched.fused_attn = True
+    assert isinstance(inject(Net(switched), PrefixTuningConfig(num_tokens=P)).attn, SdpaPrefixAttention)
+
+
+class WrongWidth(MyAttention):
+    """Declares a head width its keys do not have."""
+
+    head_dim = 2
+
+
+def test_head_attributes_that_do_not_describe_the_keys_raise_at_the_first_forward() -> None:
+    model, _ = adapted(Net(WrongWidth()))
+    refusal = (r"WrongWidth called F\.scaled_dot_product_attention with queries \(2, 2, 6, 4\) and keys "
+               r"\(2, 2, 6, 4\), but its prefix was built for 2 query heads, 2 key/value heads of width 2 .*"
+               r"Set num_heads, num_kv_heads and head_dim")
+    with pytest.raises(ValueError, match=refusal):
+        model(torch.randn(B, N, 8))
+
+
+def test_a_forward_that_stops_calling_sdpa_fails_the_participation_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, adapter = adapted(Net())
+    attn = adapter.base_layer
+
+    def by_hand(x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        q, k, v = attn.heads(x)
+        return attn.proj(((q @ k.transpose(-1, -2) / 2).softmax(-1) @ v).transpose(1, 2).flatten(2))
+
+    monkeypatch.setattr(attn, "forward", by_hand)
+    with pytest.raises(ParticipationError, match=r"'attn'.*ran, but its tensors never entered the computation"):
+        model(torch.randn(B, N, 8))
+
+
+def test_known_families_keep_their_handlers_and_sdpa_is_asked_last() -> None:
+    assert _HANDLERS[-1](MyAttention()) is not None
+    assert match_attention(nn.MultiheadAttention(8, 2)).adapter is MultiheadPrefixAttention  # type: ignore[union-attr]
+    timm_attention = pytest.importorskip("timm.layers.attention")
+    match = match_attention(timm_attention.Attention(16, num_heads=2))
+    assert match is not None and match.adapter.__name__ == "TimmPrefixAttention"
+
+
+def test_compiles_without_graph_breaks_and_matches_eager() -> None:
+    torch.manual_seed(0)
+    model, adapter = adapted(Net())
+    x = torch.randn(B, N, 8)
+    explained = torch._dynamo.explain(model)(x, causal=True)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(x, causal=True)
+    torch.testing.assert_close(out, model(x, causal=True), atol=1e-6, rtol=1e-6)
+    out.sum().backward()
+    assert adapter.prefix_keys.grad is not None and [n for n, _ in adapters(model)] == ["attn"]
