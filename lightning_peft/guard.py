@@ -19,6 +19,8 @@ tensors enter). Then, for each enabled adapter:
 * it was neither called nor read (an auxiliary head in eval, an MoE expert no token reached): not an error; a
   :class:`~lightning_peft.errors.PEFTWarning` says so, once per model.
 
+A mode with an error stays unchecked: every forward in it raises until the cause is fixed.
+
 The watch hooks sit on the model passed to ``inject`` and on its children that hold adapters (the modules a
 ``training_step`` calls); after a mode is checked they return at once, so later forwards cost two attribute reads.
 Nothing is watched while ``torch.compile`` traces. ``participation_check(model, False)`` switches the check off.
@@ -40,8 +42,8 @@ from lightning_peft.errors import ParticipationError, PEFTWarning
 from lightning_peft.participation import Window, took_part, watch, watched
 from lightning_peft.record import add_peft_hook, find_record, record
 
-__all__ = ["ParticipationError", "install_participation_check", "participation_check", "took_part"]  # took_part:
-# re-exported for adapters of users' own methods
+# took_part is re-exported for the adapters of users' own methods
+__all__ = ["ParticipationError", "install_participation_check", "participation_check", "took_part"]
 
 
 @dataclass
@@ -73,17 +75,17 @@ class _Guard:
         window.hook.remove()
         if output is None:  # the forward raised (always_call hook): nothing to judge
             return
-        for inner in module.modules():  # the verdict covers the watched modules inside this one too
-            found = find_record(inner)
-            if found is not None and found.guard is not None:
-                found.guard.checked.add(_mode(module))
         errors, idle = _verdict(module, window)
-        if errors:
+        if errors:  # the mode stays unchecked: every forward in it raises until the cause is fixed
             raise ParticipationError(
                 f"{len(errors)} adapter(s) of {type(module).__name__} did not take part in this forward "
                 f"({_mode_name(module)}), so their updates were silently left out:\n- " + "\n- ".join(errors[:8])
                 + "\nIf this is intended, lightning_peft.participation_check(model, False) switches the check off."
             )
+        for inner in module.modules():  # the verdict covers the watched modules inside this one too
+            found = find_record(inner)
+            if found is not None and found.guard is not None:
+                found.guard.checked.add(_mode(module))
         if idle and not self.warned_idle:
             self.warned_idle = True
             warnings.warn(

@@ -113,8 +113,9 @@ def test_each_mode_is_checked_once_and_then_costs_no_watch_hook() -> None:
         assert len(seen) - first == first  # the same module calls, and no second watch window
     finally:
         handle.remove()
-    with pytest.raises(ParticipationError, match=r"\(eval\)"):
-        model.eval()(torch.randn(2, 4))
+    for _ in range(2):  # an unfixed cause raises on every forward of that mode, not only the first
+        with pytest.raises(ParticipationError, match=r"\(eval\)"):
+            model.eval()(torch.randn(2, 4))
 
 
 def test_an_adapter_whose_tensors_never_enter_the_computation_raises(monkeypatch: pytest.MonkeyPatch) -> None:
