@@ -108,6 +108,14 @@ def test_load_adapter_reads_a_lightning_checkpoint_into_the_module_or_its_inner_
     assert torch.equal(logits, trained["logits"])
 
 
+def test_load_adapter_given_a_file_of_an_adapter_directory_reads_the_directory(trained: dict[str, Any],
+                                                                              tmp_path: Path) -> None:
+    assert main([trained["ckpt"], str(tmp_path / "native"), "--prefix", "model."]) == 0
+    model = load_adapter(base_model(trained), tmp_path / "native" / "adapter_model.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, trained["logits"], **TOL)
+
+
 def test_a_checkpoint_saved_without_adapters_is_refused_naming_the_plain_route(trained: dict[str, Any],
                                                                                tmp_path: Path) -> None:
     checkpoint = torch.load(trained["ckpt"], weights_only=True)

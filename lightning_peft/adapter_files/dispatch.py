@@ -8,6 +8,7 @@ from typing import Any, Literal
 from torch import nn
 
 from lightning_peft.adapter_files.checkpoint import adapter_of_checkpoint, is_lightning_checkpoint, read_checkpoint
+from lightning_peft.adapter_files.constants import CONFIG_NAME, WEIGHTS_NAME
 from lightning_peft.adapter_files.native import check_metadata, load_native, load_recorded_adapter, save_native
 from lightning_peft.adapter_files.peft_load import is_peft_directory, load_peft
 from lightning_peft.adapter_files.peft_save import save_peft
@@ -57,6 +58,8 @@ def load_adapter(model: nn.Module, path: str | Path, *, strict_base: bool = Fals
         FileNotFoundError: The directory lacks a file (a pickle-only folder is refused, with how to convert it).
     """
     directory = Path(path)
+    if directory.name in (WEIGHTS_NAME, CONFIG_NAME) and directory.is_file():
+        directory = directory.parent  # one of the two files of an adapter directory: the directory is meant
     refuse_merged(model, str(directory))
     if is_lightning_checkpoint(directory):
         return load_checkpoint_adapter(model, read_checkpoint(directory), str(directory), strict_base)
