@@ -60,15 +60,18 @@ def _samples(weight: torch.Tensor) -> list[float]:
     return [float(v) for v in flat[positions].float().cpu()]
 
 
+def _same(now: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Equal to :data:`RTOL` of each value, or of the values' mean size (for values near zero)."""
+    return torch.allclose(now, saved, rtol=RTOL, atol=RTOL * float(saved.abs().mean()) + 1e-12)
+
+
 def fingerprint_mismatch(model: nn.Module, saved: Any, source: str) -> str | None:
     """Why ``model``'s base weights are not those ``saved`` was taken of, or ``None`` (also for no fingerprint)."""
     if not isinstance(saved, dict) or not saved:
         return None
     now = base_fingerprint(model)
     common = [name for name in saved if name in now]
-    differ = [name for name in common if not torch.allclose(
-        torch.tensor(now[name]), torch.tensor(saved[name]), rtol=RTOL,
-        atol=RTOL * float(torch.tensor(saved[name]).abs().mean()) + 1e-12)]
+    differ = [name for name in common if not _same(torch.tensor(now[name]), torch.tensor(saved[name]))]
     if not differ:
         return None
     first = differ[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from glue_models import Task, family_lora
+from glue_models import LateTask, PEFTTask, Task, family_lora
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import AdapterStateError, BaseModelMismatchError, LoRA, adapter_state_dict
@@ -128,3 +128,24 @@ def test_a_checkpoint_of_other_adapters_is_refused_in_every_stage_naming_what_di
     with pytest.raises(AdapterStateError, match=r"saved with lora target_modules=\['backbone\.0', 'backbone\.2'\] "
                                                 r"\(the model has target_modules=\['backbone\.0'\]\)"):
         getattr(fewer, stage)(EveryStage(family="mlp"), ckpt_path=tmp_path / "two.ckpt")
+
+
+@pytest.mark.parametrize("module_class", [LateTask, PEFTTask], ids=["callback, layers built in configure_model",
+                                                                    "mixin"])
+def test_load_from_checkpoint_rebuilds_late_built_and_mixin_modules_with_their_outputs(
+    module_class: type[Task], make_trainer: Callable[..., L.Trainer], tmp_path: Path
+) -> None:
+    from lightning_peft import load_from_checkpoint
+
+    trained = module_class(family="mlp")
+    callbacks = [] if module_class is PEFTTask else [family_lora("mlp")]
+    trainer = make_trainer(callbacks=callbacks)
+    trainer.fit(trained)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    rebuilt = load_from_checkpoint(module_class, tmp_path / "run.ckpt").eval()
+    with torch.no_grad():
+        expected = trained.eval()(x)
+        assert torch.equal(rebuilt(x), expected)
+        assert not torch.equal(module_class(family="mlp").eval()(x) if module_class is PEFTTask else
+                               Task(family="mlp").eval()(x), expected)  # training changed the outputs

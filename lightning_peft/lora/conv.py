@@ -76,6 +76,7 @@ class LoRAConv(LoRALayer):
             )
         self.__dict__["conv_groups"] = conv_groups  # read by ``groups`` during LoRALayer.__init__
         super().__init__(base, r, *args, **kwargs)
+        self.base_computes_itself = self.own_forward  # a fact of the base's class: read on every forward, found once
         self.conv_path = conv_path
         problem = {"folded": self._folded_problem, "fused": self._fused_problem}.get(conv_path, lambda: None)()
         if problem is not None:
@@ -124,7 +125,7 @@ class LoRAConv(LoRALayer):
     def _call_problem(self) -> str | None:
         """Why the base layer must be called itself rather than convolved with its weight, or ``None``."""
         base = self.base_layer
-        if self.own_forward:
+        if self.base_computes_itself:
             return (f"{type(base).__name__} computes through a forward of its own (it may transform the weight, as "
                     "weight standardization does), which one convolution with the raw weight would skip")
         if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
