@@ -72,7 +72,8 @@ def capture(module: nn.Module) -> dict[str, Any]:
     seen: dict[str, Any] = {}
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        seen.setdefault("call", inspect.signature(mod.forward).bind(*args, **kwargs).arguments)
+        forward = getattr(mod, "base_layer", mod).forward  # the adapter takes what its base takes
+        seen.setdefault("call", inspect.signature(forward).bind(*args, **kwargs).arguments)
         seen.setdefault("output", output)
 
     module.register_forward_hook(hook, with_kwargs=True)
@@ -181,8 +182,8 @@ REFERENCES: dict[str, Callable[[PrefixAttention, dict[str, Any]], torch.Tensor]]
     "beit": beit_reference, "eva": eva_reference, "pvt_v2": pvt_reference, "coatnet": attention2d_reference,
     "maxvit": attention_cl_reference,
 }
-ADAPTERS = {"beit": "BeitPrefixAttention", "eva": "EvaPrefixAttention", "pvt_v2": "PvtV2PrefixAttention",
-            "coatnet": "Attention2dPrefixAttention", "maxvit": "AttentionClPrefixAttention"}
+ADAPTERS = {"beit": "SdpaPrefixAttention", "eva": "SdpaPrefixAttention", "pvt_v2": "SdpaPrefixAttention",
+            "coatnet": "SdpaPrefixAttention", "maxvit": "SdpaPrefixAttention"}
 LAYER = {"pvt_v2": 1, "pvt_v2-linear": 1}  # stage 1 (PVTv2's last stage attends without reduction)
 
 
@@ -271,7 +272,7 @@ def test_edgenext_cross_covariance_attention_is_refused_with_the_reason_and_the_
         inject(model, PrefixTuning(num_tokens=P))
 
 
-#: timm models whose prefix adapters apply the base's attention dropout (timm_attention.timm_dropout), built
+#: timm models whose prefix layers apply the base's attention dropout (SDPA's dropout_p; timm_dropout), built
 #: with attn_drop_rate=0.5 and no other dropout: a prefix layer that ignored it would give equal train-mode calls
 DROPOUT_MODELS: dict[str, tuple[str, dict[str, Any], int]] = {
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32),

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lightning_peft import PrefixTuningConfig, adapter_state_dict, adapters_disabled, inject
-from lightning_peft.prefix.attention.timm_attention import TimmPrefixAttention
+from lightning_peft.errors import ParticipationError
+from lightning_peft.prefix.attention.sdpa import SdpaPrefixAttention
 
 timm_attention = pytest.importorskip("timm.layers.attention")
 
@@ -19,13 +20,13 @@ B, N, DIM, HEADS, P = 2, 5, 16, 2, 3  # batch, tokens, width, heads, prefix leng
 HEAD_DIM = DIM // HEADS
 
 
-def adapted_attention() -> tuple[nn.Module, TimmPrefixAttention, torch.Tensor, torch.Tensor]:
+def adapted_attention() -> tuple[nn.Module, SdpaPrefixAttention, torch.Tensor, torch.Tensor]:
     """A random timm ``Attention`` (eval), its prefix adapter, and the known prefix keys/values written into it."""
     torch.manual_seed(0)
     base = timm_attention.Attention(DIM, num_heads=HEADS, qkv_bias=True).eval()
     model = inject(nn.Sequential(copy.deepcopy(base)), PrefixTuningConfig(num_tokens=P))
     adapter = model[0]
-    assert isinstance(adapter, TimmPrefixAttention)
+    assert isinstance(adapter, SdpaPrefixAttention)
     assert list(adapter_state_dict(model)) == ["0.prefix_keys", "0.prefix_values"]
     keys, values = torch.randn(HEADS, P, HEAD_DIM) * 2, torch.randn(HEADS, P, HEAD_DIM) * 2  # (h, p, d)
     with torch.no_grad():
@@ -128,12 +129,10 @@ def test_fully_blocked_query_row_still_attends_to_the_prefix() -> None:
     torch.testing.assert_close(got[0, 2], row, **TOL)
 
 
-@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", ["bool", "float", "is_causal"])
-def test_disabled_adapter_equals_timm_attention_with_the_same_mask(kind: str, fused: bool) -> None:
-    """Switched off, the adapter is timm's ``Attention`` (either of its paths), masks and all."""
+def test_disabled_adapter_equals_timm_attention_with_the_same_mask(kind: str) -> None:
+    """Switched off, the adapter is timm's ``Attention``, masks and all; switched on again, the prefix is back."""
     base, adapter, _, _ = adapted_attention()
-    base.fused_attn = adapter.base_layer.fused_attn = fused
     x = torch.randn(B, N, DIM)
     with torch.no_grad():
         enabled = adapter(x, **call_kwargs(kind))
@@ -145,14 +144,19 @@ def test_disabled_adapter_equals_timm_attention_with_the_same_mask(kind: str, fu
     assert adapter.enabled
 
 
-def test_is_causal_wins_over_a_mask_as_in_timm() -> None:
-    """Given both, timm's unfused path applies causality and ignores the mask (its fused path refuses both)."""
-    base, adapter, keys, values = adapted_attention()
-    base.fused_attn = False
+def test_timm_explicit_path_switched_on_after_inject_raises_instead_of_dropping_the_prefix() -> None:
+    """timm's ``fused_attn = False`` computes scores without SDPA, where the prefix enters: the forward raises."""
+    _, adapter, _, _ = adapted_attention()
+    adapter.base_layer.fused_attn = False
+    with pytest.raises(ParticipationError, match="did not take part"):
+        adapter(torch.randn(B, N, DIM))
+
+
+def test_a_mask_with_is_causal_is_refused_as_timm_refuses_it() -> None:
+    """timm's fused path passes both to SDPA, which refuses them together; with the prefix it still does."""
+    base, adapter, _, _ = adapted_attention()
     x = torch.randn(B, N, DIM)
-    with torch.no_grad():
-        got = adapter(x, attn_mask=bool_mask(), is_causal=True)
-        expected = written_out(adapter.base_layer, keys, values, x, hand_bias("is_causal"))
-        timm_both, timm_causal = base(x, attn_mask=bool_mask(), is_causal=True), base(x, is_causal=True)
-    torch.testing.assert_close(timm_both, timm_causal, **TOL)  # the rule, as timm has it
-    torch.testing.assert_close(got, expected, **TOL)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        base(x, attn_mask=bool_mask(), is_causal=True)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        adapter(x, attn_mask=bool_mask(), is_causal=True)

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_peft.imported import imported_class
-from lightning_peft.prefix.attention.base import AttentionClass, PrefixAttention, PrefixEncoder, PrefixShape
+from lightning_peft.prefix.attention.base import (
+    AttentionClass,
+    PrefixAttention,
+    PrefixEncoder,
+    PrefixShape,
+    prefix_undefined,
+)
 from lightning_peft.prefix.attention.inline_transformers import (
     INLINE_CLASSES,
     BloomPrefixAttention,
@@ -27,17 +33,7 @@ from lightning_peft.prefix.attention.inline_transformers import (
 )
 from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention, multihead_shape
 from lightning_peft.prefix.attention.sdpa import SdpaPrefixAttention, sdpa_shape
-from lightning_peft.prefix.attention.timm_attention import TIMM_CLASSES, TimmPrefixAttention
 from lightning_peft.prefix.attention.timm_biased import TIMM_BIASED_CLASSES
-from lightning_peft.prefix.attention.timm_variants import (
-    TIMM_VARIANT_CLASSES,
-    Attention2dPrefixAttention,
-    AttentionClPrefixAttention,
-    BeitPrefixAttention,
-    EvaPrefixAttention,
-    PvtV2PrefixAttention,
-    prefix_undefined,
-)
 from lightning_peft.prefix.attention.transformers_attention import (
     TransformersPrefixAttention,
     calls_attention_interface,
@@ -98,10 +94,8 @@ _HANDLERS: list[AttentionHandler] = [
     _transformers_handler,
     class_table_handler(INLINE_CLASSES),  # BLOOM, Falcon, DeBERTa-v2: attention inside their own forward
     _multihead_handler,
-    class_table_handler(TIMM_CLASSES),  # timm Attention (ViT, DeiT, ...)
-    class_table_handler(WINDOW_CLASSES),  # Swin (torchvision, timm; v1, v2), torchvision MaxViT
-    class_table_handler(TIMM_VARIANT_CLASSES),  # BEiT, EVA, PVTv2, CoAtNet/MaxViT
-    class_table_handler(TIMM_BIASED_CLASSES),  # LeViT, TinyViT, EfficientFormer: per-position attention biases
+    class_table_handler(WINDOW_CLASSES),  # Swin (torchvision; timm v1, v2), torchvision MaxViT
+    class_table_handler(TIMM_BIASED_CLASSES),  # LeViT, EfficientFormer: per-position attention biases
     _sdpa_handler,  # last: any other module whose forward calls F.scaled_dot_product_attention (sdpa.py)
 ]
 
@@ -130,23 +124,17 @@ def match_attention(module: nn.Module) -> AttentionMatch | None:
 
 
 __all__ = [
-    "Attention2dPrefixAttention",
-    "AttentionClPrefixAttention",
     "AttentionClass",
     "AttentionHandler",
     "AttentionMatch",
-    "BeitPrefixAttention",
     "BloomPrefixAttention",
     "DebertaV2PrefixAttention",
-    "EvaPrefixAttention",
     "FalconPrefixAttention",
     "MultiheadPrefixAttention",
     "PrefixAttention",
     "PrefixEncoder",
     "PrefixShape",
-    "PvtV2PrefixAttention",
     "SdpaPrefixAttention",
-    "TimmPrefixAttention",
     "TimmWindowPrefixAttention",
     "TimmWindowV2PrefixAttention",
     "TorchvisionMaxVitPrefixAttention",

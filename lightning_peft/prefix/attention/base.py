@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.adapter import Adapter
+from lightning_peft.imported import imported_class
 from lightning_peft.participation import took_part
 
 
@@ -276,3 +277,23 @@ def prefixed_attention(adapter: PrefixAttention, q: torch.Tensor, k: torch.Tenso
     bias = pad_columns(bias.expand(*bias.shape[:-1], k.shape[-2]), adapter.num_tokens) if bias is not None else None
     return attend(q, torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2), bias, dropout=dropout, scale=scale,
                   need_weights=need_weights)
+
+
+#: Attention whose definition leaves no place for a token prefix: (timm module, class).
+_CHANNEL_ATTENTION = (("timm.models.edgenext", "CrossCovarianceAttn"), ("timm.models.xcit", "XCA"))
+
+
+def prefix_undefined(module: nn.Module) -> str | None:
+    """Why prefix tuning is not defined for ``module``'s attention, or ``None`` if nothing rules it out.
+
+    Cross-covariance attention (XCA: EdgeNeXt, XCiT) attends over channels: per head, ``softmax(q̂ k̂ᵀ · τ)`` is a
+    ``d x d`` channel map, the token axis is what ``q̂ k̂ᵀ`` sums over, and ``A v`` keeps ``n`` tokens per channel.
+    Prepending ``p`` tokens to ``k`` and ``v`` leaves ``q k'ᵀ`` undefined (``n`` vs ``p + n`` tokens) and would
+    give ``p + n`` output tokens; the only extra attended positions are extra channels, whose values would be
+    rows of ``n`` tokens, tied to one image size. There is no exact token prefix in the paper's sense.
+    """
+    for module_name, class_name in _CHANNEL_ATTENTION:
+        if type(module) is imported_class(module_name, class_name):
+            return (f"{class_name} is cross-covariance attention (XCA), which attends over channels, not tokens: "
+                    "there are no key/value positions along the sequence to prepend a prefix to")
+    return None

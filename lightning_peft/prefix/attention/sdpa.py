@@ -24,7 +24,9 @@ be known at inject, before the optimizer exists, so it is read from the module's
 * heads: ``num_heads``, ``num_attention_heads``, ``n_head``, ``n_heads`` or ``heads``;
 * key/value heads (grouped-query attention): ``num_kv_heads``, ``num_key_value_heads`` or ``n_kv_heads``
   (default: the heads);
-* head width: ``head_dim`` or ``head_dimension``, else ``embed_dim``, ``dim`` or ``hidden_size`` divided by the heads.
+* head width: ``head_dim``, ``head_dimension``, ``dim_head`` or ``key_dim``, else ``embed_dim``, ``dim`` or
+  ``hidden_size`` divided by the heads, else a fused ``qkv`` linear's outputs divided by three times the heads;
+* value width (when it differs from the key width): ``val_dim`` or ``value_dim``.
 
 A module calling SDPA whose heads or width cannot be read stays unhandled; the refusal names the attributes to
 set (or use :func:`~lightning_peft.prefix.attention.register_attention_handler`). So does one whose ``fused_attn``
@@ -45,8 +47,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_peft.adapter import Adapter
-from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, pad_columns
-from lightning_peft.prefix.attention.timm_variants import prefix_undefined
+from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, pad_columns, prefix_undefined
 
 _SDPA = F.scaled_dot_product_attention
 _SDPA_NAME = "scaled_dot_product_attention"
@@ -54,7 +55,8 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
 KV_HEAD_ATTRIBUTES = ("num_kv_heads", "num_key_value_heads", "n_kv_heads")
-HEAD_DIM_ATTRIBUTES = ("head_dim", "head_dimension")
+HEAD_DIM_ATTRIBUTES = ("head_dim", "head_dimension", "dim_head", "key_dim")
+VALUE_DIM_ATTRIBUTES = ("val_dim", "value_dim")
 WIDTH_ATTRIBUTES = ("embed_dim", "dim", "hidden_size")
 
 
@@ -103,9 +105,12 @@ def _read_shape(module: nn.Module) -> PrefixShape | None:
     width = _int_attribute(module, WIDTH_ATTRIBUTES)
     if head_dim is None and width is not None and width % heads == 0:
         head_dim = width // heads
+    qkv = getattr(module, "qkv", None)
+    if head_dim is None and isinstance(qkv, nn.Linear) and qkv.out_features % (3 * heads) == 0:
+        head_dim = qkv.out_features // (3 * heads)  # a fused projection of queries, keys and values
     if head_dim is None or heads % kv_heads:
         return None
-    return PrefixShape(kv_heads, head_dim, head_dim)
+    return PrefixShape(kv_heads, head_dim, _int_attribute(module, VALUE_DIM_ATTRIBUTES) or head_dim)
 
 
 def _candidate(module: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""Prefixes for timm's attention with a learned per-position bias table: LeViT, TinyViT and EfficientFormer.
+"""Prefixes for timm's attention with a learned per-position bias table: LeViT and EfficientFormer.
 
 These layers add ``attention_biases[:, attention_bias_idxs]`` (one learned scalar per head and relative offset
 between two of a fixed grid's positions) to the scores, and give keys and values different widths
@@ -10,8 +10,8 @@ query sees them::
 
 The prefix enters where the real keys and values do, after the fused projection and the norm inside it (LeViT's
 ``LinearNorm``/``ConvNorm`` is a linear or 1x1 convolution followed by BatchNorm). The bias comes from the base's
-own ``get_attention_biases``, so its eval-mode cache behaves as without the adapter. TinyViT partitions windows in
-its block, so windows are batch rows and each window sees the same prefix.
+own ``get_attention_biases``, so its eval-mode cache behaves as without the adapter.
+(TinyViT's attention, also biased, calls ``F.scaled_dot_product_attention``: :mod:`.sdpa` adapts it.)
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ if TYPE_CHECKING:
     from timm.models.efficientformer import Attention as EfficientFormerAttention
     from timm.models.levit import Attention as LevitAttention
     from timm.models.levit import AttentionDownsample as LevitAttentionDownsample
-    from timm.models.tiny_vit import Attention as TinyVitAttention
 
     BiasTableAttention: TypeAlias = (
-        LevitAttention | LevitAttentionDownsample | TinyVitAttention | EfficientFormerAttention
+        LevitAttention | LevitAttentionDownsample | EfficientFormerAttention
     )
 
 
@@ -84,16 +83,6 @@ class EfficientFormerPrefixAttention(_BiasTablePrefixAttention):
     base_layer: EfficientFormerAttention
 
 
-class TinyVitPrefixAttention(_BiasTablePrefixAttention):
-    """timm TinyViT ``Attention`` (LayerNorm, fused ``qkv``, per-window bias table) with a prefix on every window."""
-
-    family = "timm TinyViT Attention"
-    base_layer: TinyVitAttention
-
-    def fused_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer.qkv(self.base_layer.norm(x))
-
-
 class LevitPrefixAttention(_BiasTablePrefixAttention):
     """timm LeViT ``Attention`` with a prefix; tokens ``(b, n, c)``, or feature maps ``(b, c, H, W)`` (``use_conv``)."""
 
@@ -138,11 +127,10 @@ def biased_shape(module: BiasTableAttention) -> PrefixShape:
     return PrefixShape(module.num_heads, module.key_dim, module.val_dim)
 
 
-#: LeViT, TinyViT and EfficientFormer attention (exact types): learned per-position bias tables, keys ``key_dim``
+#: LeViT and EfficientFormer attention (exact types): learned per-position bias tables, keys ``key_dim``
 #: and values ``val_dim`` wide per head.
 TIMM_BIASED_CLASSES: tuple[AttentionClass, ...] = (
     AttentionClass("timm.models.levit", "Attention", LevitPrefixAttention, biased_shape),
     AttentionClass("timm.models.levit", "AttentionDownsample", LevitDownsamplePrefixAttention, biased_shape),
-    AttentionClass("timm.models.tiny_vit", "Attention", TinyVitPrefixAttention, biased_shape),
     AttentionClass("timm.models.efficientformer", "Attention", EfficientFormerPrefixAttention, biased_shape),
 )

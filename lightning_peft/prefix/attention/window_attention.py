@@ -16,6 +16,8 @@ prefix enters exactly where the real keys do.
 None of these classes exposes q, k, v: torchvision's computes them in the module-level
 ``shifted_window_attention``, timm's inside ``forward``. Each adapter owns the forward and mirrors the base's
 (padding, cyclic shift and window partition for torchvision; the fused or separate q/v biases for timm v2).
+timm's v1 ``WindowAttention`` calls SDPA only with its experimental ``fused_attn`` on (off by default), so it
+keeps an adapter here; when the flag is on, the adapter still computes the same attention explicitly.
 
 torchvision's MaxViT partitions before the attention layer (into windows, then into a dilated grid) and hands it
 ``(B, G, P, D)``: ``G`` groups of ``P`` tokens, each group attending only within itself. Every group gets the
@@ -25,7 +27,7 @@ layer's prefix, with no relative position bias on the prefix columns, as in Swin
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +39,27 @@ from lightning_peft.prefix.attention.base import (
     fused_qkv_shape,
     prefixed_attention,
 )
-from lightning_peft.prefix.attention.timm_attention import timm_dropout, timm_fused_qkv
 
 if TYPE_CHECKING:
     from timm.models.swin_transformer import WindowAttention
     from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
     from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
     from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+
+def timm_dropout(adapter: PrefixAttention) -> float:
+    """The attention dropout timm applies: the base's ``attn_drop`` probability while training, none in eval."""
+    attn: Any = adapter.base_layer
+    return float(attn.attn_drop.p) if adapter.training else 0.0
+
+
+def timm_fused_qkv(attn: Any, x: torch.Tensor) -> torch.Tensor:
+    """timm's fused ``qkv`` projection ``(..., 3·h·d)``, with the separate q/v biases and zero k bias of BEiT, EVA
+    and Swin-V2 where the layer has them."""
+    if attn.q_bias is None:
+        return attn.qkv(x)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    return attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
 
 
 def windowed_attention(adapter: PrefixAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
