@@ -126,7 +126,7 @@ def test_an_adapter_whose_tensors_never_enter_the_computation_raises(monkeypatch
     model = inject(transformers.GPT2Model(config), PrefixTuningConfig(num_tokens=2))
     # as if a transformers release no longer called the attention interface we prepend at
     monkeypatch.setattr(transformers_attention, "_prefixed_call", lambda inner, name, module, *a, **k: inner(
-        module, *a, **k))
+        module, *a, **k))  # (the overrides stay in the registry: they call this name at every call)
     with pytest.raises(ParticipationError, match="ran, but its tensors never entered the computation"):
         model(torch.randint(0, 20, (1, 5)))
 

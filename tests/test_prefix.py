@@ -241,3 +241,33 @@ def test_unload_restores_the_base_model_and_its_attention() -> None:
     assert not prefix_adapters(model)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch()).logits, base(**batch()).logits)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_transformers_is_left_as_it_was_after_unload(impl: str) -> None:
+    """Prefixes enter through overrides in transformers' attention registry, there only while adapters exist;
+    no module global is replaced, and an unadapted model beside an adapted one computes as without it."""
+    import gc
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+    from transformers.models.llama import modeling_llama
+
+    gc.collect()  # adapted models of earlier tests, dropped in reference cycles
+    local, shared = dict(ALL_ATTENTION_FUNCTIONS._local_mapping), dict(AttentionInterface._global_mapping)
+    assert local == {}
+    base, other = tiny("llama", impl), tiny("gpt2", impl)
+    with torch.no_grad():
+        expected, other_expected = base(**batch()).logits, other(**batch()).logits
+        model = inject(copy.deepcopy(base), PrefixTuning(num_tokens=P))
+        assert "eager" in ALL_ATTENTION_FUNCTIONS and "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+        assert (model(**batch()).logits - expected).abs().max() > 1e-4
+        torch.testing.assert_close(other(**batch()).logits, other_expected, rtol=0, atol=0)
+        model = unload(model)
+        assert ALL_ATTENTION_FUNCTIONS._local_mapping == local and AttentionInterface._global_mapping == shared
+        assert modeling_llama.ALL_ATTENTION_FUNCTIONS is ALL_ATTENTION_FUNCTIONS
+        torch.testing.assert_close(model(**batch()).logits, expected, rtol=0, atol=0)
+        dropped = inject(copy.deepcopy(base), PrefixTuning(num_tokens=P))  # dropped without unload: gc releases
+        dropped(**batch())
+        del dropped
+        gc.collect()
+    assert ALL_ATTENTION_FUNCTIONS._local_mapping == local

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_peft import LoRA, PrefixTuning, TargetNotFoundError, adapters, inject, register_attention_handler
-from lightning_peft.errors import PEFTWarning
+from lightning_peft.errors import ParticipationError, PEFTWarning
 from lightning_peft.prefix.attention import (
     _HANDLERS,
     AttentionClass,
@@ -120,12 +120,10 @@ def tiny_timm_vit() -> nn.Module:
                              embed_dim=16, num_heads=2, num_classes=3).eval()
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_timm_attention_equals_written_out_prefix_attention(fused: bool) -> None:
+def test_timm_attention_equals_written_out_prefix_attention() -> None:
     model = inject(tiny_timm_vit(), PrefixTuning(num_tokens=3))
     adapter = prefix_adapters(model)[0]
     attn = adapter.base_layer
-    attn.fused_attn = fused  # timm's own switch; the adapter's path does not depend on it
     x = torch.randn(2, 5, 16)
     q, k, v = attn.qkv(x).reshape(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
     k = torch.cat([adapter.prefix_keys.expand(2, -1, -1, -1), k], dim=2)
@@ -134,6 +132,9 @@ def test_timm_attention_equals_written_out_prefix_attention(fused: bool) -> None
     assert weights.shape == (2, 2, 5, 3 + 5)
     expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 5, 16))
     torch.testing.assert_close(adapter(x), expected, **TOL)
+    attn.fused_attn = False  # timm's explicit path computes scores without SDPA, where the prefix enters
+    with pytest.raises(ParticipationError, match="set fused_attn = True"):
+        adapter(x)
 
 
 @pytest.mark.parametrize("make", ["timm", "mha"])
@@ -181,7 +182,7 @@ class OwnAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split(x)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v  # scores by hand: no SDPA call
         return self.out(out.transpose(1, 2).reshape(x.shape))
 
 

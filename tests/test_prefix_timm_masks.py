@@ -148,7 +148,7 @@ def test_timm_explicit_path_switched_on_after_inject_raises_instead_of_dropping_
     """timm's ``fused_attn = False`` computes scores without SDPA, where the prefix enters: the forward raises."""
     _, adapter, _, _ = adapted_attention()
     adapter.base_layer.fused_attn = False
-    with pytest.raises(ParticipationError, match="did not take part"):
+    with pytest.raises(ParticipationError, match="without calling F.scaled_dot_product_attention"):
         adapter(torch.randn(B, N, DIM))
 
 

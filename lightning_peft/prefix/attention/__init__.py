@@ -105,7 +105,8 @@ def register_attention_handler(handler: AttentionHandler) -> AttentionHandler:
 
     Args:
         handler: ``module -> AttentionMatch | None``; return a match for modules you handle, ``None`` otherwise.
-            The adapter class subclasses :class:`PrefixAttention` and prepends ``self.prefix(batch, like)``.
+            The adapter class subclasses :class:`PrefixAttention` and joins its keys and values with
+            ``self.prepend(key, value)``.
 
     Returns:
         ``handler``, so this also works as a decorator.

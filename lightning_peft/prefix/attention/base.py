@@ -180,12 +180,23 @@ class PrefixAttention(Adapter):
         rows = rows.transpose(0, 1)  # (h_kv, p, d_k + d_v)
         return rows[..., : s.key_dim], rows[..., s.key_dim:]
 
-    def prefix(self, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys ``(b, h_kv, p, d_k)`` and values ``(b, h_kv, p, d_v)`` in ``like``'s dtype and device."""
-        keys, values = self._prefix_tensors()
-        keys = keys.to(like.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
-        values = values.to(like.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
-        return keys, values
+    def prefix_like(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix as ``(..., h, p, d)`` beside ``key``/``value`` ``(..., h, s, d)``, in their dtype.
+
+        ``h`` is the layer's key/value heads, or a multiple of them: a module that repeated its key/value heads
+        (grouped-query attention, as ``repeat_kv``) gets its prefix heads repeated the same way.
+        """
+        keys, values = self._prefix_tensors()  # (h_kv, p, d)
+        groups = key.shape[-3] // self.shape.kv_heads
+        if groups > 1:
+            keys, values = keys.repeat_interleave(groups, dim=0), values.repeat_interleave(groups, dim=0)
+        return (keys.to(key.dtype).expand(*key.shape[:-3], -1, -1, -1),
+                values.to(value.dtype).expand(*value.shape[:-3], -1, -1, -1))
+
+    def prepend(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[P_k; key]`` and ``[P_v; value]`` along the sequence axis: the one place a prefix joins the keys."""
+        prefix_key, prefix_value = self.prefix_like(key, value)
+        return torch.cat([prefix_key, key], dim=-2), torch.cat([prefix_value, value], dim=-2)
 
     def gate_value(self, like: torch.Tensor) -> torch.Tensor:
         """``tanh(g)``: the weight of the gated prefix branch."""
@@ -258,25 +269,26 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 
 def prefixed_attention(adapter: PrefixAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        bias: torch.Tensor | None, *, dropout: float = 0.0, scale: float | None = None,
-                       need_weights: bool = False, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       need_weights: bool = False, key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of ``q (b, h, n, d)`` over the adapter's prefix and ``k, v (b, h, s, d)`` (same head count).
+    """Attention of ``q (b, h, n, d)`` over the adapter's prefix and ``k, v (b, h, s, d)``.
 
-    ``bias`` is an additive mask broadcastable to ``(b, h, n, s)`` (real keys only). ``prefix`` replaces
-    ``adapter.prefix(b, like=q)`` when the keys were transformed before scoring (cosine attention normalizes
-    the prefix keys as the real ones). Returns the output ``(b, h, n, d_v)`` and, with ``need_weights``,
-    weights ``(b, h, n, p + s)`` (prefix columns first).
+    ``bias`` is an additive mask broadcastable to ``(b, h, n, s)`` (real keys only). ``key_norm`` transforms every
+    key row before scoring, the prefix's included (cosine attention normalizes them). Returns the output
+    ``(b, h, n, d_v)`` and, with ``need_weights``, weights ``(b, h, n, p + s)`` (prefix columns first).
     """
-    pk, pv = prefix if prefix is not None else adapter.prefix(q.shape[0], like=q)
+    keys, values = adapter.prepend(k, v)
+    keys = key_norm(keys) if key_norm is not None else keys
     if adapter.gated:
-        out, weights = attend(q, k, v, bias, dropout=dropout, scale=scale, need_weights=need_weights)
-        extra, prefix_weights = attend(q, pk, pv, None, dropout=dropout, scale=scale, need_weights=need_weights)
+        p = adapter.num_tokens
+        out, weights = attend(q, keys[..., p:, :], v, bias, dropout=dropout, scale=scale, need_weights=need_weights)
+        extra, prefix_weights = attend(q, keys[..., :p, :], values[..., :p, :], None, dropout=dropout, scale=scale,
+                                       need_weights=need_weights)
         if weights is not None and prefix_weights is not None:
             weights = torch.cat([prefix_weights * adapter.gate_value(q), weights], dim=-1)
         return out + adapter.gate_value(q) * extra, weights
     bias = pad_columns(bias.expand(*bias.shape[:-1], k.shape[-2]), adapter.num_tokens) if bias is not None else None
-    return attend(q, torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2), bias, dropout=dropout, scale=scale,
-                  need_weights=need_weights)
+    return attend(q, keys, values, bias, dropout=dropout, scale=scale, need_weights=need_weights)
 
 
 #: Attention whose definition leaves no place for a token prefix: (timm module, class).

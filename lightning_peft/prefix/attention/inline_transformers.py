@@ -57,11 +57,6 @@ _FALCON = "transformers.models.falcon.modeling_falcon"
 _DEBERTA = "transformers.models.deberta_v2.modeling_deberta_v2"
 
 
-def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``(b, h_kv, p, d)`` -> ``(b, heads, p, d)``: each key/value head serves ``heads / h_kv`` query heads."""
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
-
-
 class _PrefixedCache:
     """Stands in for ``layer_past``: real tokens go to the real cache, the attention gets ``[prefix; tokens]``."""
 
@@ -73,9 +68,7 @@ class _PrefixedCache:
         if self._inner is not None:
             key, value = self._inner.update(key, value, *args, **kwargs)
         _check_heads(self._adapter, key, value)
-        pk, pv = self._adapter.prefix(key.shape[0], like=key)
-        return (torch.cat([_expand_heads(pk, key.shape[1]), key], dim=-2),
-                torch.cat([_expand_heads(pv, value.shape[1]), value], dim=-2))
+        return self._adapter.prepend(key, value)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -142,10 +135,9 @@ class _CacheSeamPrefixAttention(PrefixAttention):
         def add_prefix(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             reached.append(True)
             q = self._queries(captured["qkv"], bound.arguments)  # (b, h, n, d)
-            pk, pv = self.prefix(q.shape[0], like=q)
+            pk, pv = self.prefix_like(q, q)  # key/value heads repeated to the query heads
             dropout = self._dropout(bound.arguments)
-            extra, _ = attend(q, _expand_heads(pk, q.shape[1]), _expand_heads(pv, q.shape[1]), None,
-                              dropout=dropout, scale=base.inv_norm_factor, need_weights=False)
+            extra, _ = attend(q, pk, pv, None, dropout=dropout, scale=base.inv_norm_factor, need_weights=False)
             b, h, n, d = extra.shape
             extra = extra.transpose(1, 2).reshape(b, n, h * d)
             return (args[0] + self.gate_value(extra) * extra.to(args[0].dtype), *args[1:])
@@ -240,17 +232,17 @@ class DebertaV2PrefixAttention(PrefixAttention):
             scores = scores + rel
         b, n, s = scores.shape[0] // heads, scores.shape[1], scores.shape[2]
         scores = scores.view(b, heads, n, s).masked_fill(~attention_mask.bool(), torch.finfo(q.dtype).min)
-        pk, pv = self.prefix(b, like=q)  # (b, h, p, d)
-        prefix_scores = q.view(b, heads, n, -1) @ pk.transpose(-1, -2) / scale  # content only: no relative position
-        values = v.view(b, heads, s, -1)
+        keys, values = self.prepend(k.view(b, heads, s, -1), v.view(b, heads, s, -1))  # (b, h, p + s, d)
+        p = self.num_tokens
+        prefix_scores = q.view(b, heads, n, -1) @ keys[..., :p, :].transpose(-1, -2) / scale  # content only
         if self.gated:
             probs = attn.dropout(scores.softmax(dim=-1))
             prefix_probs = attn.dropout(prefix_scores.softmax(dim=-1))
-            context = probs @ values + self.gate_value(q) * (prefix_probs @ pv)
+            context = probs @ values[..., p:, :] + self.gate_value(q) * (prefix_probs @ values[..., :p, :])
             weights = torch.cat([prefix_probs * self.gate_value(q), probs], dim=-1)
         else:
             weights = attn.dropout(torch.cat([prefix_scores, scores], dim=-1).softmax(dim=-1))
-            context = weights @ torch.cat([pv, values], dim=-2)
+            context = weights @ values
         context = context.permute(0, 2, 1, 3).reshape(b, n, -1)
         return context, (weights if output_attentions else None)
 

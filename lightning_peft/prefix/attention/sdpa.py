@@ -14,8 +14,7 @@ its SDPA call(s): the layer's prefix is prepended to the keys and values it pass
 ``repeat_kv``) gets its prefix repeated the same way; so does one that folds its heads into the batch,
 ``(b·h, n, d)`` batch-major as ``reshape(b * h, ...)`` gives (timm's SAM). An SDPA call whose queries and keys do
 not have the layer's heads on axis -3 and its head width is not this layer's attention and passes through
-unchanged; a forward in which no call took the prefix raises (with no SDPA call at all, the participation check
-does).
+unchanged; a forward in which no call took the prefix raises, and so does one with no SDPA call at all.
 
 **Which modules.** A module is an attention layer for this handler when the code of its class's ``forward`` (or of
 a method of the same class that ``forward`` names) calls ``scaled_dot_product_attention``. The prefix's shape must
@@ -47,6 +46,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_peft.adapter import Adapter
+from lightning_peft.errors import ParticipationError
 from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, pad_columns, prefix_undefined
 
 _SDPA = F.scaled_dot_product_attention
@@ -180,7 +180,14 @@ class SdpaPrefixAttention(PrefixAttention):
         mode = _PrefixSdpa(self)
         with mode:
             out = self.base_layer(*args, **kwargs)
-        if mode.unfit and not mode.fit:  # SDPA ran, none of its calls took the prefix: it would be silently left out
+        if not mode.fit and not mode.unfit:  # no SDPA call at all (timm's fused_attn=False): the prefix was left out
+            fix = "set fused_attn = True on it" if _explicit_path(self.base_layer) else "call it"
+            raise ParticipationError(
+                f"{type(self.base_layer).__name__} ran without calling F.scaled_dot_product_attention, where its "
+                f"prefix enters, so the prefix was left out. To train the prefix, {fix}, or teach prefix tuning "
+                "its attention with lightning_peft.register_attention_handler."
+            )
+        if not mode.fit:  # SDPA ran, none of its calls took the prefix: it would be silently left out
             (queries, keys), s = mode.unfit[0], self.shape
             raise ValueError(
                 f"{type(self.base_layer).__name__} called F.scaled_dot_product_attention with queries {queries} and "
@@ -203,18 +210,9 @@ class SdpaPrefixAttention(PrefixAttention):
             return key.shape[-3] % s.kv_heads == 0
         return query.shape[-3] == heads and key.shape[-3] in (s.kv_heads, heads)
 
-    def _prefix_like(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefix as ``(..., h_k, p, d)`` beside ``key``/``value`` ``(..., h_k, s, d)``."""
-        pk, pv = self.prefix(1, like=key)  # (1, h_kv, p, d)
-        groups = key.shape[-3] // self.shape.kv_heads  # > 1: the module repeated its kv heads before SDPA
-        if groups > 1:
-            pk, pv = pk.repeat_interleave(groups, dim=1), pv.repeat_interleave(groups, dim=1)
-        return pk.expand(*key.shape[:-3], -1, -1, -1), pv.expand(*value.shape[:-3], -1, -1, -1)
-
     def prefixed_sdpa(self, call: dict[str, Any]) -> torch.Tensor:
         """The SDPA call ``call`` (its arguments by name) over ``[prefix; keys]``: one softmax over both."""
         q, k, v = call["query"], call["key"], call["value"]
-        pk, pv = self._prefix_like(k, v)
         p, q_len, kv_len = self.num_tokens, q.shape[-2], k.shape[-2]
         mask = call.get("attn_mask")
         if mask is not None:  # (..., L|1, S|1) -> (..., L|1, p + S), prefix columns visible
@@ -222,12 +220,12 @@ class SdpaPrefixAttention(PrefixAttention):
         elif call.get("is_causal"):  # SDPA's causal mask (top-left aligned) over the real keys only
             causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
             mask, call = pad_columns(causal, p), {**call, "is_causal": False}
-        call = {**call, "key": torch.cat([pk, k], dim=-2), "value": torch.cat([pv, v], dim=-2), "attn_mask": mask}
-        return _SDPA(**call)
+        keys, values = self.prepend(k, v)
+        return _SDPA(**{**call, "key": keys, "value": values, "attn_mask": mask})
 
     def gated_branch(self, call: dict[str, Any]) -> torch.Tensor:
         """``tanh(g)`` times the call's queries attending over the prefix alone (added to the unchanged call)."""
-        pk, pv = self._prefix_like(call["key"], call["value"])
+        pk, pv = self.prefix_like(call["key"], call["value"])
         extra = _SDPA(**{**call, "key": pk, "value": pv, "attn_mask": None, "is_causal": False})
         return self.gate_value(extra) * extra
 

@@ -1,20 +1,25 @@
-"""Prefixes for transformers 5 models, at the attention-interface seam every model calls.
+"""Prefixes for transformers 5 models, at the attention-function registry every model calls.
 
 Each transformers attention module computes ``query, key, value`` (projected, rotary embeddings applied, cache
-updated) and then calls ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_forward)``
-with them. We put a thin proxy in place of the name ``ALL_ATTENTION_FUNCTIONS`` in the module where that
-``forward`` is defined: the proxy returns the function the model asked for (eager, sdpa, flash ...), wrapped so
-that modules holding a prefix adapter get their prefix prepended to ``key``/``value``. Modules without an
-adapter pass straight through, so the user's implementation choice is kept and nothing else changes.
+updated) and calls ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``
+with them. While a model holds adapters of this kind, that registry (transformers' ``AttentionInterface``) holds
+local overrides, set and deleted through its documented mapping interface (``interface[name] = function``), for
+every implementation it knows and for ``"eager"``: each override calls the implementation the model asked for,
+with the layer's prefix prepended to ``key``/``value`` when the calling module holds an enabled adapter, and
+unchanged otherwise. ``"eager"`` is not a registry entry: its override calls the eager function the calling
+module's ``forward`` passes as the default (the one ``*eager_attention_forward`` name it loads). When the last
+adapter is unwrapped (``unload``) or garbage-collected, the overrides are deleted: transformers is as it was.
 
-Because the prefix is added *after* the KV cache update, the cache holds real tokens only and the prefix
-enters each layer exactly once per step, with or without a cache (``generate()`` included).
+Because the prefix is added *after* the KV cache update, the cache holds real tokens only and the prefix enters
+each layer exactly once per step, with or without a cache (``generate()`` included). A module that computes
+attention without the registry, or a model family with a registry of its own, leaves the prefix out, and the
+participation check raises.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -28,6 +33,17 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 _NAME = "ALL_ATTENTION_FUNCTIONS"
+_EAGER = "eager"
+#: ``id`` of every adapter alive and wrapping its module; the registry holds our overrides while this is not empty.
+_LIVE: set[int] = set()
+#: Implementation name -> (our override, the local entry it replaced or None).
+_OVERRIDES: dict[str, tuple[Callable[..., Any], Callable[..., Any] | None]] = {}
+
+
+def _registry() -> Any:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS
 
 
 class TransformersPrefixAttention(PrefixAttention):
@@ -38,55 +54,76 @@ class TransformersPrefixAttention(PrefixAttention):
     def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(base, *args, **kwargs)
         record(base).prefix_adapter = self  # back-reference from the attention module to its adapter
-        _install_proxy(type(base))
+        _LIVE.add(id(self))
+        weakref.finalize(self, _release, id(self))  # a model dropped without unload releases too
+        _install()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         record(self.base_layer).prefix_adapter = self  # again: unwrap() drops it, and named adapters re-wrap the base
+        _LIVE.add(id(self))
+        if not _OVERRIDES:  # released when every adapter was unwrapped (named adapters re-wrap the base)
+            _install()
         return self.base_layer(*args, **kwargs)
 
     def unwrap(self) -> nn.Module:
         base = super().unwrap()
         record(base).prefix_adapter = None
+        _release(id(self))
         return base
 
 
-class _PrefixedInterface:
-    """Stands in for ``ALL_ATTENTION_FUNCTIONS`` in one modeling module; see the module docstring."""
-
-    def __init__(self, interface: Any) -> None:
-        self._interface = interface
-
-    def get_interface(self, attn_implementation: str, default: Callable[..., Any]) -> Callable[..., Any]:
-        inner = self._interface.get_interface(attn_implementation, default)
-        return functools.partial(_prefixed_call, inner, attn_implementation or "eager")
-
-    def __getitem__(self, key: str) -> Callable[..., Any]:
-        return functools.partial(_prefixed_call, self._interface[key], key)
-
-    def __getattr__(self, name: str) -> Any:  # get, keys, __contains__ users ... behave as the real interface
-        return getattr(self._interface, name)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._interface
+def _install() -> None:
+    """Put an override in the registry for each implementation it knows and for eager."""
+    registry = _registry()
+    for name in [*registry.keys(), _EAGER]:
+        if name not in _OVERRIDES:
+            local = registry._local_mapping.get(name)  # (read only) a user's own local entry, put back on release
+            registry[name] = override = _override(name)
+            _OVERRIDES[name] = (override, local)
 
 
-def _forward_globals(cls: type[nn.Module]) -> dict[str, Any] | None:
-    forward = inspect.unwrap(cls.forward)  # through decorators such as deprecate_kwarg
+def _release(adapter: int) -> None:
+    """Forget one adapter (by ``id``); delete the overrides once none is left."""
+    _LIVE.discard(adapter)
+    if _LIVE or not _OVERRIDES:
+        return
+    registry = _registry()
+    for name, (override, local) in list(_OVERRIDES.items()):
+        if registry._local_mapping.get(name) is override:
+            del registry[name]
+            if local is not None:
+                registry[name] = local
+        del _OVERRIDES[name]
+
+
+def _override(name: str) -> Callable[..., Any]:
+    inner = None if name == _EAGER else _registry()[name]
+
+    def prefixed(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _prefixed_call(inner or _eager_function(module), name, module, *args, **kwargs)
+
+    return prefixed
+
+
+def _eager_function(module: nn.Module) -> Callable[..., Any]:
+    """The eager attention function ``module``'s forward passes to ``get_interface`` as its default."""
+    forward = inspect.unwrap(type(module).forward)
     code = getattr(forward, "__code__", None)
-    if code is None or _NAME not in code.co_names:
-        return None
-    return forward.__globals__
+    names = [n for n in (code.co_names if code else ()) if n.endswith("eager_attention_forward")]
+    function = forward.__globals__.get(names[0]) if len(names) == 1 else None
+    if not callable(function):
+        raise ValueError(
+            f"{type(module).__name__} asked transformers for eager attention, but its forward names "
+            f"{len(names)} eager attention functions ({', '.join(names) or 'none'}), so lightning_peft cannot tell "
+            "which one it uses. Load the model with attn_implementation='sdpa'."
+        )
+    return cast("Callable[..., Any]", function)
 
 
 def calls_attention_interface(module: nn.Module) -> bool:
     """Whether ``module.forward`` dispatches through transformers' ``ALL_ATTENTION_FUNCTIONS``."""
-    return _forward_globals(type(module)) is not None and hasattr(module, "config")
-
-
-def _install_proxy(cls: type[nn.Module]) -> None:
-    namespace = _forward_globals(cls)
-    if namespace is not None and not isinstance(namespace[_NAME], _PrefixedInterface):
-        namespace[_NAME] = _PrefixedInterface(namespace[_NAME])
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)  # through decorators (deprecate_kwarg)
+    return code is not None and _NAME in code.co_names and hasattr(module, "config")
 
 
 def _prefixed_call(inner: Callable[..., Any], implementation: str, module: nn.Module, query: torch.Tensor,
@@ -96,20 +133,18 @@ def _prefixed_call(inner: Callable[..., Any], implementation: str, module: nn.Mo
     if adapter is None or not adapter.enabled:
         return inner(module, query, key, value, attention_mask, *args, **kwargs)
     _check_shape(adapter, key, value)
-    pk, pv = adapter.prefix(key.shape[0], like=key)
     if adapter.gated:
         out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
         prefix_kwargs = {**kwargs, "is_causal": False, "position_bias": None}
         if "position_bias" not in kwargs:
             prefix_kwargs.pop("position_bias")
-        extra, _ = inner(module, query, pk, pv, None, *args, **prefix_kwargs)
+        extra, _ = inner(module, query, *adapter.prefix_like(key, value), None, *args, **prefix_kwargs)
         return out + adapter.gate_value(out) * extra, weights
     p, q_len, kv_len = adapter.num_tokens, query.shape[-2], key.shape[-2]
     mask = _extend_mask(attention_mask, p, implementation, module, kwargs, query, q_len, kv_len)
     if kwargs.get("position_bias") is not None:  # T5: relative position bias, none for the prefix columns
         kwargs["position_bias"] = pad_columns(kwargs["position_bias"], p)
-    key, value = torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2)
-    return inner(module, query, key, value, mask, *args, **kwargs)
+    return inner(module, query, *adapter.prepend(key, value), mask, *args, **kwargs)
 
 
 def _extend_mask(mask: Any, p: int, implementation: str, module: nn.Module, kwargs: dict[str, Any],

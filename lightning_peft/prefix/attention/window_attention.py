@@ -26,6 +26,7 @@ layer's prefix, with no relative position bias on the prefix columns, as in Swin
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -86,11 +87,9 @@ def windowed_attention(adapter: PrefixAttention, q: torch.Tensor, k: torch.Tenso
     bias = bias.to(q.dtype)
     if logit_scale is None:
         return prefixed_attention(adapter, q, k, v, bias, dropout=dropout, scale=scale)[0]
-    prefix_keys, prefix_values = adapter.prefix(q.shape[0], like=q)
     q = F.normalize(q, dim=-1) * torch.clamp(logit_scale, max=math.log(100.0)).exp().to(q.dtype)
-    prefix = (F.normalize(prefix_keys, dim=-1), prefix_values)
-    return prefixed_attention(adapter, q, F.normalize(k, dim=-1), v, bias, dropout=dropout, scale=1.0,
-                              prefix=prefix)[0]
+    return prefixed_attention(adapter, q, k, v, bias, dropout=dropout, scale=1.0,
+                              key_norm=functools.partial(F.normalize, dim=-1))[0]
 
 
 def _partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
