@@ -10,7 +10,6 @@ from lightning_peft.errors import (
     AdapterStateError,
     BaseModelMismatchError,
     ParticipationError,
-    PEFTDeprecationWarning,
     PEFTWarning,
     TargetNotFoundError,
 )
@@ -21,13 +20,11 @@ from lightning_peft.named import (
     active_adapter,
     add_adapter,
     delete_adapter,
-    disable_adapter,
     list_adapters,
     set_adapter,
 )
 from lightning_peft.operations import (
     adapters_disabled,
-    disable_adapters,
     enable_input_grads,
     merge,
     merge_and_unload,
@@ -66,7 +63,6 @@ __all__ = [
     "BaseModelMismatchError",
     "LoRA",
     "LoRAConfig",
-    "PEFTDeprecationWarning",
     "PEFTMixin",
     "PEFTWarning",
     "ParticipationError",
@@ -81,8 +77,6 @@ __all__ = [
     "adapters",
     "adapters_disabled",
     "delete_adapter",
-    "disable_adapter",
-    "disable_adapters",
     "enable_input_grads",
     "fold_prefix",
     "fsdp_auto_wrap_policy",

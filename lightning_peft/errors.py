@@ -11,10 +11,6 @@ class PEFTWarning(UserWarning):
     """A warning from lightning_peft (filter with ``warnings.filterwarnings("ignore", category=PEFTWarning)``)."""
 
 
-class PEFTDeprecationWarning(PEFTWarning, FutureWarning):
-    """A lightning_peft name or argument that is going away; the message names its replacement."""
-
-
 class TargetNotFoundError(ValueError):
     """A target selection matched nothing, or matched modules the method cannot adapt."""
 

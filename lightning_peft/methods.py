@@ -87,8 +87,6 @@ class MethodConfig:
     #: How error messages name the method ("LoRA", "prefix tuning").
     label: ClassVar[str] = "this method"
     registry: ClassVar[dict[str, type[MethodConfig]]] = {}
-    #: Values of fields that files saved before the field existed lack (the behaviour those files were made with).
-    defaults_of_old_files: ClassVar[dict[str, Any]] = {}
 
     trainable_modules: list[str] | None = field(default=None, kw_only=True)
     batchnorm: BatchNormMode = field(default="frozen", kw_only=True)
@@ -115,7 +113,7 @@ class MethodConfig:
                 f"saved method {name!r} is unknown to this lightning_peft; it knows {sorted(cls.registry)}."
             )
         target = cls.registry[name]
-        return target(**{**target.defaults_of_old_files, **fields})
+        return target(**fields)
 
     def sites(self, model: nn.Module) -> Sequence[Site[Any]]:
         """Where this method's adapters go in ``model``, in module order (raises when it finds none)."""

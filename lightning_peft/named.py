@@ -24,14 +24,12 @@ another adapter's weights.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from lightning_peft.adapter import Adapter, adapters, is_injected
-from lightning_peft.errors import PEFTDeprecationWarning
 from lightning_peft.injection import applied_methods, inject, replace_module
 from lightning_peft.methods import Method
 from lightning_peft.record import find_record, record
@@ -160,17 +158,6 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
     _park(model, registry)
     _activate(model, registry, name)
     return model
-
-
-def disable_adapter(model: nn.Module) -> nn.Module:
-    """Deprecated: switches every adapter off until :func:`set_adapter` picks one; call ``set_adapter(model, None)``.
-
-    PEFT's ``disable_adapter()`` is a context manager; this one switched off for good, a trap the new names avoid:
-    ``set_adapter(model, None)`` for good, ``with adapters_disabled(model):`` for a block."""
-    warnings.warn("lightning_peft.disable_adapter(model) switched adapters off for good (PEFT's disable_adapter is a "
-                  "context manager); call set_adapter(model, None) instead, or use `with adapters_disabled(model):` "
-                  "for a block. The old name will be removed.", PEFTDeprecationWarning, stacklevel=2)
-    return set_adapter(model, None)
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:

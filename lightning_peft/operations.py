@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,6 @@ import torch
 from torch import nn
 
 from lightning_peft.adapter import adapters
-from lightning_peft.errors import PEFTDeprecationWarning
 from lightning_peft.injection import replace_module
 from lightning_peft.record import add_peft_hook, forget_injection
 from lightning_peft.zero3 import global_shape, is_partitioned
@@ -166,14 +164,6 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for adapter in switched:
             adapter.enabled = True
-
-
-def disable_adapters(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-    """Deprecated name of :func:`adapters_disabled` (it read like :func:`~lightning_peft.named.disable_adapter`,
-    which switched adapters off for good)."""
-    warnings.warn("lightning_peft.disable_adapters(model) is now adapters_disabled(model), a context manager for a "
-                  "`with` block; the old name will be removed.", PEFTDeprecationWarning, stacklevel=2)
-    return adapters_disabled(model)
 
 
 @dataclass(frozen=True)

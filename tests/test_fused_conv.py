@@ -10,7 +10,6 @@ from torch import nn
 
 from lightning_peft import LoRA, inject
 from lightning_peft.lora import LoRAConfig, LoRAConv
-from lightning_peft.methods import MethodConfig
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -235,9 +234,6 @@ def test_forced_fused_path_refuses_a_trainable_base_weight_at_the_call_and_auto_
     torch.testing.assert_close(grad_w, want, atol=1e-5, rtol=1e-5)
 
 
-def test_conv_path_is_validated_and_old_files_without_it_load_as_auto() -> None:
+def test_conv_path_is_validated() -> None:
     with pytest.raises(ValueError, match=r"conv_path"):
         LoRAConfig(conv_path="fast")  # type: ignore[arg-type]
-    saved = {k: v for k, v in LoRAConfig(r=2).to_dict().items() if k != "conv_path"}  # a file from before the field
-    loaded = MethodConfig.from_dict(saved)
-    assert isinstance(loaded, LoRAConfig) and loaded.conv_path == "auto" and loaded.r == 2

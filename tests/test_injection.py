@@ -1,10 +1,9 @@
-"""The one injection path: inject owns the loop over a method's sites, the shared config fields, the one selection,
-and the renamed (deprecated) names."""
+"""The one injection path: inject owns the loop over a method's sites, the shared config fields and the one
+selection."""
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -12,10 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_peft
 from lightning_peft import (
     LoRAConfig,
-    PEFTDeprecationWarning,
     PrefixTuningConfig,
     PromptTuningConfig,
     TargetNotFoundError,
@@ -151,39 +148,3 @@ def test_shared_fields_are_keyword_only_and_validated_once_for_every_method() ->
     for config, expected in [(LoRAConfig, shared | targeted), (PrefixTuningConfig, shared | targeted),
                              (PromptTuningConfig, shared)]:
         assert {f.name for f in dataclasses.fields(config) if f.kw_only} == expected
-
-
-def test_renamed_names_still_work_and_warn_with_their_replacement() -> None:
-    model = inject(net().eval(), LoRAConfig(r=2, target_modules=["0"]))
-    with torch.no_grad():
-        model[0].lora_B.fill_(0.5)
-    x = torch.randn(3, 4)
-    with pytest.warns(PEFTDeprecationWarning, match=r"now adapters_disabled\(model\)"):
-        context = lightning_peft.disable_adapters(model)
-    with context:
-        assert torch.equal(model(x), net().eval()(x))
-    assert not torch.equal(model(x), net().eval()(x))
-    with pytest.warns(PEFTDeprecationWarning, match=r"call set_adapter\(model, None\) instead"):
-        lightning_peft.disable_adapter(model)
-    assert torch.equal(model(x), net().eval()(x))
-
-
-def test_the_old_attention_module_path_warns_and_gives_the_same_classes() -> None:
-    import importlib
-    import sys
-
-    sys.modules.pop("lightning_peft.attention", None)
-    with pytest.warns(PEFTDeprecationWarning, match="moved to lightning_peft.prefix.attention"):
-        old = importlib.import_module("lightning_peft.attention")
-    from lightning_peft.prefix.attention import AttentionMatch, PrefixAttention
-
-    assert old.PrefixAttention is PrefixAttention and old.AttentionMatch is AttentionMatch
-
-
-def test_nothing_warns_on_the_new_names() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PEFTDeprecationWarning)
-        model = inject(net().eval(), LoRAConfig(r=2, target_modules=["0"]))
-        with adapters_disabled(model):
-            model(torch.randn(2, 4))
-        lightning_peft.set_adapter(model, None)

@@ -20,7 +20,6 @@ from torch import nn
 from lightning_peft import LoRA, adapters, inject, merge, save_adapter, unmerge
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.lora import LoRAConfig, LoRAConv
-from lightning_peft.methods import MethodConfig
 
 CONVS = {
     "depthwise2d": (nn.Conv2d(8, 8, 3, padding=1, groups=8), (2, 8, 7, 7)),
@@ -172,13 +171,6 @@ def test_peft_export_refuses_both_grouped_forms_saying_why(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="our per-group A is a grouped conv, PEFT's an ungrouped one"):
         save_adapter(per_group, tmp_path / "b", format="peft")
     assert not any(tmp_path.iterdir())
-
-
-def test_files_saved_before_conv_groups_existed_rebuild_the_per_group_form() -> None:
-    saved = LoRAConfig(r=4).to_dict()
-    del saved["conv_groups"]
-    assert MethodConfig.from_dict(saved).conv_groups == "per_group"  # the only form those files could hold
-    assert MethodConfig.from_dict(LoRAConfig(r=4).to_dict()).conv_groups == "shared"
 
 
 def test_an_adapter_larger_than_its_layer_is_named_with_the_rank_that_would_not_be() -> None:

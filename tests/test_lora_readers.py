@@ -17,7 +17,7 @@ from torch import nn
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig, LoRALayer
-from lightning_peft.operations import disable_adapters, merge
+from lightning_peft.operations import adapters_disabled, merge
 
 transformers = pytest.importorskip("transformers")
 modeling_mamba = pytest.importorskip("transformers.models.mamba.modeling_mamba")
@@ -108,7 +108,7 @@ def test_mamba_kernel_path_receives_folded_weights_with_gradients(monkeypatch: p
 def test_directly_read_weight_is_the_base_weight_when_disabled_or_merged() -> None:
     _, model, layers = adapted(["dt_proj"])
     layer = next(iter(layers.values()))
-    with disable_adapters(model):
+    with adapters_disabled(model):
         assert layer.weight is layer.base_layer.weight
     merge(model)
     assert layer.weight is layer.base_layer.weight

@@ -197,24 +197,6 @@ def test_the_in_memory_state_modules_never_import_the_adapter_files_room_above_t
     assert below == [], f"the in-memory modules import the files room above them: {below}"
 
 
-@pytest.mark.parametrize("old,new,names", [
-    ("lightning_peft.peft_format", "lightning_peft.adapter_files", ["save_peft", "load_peft", "is_peft_directory"]),
-    ("lightning_peft.export", "lightning_peft.adapter_files.export", ["export", "main", "read_checkpoint"]),
-])
-def test_moved_modules_still_import_with_a_warning_naming_the_new_place(old: str, new: str, names: list[str]) -> None:
-    sys.modules.pop(old, None)
-    with pytest.warns(lightning_peft.PEFTWarning, match=f"{old} moved to {new}"):
-        module = importlib.import_module(old)
-    moved = importlib.import_module(new)
-    assert [getattr(module, name) for name in names] == [getattr(moved, name) for name in names]
-
-
-def test_the_old_export_command_path_still_runs() -> None:
-    result = subprocess.run([sys.executable, "-m", "lightning_peft.export", "--help"], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0 and "lightning-peft-export" in result.stdout, result.stderr[-2000:]
-
-
 def test_no_file_in_the_package_exceeds_500_lines() -> None:
     # a file past 500 lines holds more than one idea: split it along them (README "Architecture")
     lengths = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}

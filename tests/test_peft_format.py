@@ -1,4 +1,4 @@
-"""Hugging Face PEFT's adapter directory both ways (lightning_peft.adapter_files), and the versioned native format.
+"""Hugging Face PEFT's adapter directory both ways (lightning_peft.adapter_files).
 
 Every round trip compares outputs of our adapted model with HF PEFT's on the same weights (atol 1e-5).
 """
@@ -8,24 +8,20 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lightning_peft import LoRAConfig, PrefixTuningConfig, PromptTuningConfig, inject, load_adapter, save_adapter
 from lightning_peft.adapter import adapters
-from lightning_peft.adapter_files.constants import FORMAT_VERSION
 from lightning_peft.adapter_files.peft_keys import peft_lora_keys
 from lightning_peft.lora.layers import LoRALayer, LoRALinear
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 TOL = dict(atol=1e-5, rtol=1e-4)
-DATA = Path(__file__).parent / "data"
 
 
 class Mixed(nn.Module):
@@ -241,29 +237,6 @@ def test_prefix_gate_and_partial_layers_are_refused_in_peft_format(tmp_path: Pat
     partial = inject(tiny_lm("gpt2"), PrefixTuningConfig(num_tokens=2, layers=[0]))
     with pytest.raises(ValueError, match="Prefix every layer"):
         save_adapter(partial, tmp_path, format="peft")
-
-
-def test_native_format_version_1_fixture_loads_with_the_formula_outputs() -> None:
-    """tests/data/native_v1_lora was written by format version 1; later releases must keep reading it."""
-    directory = DATA / "native_v1_lora"
-    assert json.loads((directory / "adapter_config.json").read_text())["format_version"] == 1 <= FORMAT_VERSION
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
-    model = load_adapter(copy.deepcopy(base), directory)
-    saved = load_file(str(directory / "adapter_model.safetensors"))
-    x = torch.randn(5, 4)
-    hidden = torch.tanh(base[0](x) + (8.0 / 2) * x @ saved["0.lora_A"].T @ saved["0.lora_B"].T)  # W x + (alpha/r) B A x
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), base[2](hidden), **TOL)
-
-
-def _write_native_v1_fixture(directory: Path) -> None:  # how tests/data/native_v1_lora was made (kept for reference)
-    torch.manual_seed(0)
-    model = inject(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), LoRAConfig(r=2, alpha=8.0,
-                                                                                            target_modules=["0"]))
-    randomize(model)
-    shutil.rmtree(directory, ignore_errors=True)
-    save_adapter(model, directory)
 
 
 class _QuantLinear(LoRALinear):

@@ -139,7 +139,7 @@ def test_a_save_killed_between_the_two_renames_is_refused_on_load_naming_both_fi
         load_adapter(nn.Sequential(nn.Linear(4, 4)), tmp_path)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "save_id"}))
-    with pytest.raises(AdapterStateError, match=r"\(save None\) come from different saves"):  # a config from before ids
+    with pytest.raises(AdapterStateError, match=r"\(save None\) come from different saves"):  # a config without an id
         load_adapter(nn.Sequential(nn.Linear(4, 4)), tmp_path)
     save_adapter(old, tmp_path)  # the fix the message gives
     assert torch.equal(load_adapter(nn.Sequential(nn.Linear(4, 4)), tmp_path)[0].lora_B, old[0].lora_B)

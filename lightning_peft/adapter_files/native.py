@@ -86,8 +86,7 @@ def check_save_id(directory: Path, meta: dict[str, Any]) -> None:
     """Raise :class:`AdapterStateError` if the two files of ``directory`` come from different saves.
 
     A save replaces the tensors first, so an interrupted one leaves tensors whose id the config lacks (it holds
-    another id, or none: a config from before save ids). Tensors without an id (written before save ids existed,
-    or edited with a plain ``safetensors.torch.save_file``) pass.
+    another id, or none). Tensors without an id (edited with a plain ``safetensors.torch.save_file``) pass.
     """
     config_id, tensors_id = meta.get("save_id"), read_tensor_metadata(directory).get("save_id")
     if tensors_id is not None and config_id != tensors_id:

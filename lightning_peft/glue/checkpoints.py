@@ -84,7 +84,7 @@ def check_checkpoint(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) 
     if "state_dict" not in checkpoint:  # the strategy loaded the weights itself (strict=False), before this hook
         saved = meta.get("tensors")
         missing = sorted({name for name, _ in adapter_tensors(pl_module)} - set(saved or []))
-        if saved and missing:  # (no names: an older checkpoint, or a ZeRO-3 one whose module state was empty)
+        if saved and missing:  # (no names: a ZeRO-3 checkpoint whose module state was empty)
             raise AdapterStateError(
                 f"the checkpoint lacks {len(missing)} adapter tensors of {type(pl_module).__name__} "
                 f"({', '.join(missing[:4])}): it was saved for other adapters. Inject the methods it was saved with "

@@ -127,12 +127,9 @@ class LoRAConfig(TargetedConfig):
     init: LoRAInit = "default"
     bias: Literal["none", "all", "lora_only"] = "none"
     conv_groups: ConvGroups = "shared"
-    conv_path: ConvPath = "auto"  # files saved before it existed ran "auto": the default
+    conv_path: ConvPath = "auto"
     target_parameters: list[str] | None = None
     target_modules: Targets | None = field(default="all-linear", kw_only=True)
-
-    #: files saved before ``conv_groups`` existed hold per-group grouped-conv adapters
-    defaults_of_old_files: ClassVar[dict[str, Any]] = {"conv_groups": "per_group"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
