@@ -219,14 +219,12 @@ class OwnAttentionSubclass(OwnAttention):
 
 @pytest.mark.parametrize("subclasses", [False, True])
 def test_class_table_handler_matches_the_named_class_exactly_or_with_its_subclasses(subclasses: bool) -> None:
-    shape = PrefixShape(2, 4, 4)
-    own = class_table_handler((AttentionClass(__name__, "OwnAttention", OwnPrefixAttention, lambda m: shape,
-                                              subclasses=subclasses),))
+    shape = PrefixShape(2, 4, 4)  # read from its attributes: heads = 2, a fused qkv of 3 x 2 x 4 outputs
+    own = class_table_handler((AttentionClass(__name__, "OwnAttention", OwnPrefixAttention, subclasses=subclasses),))
     assert own(OwnAttention()) == AttentionMatch(OwnPrefixAttention, shape)
     assert (own(OwnAttentionSubclass()) is not None) == subclasses
     assert own(nn.Linear(8, 8)) is None
-    missing = class_table_handler((AttentionClass("not_imported.module", "OwnAttention", OwnPrefixAttention,
-                                                  lambda m: shape),))
+    missing = class_table_handler((AttentionClass("not_imported.module", "OwnAttention", OwnPrefixAttention),))
     assert missing(OwnAttention()) is None  # a module that is not imported holds no class to match
     register_attention_handler(own)
     try:

@@ -23,6 +23,7 @@ from lightning_peft.prefix.attention.base import (
     PrefixAttention,
     PrefixEncoder,
     PrefixShape,
+    attribute_shape,
     prefix_undefined,
 )
 from lightning_peft.prefix.attention.inline_transformers import (
@@ -31,13 +32,12 @@ from lightning_peft.prefix.attention.inline_transformers import (
     DebertaV2PrefixAttention,
     FalconPrefixAttention,
 )
-from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention, multihead_shape
+from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention
 from lightning_peft.prefix.attention.sdpa import SdpaPrefixAttention, sdpa_shape
 from lightning_peft.prefix.attention.timm_biased import TIMM_BIASED_CLASSES
 from lightning_peft.prefix.attention.transformers_attention import (
     TransformersPrefixAttention,
     calls_attention_interface,
-    transformers_shape,
 )
 from lightning_peft.prefix.attention.window_attention import (
     WINDOW_CLASSES,
@@ -63,13 +63,13 @@ AttentionHandler = Callable[[nn.Module], "AttentionMatch | None"]
 def _transformers_handler(module: nn.Module) -> AttentionMatch | None:
     if not calls_attention_interface(module):
         return None
-    return AttentionMatch(TransformersPrefixAttention, transformers_shape(module))
+    return AttentionMatch(TransformersPrefixAttention, attribute_shape(module))
 
 
 def _multihead_handler(module: nn.Module) -> AttentionMatch | None:
     if not isinstance(module, nn.MultiheadAttention):
         return None
-    return AttentionMatch(MultiheadPrefixAttention, multihead_shape(module))
+    return AttentionMatch(MultiheadPrefixAttention, attribute_shape(module))
 
 
 def _sdpa_handler(module: nn.Module) -> AttentionMatch | None:
@@ -84,7 +84,7 @@ def class_table_handler(table: tuple[AttentionClass, ...]) -> AttentionHandler:
         for entry in table:
             cls = imported_class(entry.module, entry.name)
             if cls is not None and (type(module) is cls or (entry.subclasses and isinstance(module, cls))):
-                return AttentionMatch(entry.adapter, entry.shape(module))
+                return AttentionMatch(entry.adapter, attribute_shape(module))
         return None
 
     return handler

@@ -46,7 +46,7 @@ class PrefixShape:
 
 @dataclass(frozen=True)
 class AttentionClass:
-    """One attention class of an optional library: the adapter that wraps it and how to read its prefix shape.
+    """One attention class of an optional library and the adapter that wraps it (shape: :func:`attribute_shape`).
 
     The class is looked up only once its module is imported (see :func:`lightning_peft.imported.imported_class`).
     A module matches its exact class, or any subclass of it when ``subclasses`` is true.
@@ -55,19 +55,69 @@ class AttentionClass:
     module: str
     name: str
     adapter: type[PrefixAttention]
-    shape: Callable[[Any], PrefixShape]
     subclasses: bool = False
 
 
-def head_dim_shape(module: Any) -> PrefixShape:
-    """``num_heads`` key/value heads of ``head_dim`` (timm ``Attention``, EVA, PVTv2, BLOOM)."""
-    return PrefixShape(module.num_heads, module.head_dim, module.head_dim)
+HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
+KV_HEAD_ATTRIBUTES = ("num_kv_heads", "num_key_value_heads", "n_kv_heads")
+HEAD_DIM_ATTRIBUTES = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size", "head_dimension",
+                       "dim_head", "key_dim")
+VALUE_DIM_ATTRIBUTES = ("val_dim", "value_dim")
+WIDTH_ATTRIBUTES = ("embed_dim", "dim", "hidden_size", "d_model", "n_embd")
 
 
-def fused_qkv_shape(module: Any) -> PrefixShape:
-    """``num_heads`` heads whose width is read off a fused ``qkv`` projection of ``3·heads·d`` outputs (Swin, BEiT)."""
-    width = module.qkv.out_features // 3 // module.num_heads
-    return PrefixShape(module.num_heads, width, width)
+def int_attribute(objects: list[Any], names: tuple[str, ...]) -> int | None:
+    """The first positive ``int`` attribute of ``objects`` among ``names`` (objects first, then names)."""
+    for obj in objects:
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def read_shape(module: nn.Module) -> PrefixShape | None:
+    """An attention module's prefix shape read from its attributes, or ``None`` if they do not say.
+
+    * heads: ``num_heads``, ``num_attention_heads``, ``n_head``, ``n_heads`` or ``heads``, on the module or else on
+      its ``config`` (transformers: the text config);
+    * key/value heads: heads over ``num_key_value_groups``, else ``num_kv_heads``, ``num_key_value_heads`` or
+      ``n_kv_heads``, else the heads;
+    * head width: ``head_dim`` (or ``attention_head_size``, ``key_value_proj_dim``, ``head_size``,
+      ``head_dimension``, ``dim_head``, ``key_dim``), else ``embed_dim``, ``dim``, ``hidden_size``, ``d_model`` or
+      ``n_embd`` (module, then config) over the heads, else a fused ``qkv`` linear's outputs over three times the
+      heads; value width ``val_dim`` or ``value_dim`` where it differs.
+    """
+    config: Any = getattr(module, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sources = [module] if config is None else [module, config]
+    heads = int_attribute(sources, HEAD_ATTRIBUTES)
+    if heads is None:
+        return None
+    groups = int_attribute([module], ("num_key_value_groups",))
+    kv_heads = heads // groups if groups else int_attribute([module], KV_HEAD_ATTRIBUTES) or heads
+    head_dim = int_attribute([module], HEAD_DIM_ATTRIBUTES)
+    width = int_attribute(sources, WIDTH_ATTRIBUTES)
+    if head_dim is None and width is not None and width % heads == 0:
+        head_dim = width // heads
+    qkv = getattr(module, "qkv", None)
+    if head_dim is None and isinstance(qkv, nn.Linear) and qkv.out_features % (3 * heads) == 0:
+        head_dim = qkv.out_features // (3 * heads)  # a fused projection of queries, keys and values
+    if head_dim is None or heads % kv_heads:
+        return None
+    return PrefixShape(kv_heads, head_dim, int_attribute([module], VALUE_DIM_ATTRIBUTES) or head_dim)
+
+
+def attribute_shape(module: nn.Module) -> PrefixShape:
+    """:func:`read_shape`, or a ``ValueError`` naming the module and the fix."""
+    shape = read_shape(module)
+    if shape is None:
+        raise ValueError(
+            f"cannot read the number of heads or the head width of {type(module).__name__} from its attributes "
+            f"(tried {', '.join(HEAD_ATTRIBUTES)}; {', '.join(HEAD_DIM_ATTRIBUTES)}); set them, or register a "
+            "handler for it with lightning_peft.register_attention_handler."
+        )
+    return shape
 
 
 class PrefixEncoder(nn.Module):

@@ -45,10 +45,8 @@ from lightning_peft.imported import imported_class
 from lightning_peft.prefix.attention.base import (
     AttentionClass,
     PrefixAttention,
-    PrefixShape,
     attend,
     causal_bias,
-    head_dim_shape,
     pad_columns,
 )
 
@@ -247,19 +245,9 @@ class DebertaV2PrefixAttention(PrefixAttention):
         return context, (weights if output_attentions else None)
 
 
-def falcon_shape(module: Any) -> PrefixShape:
-    """Falcon: ``num_kv_heads`` key/value heads (grouped queries, or 1 for multi-query)."""
-    return PrefixShape(module.num_kv_heads, module.head_dim, module.head_dim)
-
-
-def deberta_shape(module: Any) -> PrefixShape:
-    """DeBERTa-v2: one key/value head per query head."""
-    return PrefixShape(module.num_attention_heads, module.attention_head_size, module.attention_head_size)
-
-
 #: BLOOM, Falcon and DeBERTa-v2 attention (subclasses too): attention computed inside their own forward.
 INLINE_CLASSES: tuple[AttentionClass, ...] = (
-    AttentionClass(_BLOOM, "BloomAttention", BloomPrefixAttention, head_dim_shape, subclasses=True),
-    AttentionClass(_FALCON, "FalconAttention", FalconPrefixAttention, falcon_shape, subclasses=True),
-    AttentionClass(_DEBERTA, "DisentangledSelfAttention", DebertaV2PrefixAttention, deberta_shape, subclasses=True),
+    AttentionClass(_BLOOM, "BloomAttention", BloomPrefixAttention, subclasses=True),
+    AttentionClass(_FALCON, "FalconAttention", FalconPrefixAttention, subclasses=True),
+    AttentionClass(_DEBERTA, "DisentangledSelfAttention", DebertaV2PrefixAttention, subclasses=True),
 )

@@ -16,7 +16,6 @@ from torch import nn
 
 from lightning_peft.prefix.attention.base import (
     PrefixAttention,
-    PrefixShape,
     additive_mask,
     causal_bias,
     prefixed_attention,
@@ -111,8 +110,3 @@ class MultiheadPrefixAttention(PrefixAttention):
             padding = additive_mask(key_padding_mask, q.dtype, keep_true=False).reshape(b, 1, 1, kv_len)
             bias = padding if bias is None else bias + padding
         return bias
-
-
-def multihead_shape(module: nn.MultiheadAttention) -> PrefixShape:
-    """Heads and widths of ``nn.MultiheadAttention``'s keys and values after projection."""
-    return PrefixShape(module.num_heads, module.head_dim, module.head_dim)

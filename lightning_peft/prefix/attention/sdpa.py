@@ -20,12 +20,7 @@ unchanged; a forward in which no call took the prefix raises, and so does one wi
 a method of the same class that ``forward`` names) calls ``scaled_dot_product_attention``. The prefix's shape must
 be known at inject, before the optimizer exists, so it is read from the module's attributes:
 
-* heads: ``num_heads``, ``num_attention_heads``, ``n_head``, ``n_heads`` or ``heads``;
-* key/value heads (grouped-query attention): ``num_kv_heads``, ``num_key_value_heads`` or ``n_kv_heads``
-  (default: the heads);
-* head width: ``head_dim``, ``head_dimension``, ``dim_head`` or ``key_dim``, else ``embed_dim``, ``dim`` or
-  ``hidden_size`` divided by the heads, else a fused ``qkv`` linear's outputs divided by three times the heads;
-* value width (when it differs from the key width): ``val_dim`` or ``value_dim``.
+heads, key/value heads and head widths as :func:`~.base.read_shape` reads them (``num_heads``, ``head_dim``, ...).
 
 A module calling SDPA whose heads or width cannot be read stays unhandled; the refusal names the attributes to
 set (or use :func:`~lightning_peft.prefix.attention.register_attention_handler`). So does one whose ``fused_attn``
@@ -47,18 +42,22 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_peft.adapter import Adapter
 from lightning_peft.errors import ParticipationError
-from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, pad_columns, prefix_undefined
+from lightning_peft.prefix.attention.base import (
+    HEAD_ATTRIBUTES,
+    HEAD_DIM_ATTRIBUTES,
+    KV_HEAD_ATTRIBUTES,
+    WIDTH_ATTRIBUTES,
+    PrefixAttention,
+    PrefixShape,
+    int_attribute,
+    pad_columns,
+    prefix_undefined,
+    read_shape,
+)
 
 _SDPA = F.scaled_dot_product_attention
 _SDPA_NAME = "scaled_dot_product_attention"
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
-KV_HEAD_ATTRIBUTES = ("num_kv_heads", "num_key_value_heads", "n_kv_heads")
-HEAD_DIM_ATTRIBUTES = ("head_dim", "head_dimension", "dim_head", "key_dim")
-VALUE_DIM_ATTRIBUTES = ("val_dim", "value_dim")
-WIDTH_ATTRIBUTES = ("embed_dim", "dim", "hidden_size")
-
 
 def _names(code: CodeType) -> set[str]:
     """Names a code object and the functions defined inside it load (globals and attributes)."""
@@ -87,32 +86,6 @@ def calls_sdpa(cls: type) -> bool:
     return any(helper is not None and _SDPA_NAME in _names(helper) for helper in helpers)
 
 
-def _int_attribute(module: nn.Module, names: tuple[str, ...]) -> int | None:
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def _read_shape(module: nn.Module) -> PrefixShape | None:
-    """The prefix shape read off ``module``'s attributes (see the module docstring), or ``None``."""
-    heads = _int_attribute(module, HEAD_ATTRIBUTES)
-    if heads is None:
-        return None
-    kv_heads = _int_attribute(module, KV_HEAD_ATTRIBUTES) or heads
-    head_dim = _int_attribute(module, HEAD_DIM_ATTRIBUTES)
-    width = _int_attribute(module, WIDTH_ATTRIBUTES)
-    if head_dim is None and width is not None and width % heads == 0:
-        head_dim = width // heads
-    qkv = getattr(module, "qkv", None)
-    if head_dim is None and isinstance(qkv, nn.Linear) and qkv.out_features % (3 * heads) == 0:
-        head_dim = qkv.out_features // (3 * heads)  # a fused projection of queries, keys and values
-    if head_dim is None or heads % kv_heads:
-        return None
-    return PrefixShape(kv_heads, head_dim, _int_attribute(module, VALUE_DIM_ATTRIBUTES) or head_dim)
-
-
 def _candidate(module: nn.Module) -> bool:
     return not isinstance(module, Adapter) and calls_sdpa(type(module)) and prefix_undefined(module) is None
 
@@ -126,14 +99,14 @@ def sdpa_shape(module: nn.Module) -> PrefixShape | None:
     """The prefix shape of a module whose forward calls SDPA, or ``None`` (not such a module, shape unreadable)."""
     if not _candidate(module) or _explicit_path(module):
         return None
-    return _read_shape(module)
+    return read_shape(module)
 
 
 def sdpa_shape_hint(modules: Iterable[nn.Module]) -> str:
     """Sentences for the refusal naming modules that call SDPA but are not adapted, and the fix ('' if none)."""
     found = [m for m in modules if _candidate(m)]
-    unreadable = sorted({type(m).__qualname__ for m in found if _read_shape(m) is None})
-    explicit = sorted({type(m).__qualname__ for m in found if _explicit_path(m) and _read_shape(m) is not None})
+    unreadable = sorted({type(m).__qualname__ for m in found if read_shape(m) is None})
+    explicit = sorted({type(m).__qualname__ for m in found if _explicit_path(m) and read_shape(m) is not None})
     hint = ""
     if unreadable:
         hint += (f" {', '.join(unreadable[:4])} call(s) F.scaled_dot_product_attention: prefix tuning adapts such a "
@@ -172,7 +145,7 @@ class SdpaPrefixAttention(PrefixAttention):
 
     def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(base, *args, **kwargs)
-        self.query_heads = _int_attribute(base, HEAD_ATTRIBUTES)  # None: a user's handler gave the shape alone
+        self.query_heads = int_attribute([base], HEAD_ATTRIBUTES)  # None: a user's handler gave the shape alone
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled:

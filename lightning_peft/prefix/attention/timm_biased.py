@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
-from lightning_peft.prefix.attention.base import AttentionClass, PrefixAttention, PrefixShape, prefixed_attention
+from lightning_peft.prefix.attention.base import AttentionClass, PrefixAttention, prefixed_attention
 
 if TYPE_CHECKING:
     from timm.models.efficientformer import Attention as EfficientFormerAttention
@@ -122,15 +122,10 @@ class LevitDownsamplePrefixAttention(LevitPrefixAttention):
         return (x.shape[-2] - 1) // stride + 1, (x.shape[-1] - 1) // stride + 1
 
 
-def biased_shape(module: BiasTableAttention) -> PrefixShape:
-    """Heads, key width (``key_dim``) and value width (``val_dim = attn_ratio · key_dim``) of these layers."""
-    return PrefixShape(module.num_heads, module.key_dim, module.val_dim)
-
-
 #: LeViT and EfficientFormer attention (exact types): learned per-position bias tables, keys ``key_dim``
 #: and values ``val_dim`` wide per head.
 TIMM_BIASED_CLASSES: tuple[AttentionClass, ...] = (
-    AttentionClass("timm.models.levit", "Attention", LevitPrefixAttention, biased_shape),
-    AttentionClass("timm.models.levit", "AttentionDownsample", LevitDownsamplePrefixAttention, biased_shape),
-    AttentionClass("timm.models.efficientformer", "Attention", EfficientFormerPrefixAttention, biased_shape),
+    AttentionClass("timm.models.levit", "Attention", LevitPrefixAttention),
+    AttentionClass("timm.models.levit", "AttentionDownsample", LevitDownsamplePrefixAttention),
+    AttentionClass("timm.models.efficientformer", "Attention", EfficientFormerPrefixAttention),
 )

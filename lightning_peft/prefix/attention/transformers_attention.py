@@ -21,16 +21,13 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from lightning_peft.prefix.attention.base import PrefixAttention, PrefixShape, causal_bias, pad_columns
+from lightning_peft.prefix.attention.base import PrefixAttention, causal_bias, pad_columns
 from lightning_peft.record import find_record, record
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
 
 _NAME = "ALL_ATTENTION_FUNCTIONS"
 _EAGER = "eager"
@@ -179,34 +176,3 @@ def _check_shape(adapter: PrefixAttention, key: torch.Tensor, value: torch.Tenso
             f"(values {s.value_dim}) from the module's attributes. Register a handler for this class with "
             "lightning_peft.register_attention_handler that returns the right PrefixShape."
         )
-
-
-def transformers_shape(module: nn.Module) -> PrefixShape:
-    """Key/value heads and head width of a transformers attention module, read from its attributes."""
-    config: PretrainedConfig = module.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = _first_attr([module], ("num_heads", "num_attention_heads", "n_heads", "n_head"))
-    if heads is None:
-        heads = _first_attr([text], ("num_attention_heads", "num_heads", "n_head"))
-    groups = getattr(module, "num_key_value_groups", None)
-    kv_heads = heads // groups if heads is not None and groups else _first_attr(
-        [module], ("num_key_value_heads", "num_kv_heads")) or heads
-    head_dim = _first_attr([module], ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size"))
-    if head_dim is None and heads:
-        hidden = _first_attr([text], ("hidden_size", "d_model", "n_embd"))
-        head_dim = hidden // heads if hidden else None
-    if not kv_heads or not head_dim:
-        raise ValueError(
-            f"cannot read the number of heads or the head width of {type(module).__name__} from its attributes; "
-            "register a handler for it with lightning_peft.register_attention_handler."
-        )
-    return PrefixShape(int(kv_heads), int(head_dim), int(head_dim))
-
-
-def _first_attr(objects: list[Any], names: tuple[str, ...]) -> int | None:
-    for obj in objects:
-        for name in names:
-            value = getattr(obj, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None

@@ -36,8 +36,6 @@ import torch.nn.functional as F
 from lightning_peft.prefix.attention.base import (
     AttentionClass,
     PrefixAttention,
-    PrefixShape,
-    fused_qkv_shape,
     prefixed_attention,
 )
 
@@ -236,20 +234,15 @@ class TorchvisionMaxVitPrefixAttention(PrefixAttention):
         return attn.merge(out.transpose(1, 2).reshape(b, groups, tokens, -1))
 
 
-def maxvit_shape(module: RelativePositionalMultiHeadAttention) -> PrefixShape:
-    """Heads and head width of a torchvision MaxViT attention layer."""
-    return PrefixShape(module.n_heads, module.head_dim, module.head_dim)
-
-
 _SWIN = "torchvision.models.swin_transformer"
 
 #: Swin window attention of torchvision and timm (exact classes: torchvision's v2 subclasses its v1), and
 #: torchvision MaxViT's block/grid attention.
 WINDOW_CLASSES: tuple[AttentionClass, ...] = (
-    AttentionClass(_SWIN, "ShiftedWindowAttention", TorchvisionWindowPrefixAttention, fused_qkv_shape),
-    AttentionClass(_SWIN, "ShiftedWindowAttentionV2", TorchvisionWindowV2PrefixAttention, fused_qkv_shape),
-    AttentionClass("timm.models.swin_transformer", "WindowAttention", TimmWindowPrefixAttention, fused_qkv_shape),
-    AttentionClass("timm.models.swin_transformer_v2", "WindowAttention", TimmWindowV2PrefixAttention, fused_qkv_shape),
+    AttentionClass(_SWIN, "ShiftedWindowAttention", TorchvisionWindowPrefixAttention),
+    AttentionClass(_SWIN, "ShiftedWindowAttentionV2", TorchvisionWindowV2PrefixAttention),
+    AttentionClass("timm.models.swin_transformer", "WindowAttention", TimmWindowPrefixAttention),
+    AttentionClass("timm.models.swin_transformer_v2", "WindowAttention", TimmWindowV2PrefixAttention),
     AttentionClass("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention",
-                   TorchvisionMaxVitPrefixAttention, maxvit_shape),
+                   TorchvisionMaxVitPrefixAttention),
 )
