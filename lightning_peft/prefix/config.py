@@ -30,7 +30,6 @@ from lightning_peft.errors import PEFTWarning, TargetNotFoundError
 from lightning_peft.methods import Site, TargetedConfig, check_positive_int, init_seed
 from lightning_peft.prefix.attention import (
     AttentionMatch,
-    MultiheadPrefixAttention,
     match_attention,
     prefix_undefined,
 )
@@ -113,14 +112,10 @@ class PrefixTuningConfig(TargetedConfig):
                                    init_std=self.init_std, seed=seed)
 
     def finish(self, model: nn.Module, built: list[tuple[str, Adapter]]) -> None:
-        """Share one MLP among the prefixes (``reparameterize``); keep nn.TransformerEncoder off its fast path."""
+        """Share one MLP among the prefixes (``reparameterize``)."""
         prefixes = [a for _, a in built if isinstance(a, PrefixAttention)]
         if self.reparameterize and prefixes:
             _share_encoder(prefixes, self.hidden_size, init_seed(self.seed, "prefix_encoder"))
-        if any(isinstance(a, MultiheadPrefixAttention) for a in prefixes):
-            for module in model.modules():  # its nested-tensor path would bypass the adapters (speed only)
-                if isinstance(module, nn.TransformerEncoder):
-                    module.use_nested_tensor = False
 
 
 def find_attention(model: nn.Module) -> list[tuple[str, AttentionMatch]]:

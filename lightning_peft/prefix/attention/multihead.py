@@ -2,13 +2,14 @@
 
 ``nn.MultiheadAttention`` projects and attends inside one fused call, so the adapter owns the forward: it
 projects with the module's own weights, prepends the prefix to the projected keys and values, and attends.
+(Running the module's own forward under the SDPA seam of :mod:`.sdpa` does not work here: torch's
+``multi_head_attention_forward`` dispatches through ``__torch_function__`` itself, so the SDPA call inside it
+runs with the mode switched off; and with ``need_weights=True``, torch's default, it calls no SDPA at all.)
 ``batch_first``, ``key_padding_mask``, ``attn_mask`` (bool or float, 2-D or per head), ``is_causal``,
 ``bias_k``/``bias_v``, ``add_zero_attn``, ``need_weights`` and ``average_attn_weights`` keep their meaning.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +21,6 @@ from lightning_peft.prefix.attention.base import (
     causal_bias,
     prefixed_attention,
 )
-from lightning_peft.record import add_peft_hook
-
-
-def _no_fused_fast_path(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook whose presence keeps ``TransformerEncoderLayer`` off its fused C++ path (which would
-    call the attention weights directly and skip the adapter)."""
 
 
 class MultiheadPrefixAttention(PrefixAttention):
@@ -33,10 +28,6 @@ class MultiheadPrefixAttention(PrefixAttention):
 
     family = "nn.MultiheadAttention"
     base_layer: nn.MultiheadAttention
-
-    def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
-        super().__init__(base, *args, **kwargs)
-        add_peft_hook(self, self.register_forward_pre_hook(_no_fused_fast_path))
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,

@@ -55,7 +55,7 @@ def timm_dropout(adapter: PrefixAttention) -> float:
 def timm_fused_qkv(attn: Any, x: torch.Tensor) -> torch.Tensor:
     """timm's fused ``qkv`` projection ``(..., 3·h·d)``, with the separate q/v biases and zero k bias of BEiT, EVA
     and Swin-V2 where the layer has them."""
-    if attn.q_bias is None:
+    if getattr(attn, "q_bias", None) is None:
         return attn.qkv(x)
     bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
     return attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
@@ -174,35 +174,31 @@ class TimmWindowPrefixAttention(PrefixAttention):
 
     family = "timm WindowAttention"
     base_layer: WindowAttention
+    cosine: ClassVar[bool] = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         attn = self.base_layer
         if not self.enabled:
             return attn(x, mask=mask)
         windows, n, _ = x.shape
-        qkv = attn.qkv(x).reshape(windows, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B·nW, h, N, d) each
-        out = windowed_attention(self, q, k, v, attn._get_rel_pos_bias(), mask, dropout=timm_dropout(self),
-                                 scale=attn.scale)
+        qkv = timm_fused_qkv(attn, x).reshape(windows, n, 3, attn.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B·nW, h, N, d) each
+        out = windowed_attention(self, q, k, v, self._relative_bias(n), mask, dropout=timm_dropout(self),
+                                 scale=1.0 if self.cosine else attn.scale,
+                                 logit_scale=attn.logit_scale if self.cosine else None)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(windows, n, -1)))
 
+    def _relative_bias(self, n: int) -> torch.Tensor:
+        """``(1, h, N, N)``: the layer's relative position bias."""
+        return self.base_layer._get_rel_pos_bias()
 
-class TimmWindowV2PrefixAttention(PrefixAttention):
+
+class TimmWindowV2PrefixAttention(TimmWindowPrefixAttention):
     """timm ``swin_transformer_v2.WindowAttention`` (cosine attention) with a prefix; takes ``(x, mask=None)``."""
 
     family = "timm WindowAttention (v2)"
     base_layer: WindowAttentionV2
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        attn = self.base_layer
-        if not self.enabled:
-            return attn(x, mask=mask)
-        windows, n, c = x.shape
-        qkv = timm_fused_qkv(attn, x).reshape(windows, n, 3, attn.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = windowed_attention(self, q, k, v, self._relative_bias(n), mask, dropout=timm_dropout(self), scale=1.0,
-                                 logit_scale=attn.logit_scale)
-        return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(windows, n, c)))
+    cosine = True
 
     def _relative_bias(self, n: int) -> torch.Tensor:
         """``(1, h, N, N)``: the continuous position bias MLP's table, gathered per pair, ``16·sigmoid``."""
