@@ -16,6 +16,8 @@ from lightning_peft.errors import (
 from lightning_peft.guard import participation_check
 from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig, register_lora_layer, register_weight_reader
+from lightning_peft.lora.plus import param_groups
+from lightning_peft.lora.weighted import add_weighted_adapter
 from lightning_peft.named import (
     active_adapter,
     add_adapter,
@@ -73,6 +75,7 @@ __all__ = [
     "TargetNotFoundError",
     "active_adapter",
     "add_adapter",
+    "add_weighted_adapter",
     "adapter_state_dict",
     "adapters",
     "adapters_disabled",
@@ -87,6 +90,7 @@ __all__ = [
     "load_from_checkpoint",
     "merge",
     "merge_and_unload",
+    "param_groups",
     "participation_check",
     "register_attention_handler",
     "register_lora_layer",

@@ -179,6 +179,25 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+def adapter_parts(
+    model: nn.Module, name: str
+) -> tuple[list[tuple[str, Adapter]], list[Method], list[tuple[nn.Module, frozenset[str]]]]:
+    """The named adapter ``name``, active or parked, read without switching: its adapter modules by tree name, its
+    methods, and the base tensors it trains (``trainable_modules``: ``(module, local names)``).
+
+    Raises:
+        KeyError: No adapter has that name (the message lists the model's adapters).
+    """
+    found = find_record(model)
+    registry = found.named_adapters if found is not None else None
+    if name not in list_adapters(model):
+        raise KeyError(f"no adapter named {name!r}; the model has {list_adapters(model)}.")
+    if registry is None or registry.active == name:
+        return list(adapters(model)), applied_methods(model), _marked(model)
+    entry = registry.entries[name]
+    return list(entry.layers), list(entry.methods), list(entry.marks)
+
+
 # --- parking and activating -----------------------------------------------------------------------------------
 def _park(model: nn.Module, registry: _Registry) -> None:
     """Take the active adapter set out of the tree and remember it (and its trained base tensors)."""
