@@ -373,3 +373,61 @@ def test_compiles_without_graph_breaks_and_matches_eager() -> None:
     torch.testing.assert_close(out, model(x, causal=True), atol=1e-6, rtol=1e-6)
     out.sum().backward()
     assert adapter.prefix_keys.grad is not None and [n for n, _ in adapters(model)] == ["attn"]
+
+
+class WindowedAttention(nn.Module):
+    """A user's windowed attention: SDPA on ``(b, heads, windows, tokens, d)`` (heads before windows, as Hiera)."""
+
+    def __init__(self, windows: int, dim: int = 8, num_heads: int = 2) -> None:
+        super().__init__()
+        self.windows, self.num_heads, self.dim = windows, num_heads, dim
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b, n, _ = x.shape  # tokens in window-major order -> 3 x (b, h, windows, n / windows, d)
+        fused = self.qkv(x).view(b, self.windows, n // self.windows, 3, self.num_heads, -1)
+        return tuple(fused.permute(3, 0, 4, 1, 2, 5).unbind(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.heads(x)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, h, w, t, d)
+        return self.proj(out.permute(0, 2, 3, 1, 4).flatten(3).flatten(1, 2))
+
+
+def test_heads_before_windows_are_found_on_axis_minus_4_and_each_window_sees_the_prefix() -> None:
+    torch.manual_seed(0)
+    model, adapter = adapted(Net(WindowedAttention(windows=3)).double())
+    x = torch.randn(B, N, 8, dtype=torch.float64)
+    attn = adapter.base_layer
+    q, k, v = attn.heads(x)  # (b, h, w, t, d)
+    pk, pv = adapter.prefix_keys[:, None], adapter.prefix_values[:, None]  # (h, 1, p, d): every window
+    keys, values = torch.cat([pk.expand(B, -1, 3, -1, -1), k], -2), torch.cat([pv.expand(B, -1, 3, -1, -1), v], -2)
+    out = (q @ keys.transpose(-1, -2) / math.sqrt(4)).softmax(-1) @ values
+    expected = model.head(attn.proj(out.permute(0, 2, 3, 1, 4).flatten(3).flatten(1, 2)))
+    torch.testing.assert_close(model(x), expected, **TOL)
+
+
+def test_heads_and_windows_of_equal_count_are_refused_unless_a_handler_says_the_layout() -> None:
+    model, _ = adapted(Net(WindowedAttention(windows=2)))  # axes -3 and -4 both have 2
+    with pytest.raises(ValueError, match="axes -3 and -4 both have its 2 heads.*layout_heads_axis"):
+        model(torch.randn(B, 4, 8))
+
+
+def test_timm_hiera_mask_unit_attention_takes_the_prefix_in_every_mask_unit() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    base = timm.create_model("hiera_tiny_224", pretrained=False, img_size=64, num_classes=3).eval()
+    nn.init.normal_(base.head.fc.weight)  # timm starts the head at 0: every output would equal
+    x = torch.randn(2, 3, 64, 64)
+    expected = base(x)
+    model = inject(copy.deepcopy(base), PrefixTuningConfig(num_tokens=2))
+    found = [m for m in model.modules() if isinstance(m, SdpaPrefixAttention)]
+    assert found and all(type(m).__name__ == "HieraPrefixAttention" for m in found)
+    out = model(x)
+    assert (out - expected).abs().max() > 1e-3
+    with adapters_disabled(model):
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    gated = inject(copy.deepcopy(base), PrefixTuningConfig(num_tokens=2, gate=True))
+    torch.testing.assert_close(gated(x), expected, rtol=0, atol=1e-6)

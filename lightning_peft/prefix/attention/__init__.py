@@ -33,7 +33,12 @@ from lightning_peft.prefix.attention.inline_transformers import (
     FalconPrefixAttention,
 )
 from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention
-from lightning_peft.prefix.attention.sdpa import SdpaPrefixAttention, sdpa_shape
+from lightning_peft.prefix.attention.sdpa import (
+    SDPA_LAYOUT_CLASSES,
+    HieraPrefixAttention,
+    SdpaPrefixAttention,
+    sdpa_shape,
+)
 from lightning_peft.prefix.attention.timm_biased import TIMM_BIASED_CLASSES
 from lightning_peft.prefix.attention.transformers_attention import (
     TransformersPrefixAttention,
@@ -96,6 +101,7 @@ _HANDLERS: list[AttentionHandler] = [
     _multihead_handler,
     class_table_handler(WINDOW_CLASSES),  # Swin (torchvision; timm v1, v2), torchvision MaxViT
     class_table_handler(TIMM_BIASED_CLASSES),  # LeViT, EfficientFormer: per-position attention biases
+    class_table_handler(SDPA_LAYOUT_CLASSES),  # timm Hiera: SDPA with the heads before the mask units
     _sdpa_handler,  # last: any other module whose forward calls F.scaled_dot_product_attention (sdpa.py)
 ]
 
@@ -131,6 +137,7 @@ __all__ = [
     "BloomPrefixAttention",
     "DebertaV2PrefixAttention",
     "FalconPrefixAttention",
+    "HieraPrefixAttention",
     "MultiheadPrefixAttention",
     "PrefixAttention",
     "PrefixEncoder",

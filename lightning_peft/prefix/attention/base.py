@@ -230,22 +230,28 @@ class PrefixAttention(Adapter):
         rows = rows.transpose(0, 1)  # (h_kv, p, d_k + d_v)
         return rows[..., : s.key_dim], rows[..., s.key_dim:]
 
-    def prefix_like(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefix as ``(..., h, p, d)`` beside ``key``/``value`` ``(..., h, s, d)``, in their dtype.
+    def prefix_like(self, key: torch.Tensor, value: torch.Tensor,
+                    heads_axis: int = -3) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix as ``(..., h, ..., p, d)`` beside ``key``/``value`` ``(..., h, ..., s, d)``, in their dtype.
 
-        ``h`` is the layer's key/value heads, or a multiple of them: a module that repeated its key/value heads
-        (grouped-query attention, as ``repeat_kv``) gets its prefix heads repeated the same way.
+        ``h`` (on ``heads_axis``: -3 as SDPA's ``(b, h, s, d)``; -4 for ``(b, h, windows, s, d)``) is the layer's
+        key/value heads, or a multiple of them: a module that repeated its key/value heads (grouped-query
+        attention, as ``repeat_kv``) gets its prefix heads repeated the same way. Axes between the heads and the
+        sequence (windows) each see the same prefix.
         """
         keys, values = self._prefix_tensors()  # (h_kv, p, d)
-        groups = key.shape[-3] // self.shape.kv_heads
+        groups = key.shape[heads_axis] // self.shape.kv_heads
         if groups > 1:
             keys, values = keys.repeat_interleave(groups, dim=0), values.repeat_interleave(groups, dim=0)
-        return (keys.to(key.dtype).expand(*key.shape[:-3], -1, -1, -1),
-                values.to(value.dtype).expand(*value.shape[:-3], -1, -1, -1))
+        between = [1] * (-heads_axis - 3)
+        keys = keys.to(key.dtype).view(keys.shape[0], *between, *keys.shape[1:])
+        values = values.to(value.dtype).view(values.shape[0], *between, *values.shape[1:])
+        return keys.expand(*key.shape[:-2], -1, -1), values.expand(*value.shape[:-2], -1, -1)
 
-    def prepend(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepend(self, key: torch.Tensor, value: torch.Tensor,
+                heads_axis: int = -3) -> tuple[torch.Tensor, torch.Tensor]:
         """``[P_k; key]`` and ``[P_v; value]`` along the sequence axis: the one place a prefix joins the keys."""
-        prefix_key, prefix_value = self.prefix_like(key, value)
+        prefix_key, prefix_value = self.prefix_like(key, value, heads_axis)
         return torch.cat([prefix_key, key], dim=-2), torch.cat([prefix_value, value], dim=-2)
 
     def gate_value(self, like: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable
 from types import CodeType
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ from lightning_peft.prefix.attention.base import (
     HEAD_DIM_ATTRIBUTES,
     KV_HEAD_ATTRIBUTES,
     WIDTH_ATTRIBUTES,
+    AttentionClass,
     PrefixAttention,
     PrefixShape,
     int_attribute,
@@ -142,6 +143,9 @@ class SdpaPrefixAttention(PrefixAttention):
     """
 
     family = "scaled_dot_product_attention"
+    #: The axis of the heads in this family's SDPA calls of 5 or more dimensions, where the shapes alone cannot tell
+    #: (``None``: -3 or -4, whichever alone fits).
+    layout_heads_axis: ClassVar[int | None] = None
 
     def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(base, *args, **kwargs)
@@ -166,24 +170,44 @@ class SdpaPrefixAttention(PrefixAttention):
                 f"{type(self.base_layer).__name__} called F.scaled_dot_product_attention with queries {queries} and "
                 f"keys {keys}, but its prefix was built for {self.query_heads or 'any'} query heads, {s.kv_heads} "
                 f"key/value heads of width {s.key_dim} (read from its attributes at inject), heads on axis -3 as in "
-                f"SDPA's (batch, heads, length, width). Set {HEAD_ATTRIBUTES[0]}, {KV_HEAD_ATTRIBUTES[0]} and "
-                f"{HEAD_DIM_ATTRIBUTES[0]} to what it attends with and inject again, or teach it with "
-                "lightning_peft.register_attention_handler."
+                f"SDPA's (batch, heads, length, width) or -4 before windows. Set {HEAD_ATTRIBUTES[0]}, "
+                f"{KV_HEAD_ATTRIBUTES[0]} and {HEAD_DIM_ATTRIBUTES[0]} to what it attends with and inject again, or "
+                "teach it with lightning_peft.register_attention_handler."
             )
         return out
 
-    def fits(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-        """Whether an SDPA call is this layer's: ``(..., h, s, d)`` keys and values of the prefix's widths, with
-        ``h`` its key/value heads or the query heads (repeated kv heads), and queries of the layer's heads."""
+    def heads_axis(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int | None:
+        """The axis of an SDPA call's heads if the call is this layer's, else ``None``.
+
+        The call is this layer's when its keys and values have the prefix's widths and, on axis -3 (SDPA's
+        ``(b, h, s, d)``) or -4 (``(b, h, windows, s, d)``, as timm's Hiera), the layer's query heads on the
+        queries and its key/value heads (or the query heads: repeated) on the keys.
+
+        Raises:
+            ValueError: Both axes fit, so which one holds the heads cannot be told from the shapes.
+        """
         s, heads = self.shape, self.query_heads
         if not (key.dim() >= 4 and value.dim() == key.dim() and key.shape[-1] == s.key_dim
-                and value.shape[-1] == s.value_dim and key.shape[-3] == value.shape[-3]):
-            return False
-        if heads is None:
-            return key.shape[-3] % s.kv_heads == 0
-        return query.shape[-3] == heads and key.shape[-3] in (s.kv_heads, heads)
+                and value.shape[-1] == s.value_dim and key.shape[:-2] == value.shape[:-2]):
+            return None
+        if heads is None:  # a user's handler gave the shape alone: SDPA's layout
+            return -3 if key.shape[-3] % s.kv_heads == 0 else None
+        if key.dim() == 4:  # SDPA's (b, h, s, d); -4 is the batch
+            candidates: tuple[int, ...] = (-3,)
+        else:
+            candidates = (self.layout_heads_axis,) if self.layout_heads_axis else (-3, -4)
+        axes = [axis for axis in candidates
+                if query.shape[axis] == heads and key.shape[axis] in (s.kv_heads, heads)]
+        if len(axes) > 1:
+            raise ValueError(
+                f"{type(self.base_layer).__name__} called F.scaled_dot_product_attention with keys "
+                f"{tuple(key.shape)}: axes -3 and -4 both have its {heads} heads, so which one holds them cannot be "
+                "told. Teach it with lightning_peft.register_attention_handler: a handler whose adapter subclasses "
+                "SdpaPrefixAttention and sets layout_heads_axis (as HieraPrefixAttention)."
+            )
+        return axes[0] if axes else None
 
-    def prefixed_sdpa(self, call: dict[str, Any]) -> torch.Tensor:
+    def prefixed_sdpa(self, call: dict[str, Any], heads_axis: int) -> torch.Tensor:
         """The SDPA call ``call`` (its arguments by name) over ``[prefix; keys]``: one softmax over both."""
         q, k, v = call["query"], call["key"], call["value"]
         p, q_len, kv_len = self.num_tokens, q.shape[-2], k.shape[-2]
@@ -193,14 +217,28 @@ class SdpaPrefixAttention(PrefixAttention):
         elif call.get("is_causal"):  # SDPA's causal mask (top-left aligned) over the real keys only
             causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
             mask, call = pad_columns(causal, p), {**call, "is_causal": False}
-        keys, values = self.prepend(k, v)
+        keys, values = self.prepend(k, v, heads_axis)
         return _SDPA(**{**call, "key": keys, "value": values, "attn_mask": mask})
 
-    def gated_branch(self, call: dict[str, Any]) -> torch.Tensor:
+    def gated_branch(self, call: dict[str, Any], heads_axis: int) -> torch.Tensor:
         """``tanh(g)`` times the call's queries attending over the prefix alone (added to the unchanged call)."""
-        pk, pv = self.prefix_like(call["key"], call["value"])
+        pk, pv = self.prefix_like(call["key"], call["value"], heads_axis)
         extra = _SDPA(**{**call, "key": pk, "value": pv, "attn_mask": None, "is_causal": False})
         return self.gate_value(extra) * extra
+
+
+class HieraPrefixAttention(SdpaPrefixAttention):
+    """timm Hiera's ``MaskUnitAttention``: SDPA on ``(b, heads, mask units, tokens, d)``; heads and mask units can
+    be equal in number, so the layout is said here (each mask unit sees the layer's prefix, as Swin's windows)."""
+
+    family = "timm Hiera MaskUnitAttention"
+    layout_heads_axis = -4
+
+
+#: SDPA families whose call layout the shapes cannot tell apart.
+SDPA_LAYOUT_CLASSES: tuple[AttentionClass, ...] = (
+    AttentionClass("timm.models.hiera", "MaskUnitAttention", HieraPrefixAttention),
+)
 
 
 class _PrefixSdpa(TorchFunctionMode):
@@ -219,12 +257,13 @@ class _PrefixSdpa(TorchFunctionMode):
         call = {**dict(zip(_SDPA_ARGS, args, strict=False)), **kwargs}
         merged = call["query"].dim() == 3  # (b·h, L, d): attend on (b, h, L, d) views, fold the heads back after
         split = _split_heads(call, self.adapter.query_heads) if merged else call
-        if split is None or not self.adapter.fits(split["query"], split["key"], split["value"]):
+        axis = None if split is None else self.adapter.heads_axis(split["query"], split["key"], split["value"])
+        if split is None or axis is None:
             self.unfit.append((tuple(call["query"].shape), tuple(call["key"].shape)))
             return func(*args, **kwargs)
         self.fit = True
         if self.adapter.gated:  # the call as the module made it, plus the gated prefix branch (exact start)
-            extra = self.adapter.gated_branch(split)
+            extra = self.adapter.gated_branch(split, axis)
             return func(*args, **kwargs) + (extra.flatten(0, 1) if merged else extra)
-        out = self.adapter.prefixed_sdpa(split)
+        out = self.adapter.prefixed_sdpa(split, axis)
         return out.flatten(0, 1) if merged else out
