@@ -12,19 +12,20 @@ its SDPA call(s): the layer's prefix is prepended to the keys and values it pass
 ``scale``, ``dropout_p`` and ``enable_gqa`` are passed on as given. With grouped-query attention the prefix has
 ``h_kv`` heads; a module that repeats its keys to ``h`` heads before SDPA (``repeat_interleave``, as transformers'
 ``repeat_kv``) gets its prefix repeated the same way; so does one that folds its heads into the batch,
-``(b·h, n, d)`` batch-major as ``reshape(b * h, ...)`` gives (timm's SAM). An SDPA call whose queries and keys do
-not have the layer's heads on axis -3 and its head width is not this layer's attention and passes through
-unchanged; a forward in which no call took the prefix raises, and so does one with no SDPA call at all.
+``(b·h, n, d)`` batch-major as ``reshape(b * h, ...)`` gives (timm's SAM). Heads may also sit on axis -4 before a
+windows axis, ``(b, h, windows, n, d)``: each window sees the layer's prefix (where -3 and -4 both fit, the
+adapter class says which: :class:`HieraPrefixAttention`). An SDPA call whose queries and keys do not have the
+layer's heads and head width is not this layer's attention and passes through unchanged; a forward in which no
+call took the prefix raises, and so does one with no SDPA call at all.
 
 **Which modules.** A module is an attention layer for this handler when the code of its class's ``forward`` (or of
 a method of the same class that ``forward`` names) calls ``scaled_dot_product_attention``. The prefix's shape must
-be known at inject, before the optimizer exists, so it is read from the module's attributes:
-
-heads, key/value heads and head widths as :func:`~.base.read_shape` reads them (``num_heads``, ``head_dim``, ...).
-
-A module calling SDPA whose heads or width cannot be read stays unhandled; the refusal names the attributes to
-set (or use :func:`~lightning_peft.prefix.attention.register_attention_handler`). So does one whose ``fused_attn``
-is False (timm's switch to its explicit path). Handlers of known families (transformers, timm, torchvision,
+be known at inject, before the optimizer exists (so the optimizer and the distributed wrappers see the prefix
+tensors), without running the model: it is read from the module's attributes, as :func:`~.base.read_shape` does
+(``num_heads``, ``head_dim``, ...); every call checks the shapes SDPA receives against it. A module calling SDPA
+whose heads or width cannot be read stays unhandled; the refusal names the attributes to set (or use
+:func:`~lightning_peft.prefix.attention.register_attention_handler`). So does one whose ``fused_attn`` is False
+(timm's switch to its explicit path). Handlers of known families (transformers, timm, torchvision,
 ``nn.MultiheadAttention``) are asked first.
 """
 
