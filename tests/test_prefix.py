@@ -252,10 +252,11 @@ def test_transformers_is_left_as_it_was_after_unload(impl: str) -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
     from transformers.models.llama import modeling_llama
 
-    gc.collect()  # adapted models of earlier tests, dropped in reference cycles
+    base, other = tiny("llama", impl), tiny("gpt2", impl)
+    gc.collect()  # adapted models of earlier tests, dropped without unload: forgotten, overrides left in place
+    unload(inject(copy.deepcopy(base), PrefixTuning(num_tokens=P)))  # the next unload deletes them
     local, shared = dict(ALL_ATTENTION_FUNCTIONS._local_mapping), dict(AttentionInterface._global_mapping)
     assert local == {}
-    base, other = tiny("llama", impl), tiny("gpt2", impl)
     with torch.no_grad():
         expected, other_expected = base(**batch()).logits, other(**batch()).logits
         model = inject(copy.deepcopy(base), PrefixTuning(num_tokens=P))
@@ -266,8 +267,9 @@ def test_transformers_is_left_as_it_was_after_unload(impl: str) -> None:
         assert ALL_ATTENTION_FUNCTIONS._local_mapping == local and AttentionInterface._global_mapping == shared
         assert modeling_llama.ALL_ATTENTION_FUNCTIONS is ALL_ATTENTION_FUNCTIONS
         torch.testing.assert_close(model(**batch()).logits, expected, rtol=0, atol=0)
-        dropped = inject(copy.deepcopy(base), PrefixTuning(num_tokens=P))  # dropped without unload: gc releases
+        dropped = inject(copy.deepcopy(base), PrefixTuning(num_tokens=P))  # dropped without unload
         dropped(**batch())
         del dropped
-        gc.collect()
+        gc.collect()  # forgotten, the overrides stay (pass-through) until the next unload
+        unload(inject(copy.deepcopy(base), PrefixTuning(num_tokens=P)))
     assert ALL_ATTENTION_FUNCTIONS._local_mapping == local

@@ -8,7 +8,10 @@ every implementation it knows and for ``"eager"``: each override calls the imple
 with the layer's prefix prepended to ``key``/``value`` when the calling module holds an enabled adapter, and
 unchanged otherwise. ``"eager"`` is not a registry entry: its override calls the eager function the calling
 module's ``forward`` passes as the default (the one ``*eager_attention_forward`` name it loads). When the last
-adapter is unwrapped (``unload``) or garbage-collected, the overrides are deleted: transformers is as it was.
+adapter is unwrapped (``unload``), the overrides are deleted: transformers is as it was. (Adapters of a model
+dropped without ``unload`` are forgotten when collected, but the registry is changed only by ``unload``: never
+from the garbage collector, which may run in the middle of transformers' own code or of a ``torch.compile``
+trace that reads the registry.)
 
 Because the prefix is added *after* the KV cache update, the cache holds real tokens only and the prefix enters
 each layer exactly once per step, with or without a cache (``generate()`` included). A module that computes
@@ -52,7 +55,7 @@ class TransformersPrefixAttention(PrefixAttention):
         super().__init__(base, *args, **kwargs)
         record(base).prefix_adapter = self  # back-reference from the attention module to its adapter
         _LIVE.add(id(self))
-        weakref.finalize(self, _release, id(self))  # a model dropped without unload releases too
+        weakref.finalize(self, _LIVE.discard, id(self))  # dropped without unload: the next release forgets it
         _install()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
