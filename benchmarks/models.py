@@ -151,3 +151,29 @@ def benches(mode: str) -> list[Bench]:
                 _minilm(32, 128), _gpt2(8, 512, tiny=False), _llama(8, 512)]
     return [_resnet(18, 112, 8), _resnet(50, 112, 8), _vit(112, 8, tiny=False), _bert(8, 128, tiny=False),
             _minilm(8, 128), _gpt2(4, 128, tiny=False), _llama(4, 128)]
+
+
+def activation_benches(batch: int = 4, seq: int = 256, tiny: bool = False) -> list[Bench]:
+    """The saved-activation models (``activations.py``): GPT-2 with 4 layers of width 768 and a Llama with 4 layers of
+    width 512 and grouped-query attention (8 query, 4 key/value heads); ``qv`` holds the attention-only targets."""
+
+    def gpt2() -> nn.Module:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        width, heads = (32, 2) if tiny else (768, 12)
+        return GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=2 if tiny else 4, n_head=heads,
+                                          vocab_size=1000 if tiny else 50257))
+
+    def llama() -> nn.Module:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        width, hidden = (32, 64) if tiny else (512, 1376)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=width, intermediate_size=hidden, num_hidden_layers=2 if tiny
+                                            else 4, num_attention_heads=8, num_key_value_heads=4,
+                                            vocab_size=1000 if tiny else 32000, max_position_embeddings=seq))
+
+    vocab = 1000 if tiny else None
+    return [Bench("gpt2-4x768", _seeded(gpt2), _token_batch(batch, seq, vocab or 50257), _lm_loss,
+                  ["c_attn", "attn.c_proj"], "all-linear", causal_lm=True),
+            Bench("llama-4x512-gqa", _seeded(llama), _token_batch(batch, seq, vocab or 32000), _lm_loss,
+                  ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear", causal_lm=True)]

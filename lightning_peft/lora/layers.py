@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 from lightning_peft.adapter import Adapter
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.imported import imported_class
+from lightning_peft.lora.dropout import dropped_linear
 from lightning_peft.methods import LAYER_NAME
 from lightning_peft.participation import read_through, took_part
 from lightning_peft.targets import transformers_conv1d_type
@@ -182,10 +183,12 @@ class LoRALayer(Adapter):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged or not self.enabled:
             return result
-        if x.is_floating_point():  # (token ids of an embedding stay as they are)
-            x = self.dropout(x.to(self.lora_A.dtype))
         took_part(self)
-        return torch.add(result, self.lora_delta(x).to(result.dtype), alpha=self.scale)  # scaled in the one add
+        return torch.add(result, self.dropped_delta(x).to(result.dtype), alpha=self.scale)  # scaled in the one add
+
+    def dropped_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``B A dropout(x)``, unscaled (token ids, an embedding's input, are not dropped)."""
+        return self.lora_delta(self.dropout(x.to(self.lora_A.dtype)) if x.is_floating_point() else x)
 
     def delta_matrix(self) -> torch.Tensor:
         """``scale · B @ A`` as an ``(out, in)`` matrix (block-diagonal per group for grouped layers)."""
@@ -401,8 +404,11 @@ class LoRALinear(LoRALayer):
     def b_shape(self) -> tuple[int, ...]:
         return (cast(int, self.base_layer.out_features), self.r)
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+    def dropped_delta(self, x: torch.Tensor) -> torch.Tensor:  # active dropout: inside A's product (no x copy kept)
+        return self.lora_delta(x, cast(nn.Dropout, self.dropout).p) if self.dropout_active else super().dropped_delta(x)
+
+    def lora_delta(self, x: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        return F.linear(dropped_linear(x, self.lora_A, dropout), self.lora_B)
 
     @torch.no_grad()
     def merge(self) -> None:
