@@ -167,7 +167,7 @@ class LoRAConv(LoRALayer):
 
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self.enabled or self.merged or args or kwargs:
+        if not self.enabled or self.merged or args or kwargs or self.__dict__.get("row_delta") is not None:
             return super().forward(x, *args, **kwargs)
         path = self.path(x)
         if path == "folded":

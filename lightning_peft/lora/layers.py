@@ -1,9 +1,7 @@
 r"""The LoRA adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685): the shared base :class:`LoRALayer` and
 the adapters for Linear, transformers ``Conv1D`` and Embedding; convolutions are in :mod:`lightning_peft.lora.conv`,
 ``nn.MultiheadAttention`` in :mod:`lightning_peft.lora.attention`; :mod:`lightning_peft.lora` selects layers and
-builds them.
-
-::
+builds them::
 
     x ──► base layer (frozen W) ────────────────► (+) ──► y       y = W x + s · B A dropout(x)
     └──► dropout ──► A (r × in) ──► B (out × r) ──┘              s = alpha / r   (rsLoRA: alpha / sqrt(r))
@@ -184,7 +182,9 @@ class LoRALayer(Adapter):
         if self.merged or not self.enabled:
             return result
         took_part(self)
-        return torch.add(result, self.dropped_delta(x).to(result.dtype), alpha=self.scale)  # scaled in the one add
+        rows = self.__dict__.get("row_delta")  # per-sample adapters: each batch row's own update, already scaled
+        delta, scale = (rows(x), 1.0) if rows is not None else (self.dropped_delta(x), self.scale)
+        return torch.add(result, delta.to(result.dtype), alpha=scale)  # scaled in the one add
 
     def dropped_delta(self, x: torch.Tensor) -> torch.Tensor:
         """``B A dropout(x)``, unscaled (token ids, an embedding's input, are not dropped)."""
