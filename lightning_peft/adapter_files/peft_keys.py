@@ -16,6 +16,7 @@ import torch
 
 from lightning_peft.lora.attention import LoRAMultiheadAttention
 from lightning_peft.lora.conv import LoRAConv
+from lightning_peft.lora.dora import DoRALayer
 from lightning_peft.lora.layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 
 KeyMap = Callable[[str, LoRALayer], dict[str, str]]
@@ -25,8 +26,9 @@ MHA_BUG = (
     "the delta and then merges the out_proj LoRA again), so PEFT would compute something else from the same file."
 )
 
-LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB]))$")
-"""A PEFT LoRA tensor name (after ``base_model.model.``): the module, and which of A and B it is."""
+LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB])"
+                      r"|(?P<magnitude>lora_magnitude_vector))$")
+"""A PEFT LoRA tensor name (after ``base_model.model.``): the module, and which of A, B and DoRA's magnitude it is."""
 
 
 def _weights(name: str, layer: LoRALayer) -> dict[str, str]:
@@ -91,7 +93,8 @@ def peft_lora_keys(name: str, layer: LoRALayer) -> dict[str, str]:
     for cls in type(layer).__mro__:  # the most specific class with an entry wins
         keys = PEFT_LORA_KEYS.get(cls)
         if keys is not None:
-            return keys(name, layer)
+            dora = {"lora_magnitude": f"{name}.lora_magnitude_vector"} if isinstance(layer, DoRALayer) else {}
+            return {**keys(name, layer), **dora}
     raise ValueError(
         f"LoRA layer {name!r} is a {type(layer).__name__}, a layer type PEFT does not know; save with format='native'."
     )
@@ -130,6 +133,13 @@ def experts_from_peft(factor: str, tensor: torch.Tensor, experts: int) -> torch.
         return tensor.reshape(experts, -1, tensor.shape[-1])
     out = tensor.shape[0]
     return tensor.reshape(out, -1, experts).permute(2, 0, 1)
+
+
+def magnitude_to_peft(layer: LoRALayer, magnitude: torch.Tensor) -> torch.Tensor:
+    """Our DoRA magnitude ``(out,)`` in PEFT's layout: ``(1, out, 1, ...)`` for convolutions, else as it is."""
+    if isinstance(layer, LoRAConv):
+        return magnitude.reshape(1, -1, *([1] * (len(layer.weight_shape) - 2)))
+    return magnitude
 
 
 def is_conv1d(layer: LoRALayer) -> bool:

@@ -39,7 +39,8 @@ def load_peft(model: nn.Module, path: str | Path) -> nn.Module:
     """Read an adapter saved by Hugging Face PEFT into ``model``, injecting the equivalent method if it has none.
 
     Supported: LoRA (Linear, Conv1D, Conv, Embedding, MultiheadAttention; rsLoRA, ``rank_pattern``,
-    ``alpha_pattern``, ``modules_to_save`` → ``trainable_modules``), prompt tuning and prefix tuning.
+    ``alpha_pattern``, ``modules_to_save`` → ``trainable_modules``, DoRA's ``use_dora``), prompt tuning and prefix
+    tuning.
 
     Raises:
         ValueError: The file uses a PEFT method or option we have no equivalent for.
@@ -90,7 +91,7 @@ def _exact(name: str) -> str:
 
 
 def _load_lora(model: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
-    unsupported = {k: config.get(k) for k in ("use_dora", "lora_bias", "trainable_token_indices", "layer_replication",
+    unsupported = {k: config.get(k) for k in ("lora_bias", "trainable_token_indices", "layer_replication",
                                                "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config",
                                                "megatron_config") if config.get(k)}
     if config.get("bias", "none") != "none":
@@ -107,6 +108,9 @@ def _load_lora(model: nn.Module, config: dict[str, Any], state: dict[str, torch.
             ours[key] = tensor  # modules_to_save tensors keep their names
             continue
         module, ab = match["module"], match["ab"] or match["eab"]
+        if match["magnitude"]:  # DoRA: PEFT's (1, out, 1...) for convolutions, ours (out,)
+            ours[f"{module}.lora_magnitude"] = tensor.reshape(-1)
+            continue
         if module.endswith(".base_layer.out_proj"):  # nn.MultiheadAttention's out_proj update
             warnings.warn(MHA_BUG.format(name=module.removesuffix(".base_layer.out_proj")) + " We load the update "
                           "once, as the LoRA formula says.", PEFTWarning, stacklevel=3)
@@ -127,7 +131,7 @@ def _load_lora(model: nn.Module, config: dict[str, Any], state: dict[str, torch.
             rslora=bool(config.get("use_rslora")),
             rank_pattern={_exact(n): r for n, r in ranks.items() if r != config["r"]},
             alpha_pattern={_exact(n): float(a) for n, a in alphas.items() if a != config["lora_alpha"]},
-            trainable_modules=[_exact(n) for n in saved] or None,
+            trainable_modules=[_exact(n) for n in saved] or None, dora=bool(config.get("use_dora")),
         ))
     return _copy_in(model, ours)
 

@@ -8,6 +8,7 @@ start with ``base_model.model.`` and follow PEFT's layer layout. The mapping, pe
     LoRA     x.lora_A / x.lora_B              x.lora_A.weight / x.lora_B.weight          (Linear, Conv1D, Conv)
              x.lora_A / x.lora_B              x.lora_embedding_A / x.lora_embedding_B    (Embedding)
              x.lora_out_A / x.lora_out_B      x.base_layer.out_proj.lora_A.weight / ...  (MultiheadAttention, read only)
+             x.lora_magnitude (DoRA, (out,))  x.lora_magnitude_vector ((1, out, 1...) for Conv), use_dora
              trainable_modules (whole)        modules_to_save
     prompt   emb.prompt (p, d)                prompt_embeddings (p, d)
     prefix   per layer l: prefix_keys,        prompt_embeddings (p, L·2·h·d):
@@ -37,8 +38,15 @@ from torch import nn
 from lightning_peft.adapter import Adapter, adapters
 from lightning_peft.adapter_files.constants import PEFT_PREFIX, PEFT_TENSOR_METADATA, PEFT_VERSION
 from lightning_peft.adapter_files.disk import write_adapter_files
-from lightning_peft.adapter_files.peft_keys import experts_to_peft, is_conv1d, peft_lora_keys, peft_parameter_keys
+from lightning_peft.adapter_files.peft_keys import (
+    experts_to_peft,
+    is_conv1d,
+    magnitude_to_peft,
+    peft_lora_keys,
+    peft_parameter_keys,
+)
 from lightning_peft.lora import LoRAConfig, LoRALayer, LoRAParameters
+from lightning_peft.lora.dora import DoRALayer
 from lightning_peft.methods import Method
 from lightning_peft.prefix.attention.base import PrefixAttention
 from lightning_peft.prompt.tokens import TokenPrompt
@@ -118,13 +126,18 @@ def _lora_to_peft(model: nn.Module, found: list[tuple[str, Adapter]]) -> tuple[d
     alphas: dict[str, float] = {}
     conv1d = []
     parameters: dict[str, LoRAParameters] = {}
+    dora = {isinstance(adapter, DoRALayer) for _, adapter in found}
+    if len(dora) > 1:
+        raise ValueError("PEFT has one use_dora per adapter file; this model mixes DoRA and plain LoRA layers. Save "
+                         "with format='native', or use one kind for every layer.")
     for name, adapter in found:
         if isinstance(adapter, LoRAParameters):
             parameters[name] = adapter
             continue
         layer = cast(LoRALayer, adapter)  # save_peft sends LoRA layers only
         for ours, theirs in peft_lora_keys(name, layer).items():
-            tensors[PEFT_PREFIX + theirs] = getattr(layer, ours)
+            tensor = getattr(layer, ours)
+            tensors[PEFT_PREFIX + theirs] = magnitude_to_peft(layer, tensor) if ours == "lora_magnitude" else tensor
         ranks[name] = layer.r
         alphas[name] = layer.scale * (layer.r ** 0.5 if rslora else layer.r)
         conv1d.append(is_conv1d(layer))
@@ -144,7 +157,7 @@ def _lora_to_peft(model: nn.Module, found: list[tuple[str, Adapter]]) -> tuple[d
         "target_parameters": [f"{n}.{p}" for n, adapter in parameters.items() for p in adapter.lora_A] or None,
         "rank_pattern": {_anchored(n): v for n, v in ranks.items() if v != r},
         "alpha_pattern": {_anchored(n): v for n, v in alphas.items() if v != alpha},
-        "modules_to_save": modules_to_save or None, "init_lora_weights": True, "use_dora": False,
+        "modules_to_save": modules_to_save or None, "init_lora_weights": True, "use_dora": dora == {True},
         "lora_bias": False, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
     }
     return config, tensors

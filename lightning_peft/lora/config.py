@@ -12,6 +12,7 @@ from lightning_peft.adapter import Adapter, innermost
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.lora.attention import LoRAMultiheadAttention
 from lightning_peft.lora.conv import ConvGroups, ConvPath, LoRAConv
+from lightning_peft.lora.dora import dora_layer_for
 from lightning_peft.lora.layers import LoRAConv1D, LoRAEmbedding, LoRAInit, LoRALayer, LoRALinear
 from lightning_peft.lora.parameters import LoRAParameters
 from lightning_peft.lora.readers import read_directly
@@ -102,6 +103,10 @@ class LoRAConfig(TargetedConfig):
             ``"fused"`` (no dropout, per-group form, numeric padding, a frozen base weight). A forced path that
             cannot run raises at inject (or, for what only the input shows, at the call).
             See :mod:`lightning_peft.lora.conv`.
+        dora: DoRA (Liu et al. 2024): each adapted weight becomes ``m · (W + s·BA) / ‖W + s·BA‖`` with a trained
+            magnitude ``m`` per output unit, initialised to ``‖W‖`` (see :mod:`lightning_peft.lora.dora`). Linear,
+            transformers Conv1D, Embedding and Conv1d/2d/3d; not with ``init="pissa"``, ``target_parameters``,
+            ``nn.MultiheadAttention`` or the ``"folded"``/``"fused"`` conv paths.
         target_modules: Which layers to adapt (see :mod:`lightning_peft.targets`); default ``"all-linear"`` (output
             heads excluded). The other selection fields (``exclude_modules``, ``layers``, ``layers_pattern``) and the
             fields every method has (``trainable_modules``, ``batchnorm``, ``seed``, ``adapter_dtype``) are
@@ -129,6 +134,7 @@ class LoRAConfig(TargetedConfig):
     conv_groups: ConvGroups = "shared"
     conv_path: ConvPath = "auto"
     target_parameters: list[str] | None = None
+    dora: bool = False
     target_modules: Targets | None = field(default="all-linear", kw_only=True)
 
     def __post_init__(self) -> None:
@@ -148,6 +154,8 @@ class LoRAConfig(TargetedConfig):
         check_choice("bias", self.bias, Literal["none", "all", "lora_only"])
         check_choice("conv_groups", self.conv_groups, ConvGroups)
         check_choice("conv_path", self.conv_path, ConvPath)
+        if self.dora:
+            _check_dora(self)
 
     def sites(self, model: nn.Module) -> list[Site[LoRASite | ParameterSite]]:
         """Every selected layer LoRA can adapt (attention projections lifted to their attention module), then every
@@ -197,12 +205,13 @@ class LoRAConfig(TargetedConfig):
                 )
             return LoRAParameters(site.module, site.detail.names, site.detail.r, site.detail.alpha, self.rslora,
                                   self.init, seed)
+        kind = dora_layer_for(site.detail.adapter, site.name) if self.dora else site.detail.adapter
         if site.detail.tied:
             untie(model, site.name, innermost(site.module))
         conv = {"conv_groups": self.conv_groups, "conv_path": self.conv_path}
-        extra: dict[str, Any] = conv if issubclass(site.detail.adapter, LoRAConv) else {}
+        extra: dict[str, Any] = conv if issubclass(kind, LoRAConv) else {}
         extra["read_directly"] = read_directly(model, site.name)  # Mamba's dt_proj: the parent reads .weight
-        adapter = site.detail.adapter(site.module, site.detail.r, site.detail.alpha, self.dropout, self.rslora,
+        adapter = kind(site.module, site.detail.r, site.detail.alpha, self.dropout, self.rslora,
                                       self.init, seed, **extra)
         if self.bias == "lora_only":
             _mark_biases(site.module)
@@ -236,6 +245,17 @@ def _warn_larger_than_their_layers(built: list[tuple[str, Adapter]]) -> None:
         f"(rank_pattern={{{name!r}: {lower}}}) or train them fully (trainable_modules) instead.",
         PEFTWarning, stacklevel=4,
     )
+
+
+def _check_dora(config: LoRAConfig) -> None:
+    """Refuse, naming the option, what DoRA does not combine with (checked once, at construction)."""
+    clashes = {"init='pissa'": config.init == "pissa", "target_parameters": bool(config.target_parameters),
+               f"conv_path={config.conv_path!r}": config.conv_path not in ("auto", "adapter")}
+    found = [name for name, clash in clashes.items() if clash]
+    if found:
+        raise ValueError(f"dora=True does not combine with {', '.join(found)}: DoRA needs the base weight W as it "
+                         "is and a layer it wraps (its norm per output unit); conv_path must be 'auto' or 'adapter'. "
+                         "Drop the option, or use dora=False.")
 
 
 def _mark_biases(root: nn.Module) -> None:

@@ -164,6 +164,10 @@ def _lora_layers(model: nn.Module, source: str) -> tuple[dict[str, LoRALayer], l
         if not isinstance(config, LoRAConfig):
             raise ValueError(f"adapter {source!r} holds {config.label} adapters; add_weighted_adapter combines LoRA "
                              "weight updates only (prefixes and prompts change activations, not weights).")
+        if config.dora:
+            raise ValueError(f"adapter {source!r} is DoRA (dora=True): its weight is m · (W + ΔW) / ‖W + ΔW‖, not "
+                             "W + ΔW, so weighted sums of its A and B factors do not combine its weights. "
+                             "Combine plain LoRA adapters.")
         configs.append(config)
     if marks:
         trained = [f"{type(module).__name__}.{local}" for module, names in marks for local in sorted(names)]
