@@ -16,6 +16,7 @@ from lightning_peft.errors import (
 from lightning_peft.guard import participation_check
 from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig, register_lora_layer, register_weight_reader
+from lightning_peft.lora.per_sample import adapter_parameters, per_sample_adapters
 from lightning_peft.lora.plus import param_groups
 from lightning_peft.lora.weighted import add_weighted_adapter
 from lightning_peft.named import (
@@ -76,6 +77,7 @@ __all__ = [
     "active_adapter",
     "add_adapter",
     "add_weighted_adapter",
+    "adapter_parameters",
     "adapter_state_dict",
     "adapters",
     "adapters_disabled",
@@ -92,6 +94,7 @@ __all__ = [
     "merge_and_unload",
     "param_groups",
     "participation_check",
+    "per_sample_adapters",
     "register_attention_handler",
     "register_lora_layer",
     "register_vit_locator",
