@@ -23,11 +23,16 @@ METHODS: dict[str, Callable[..., L.Callback]] = {
     "prompt": lambda **kw: PromptTuning(num_tokens=3, init="random", **kw),
 }
 COMPOSED = "lora+prompt"  # two methods on one model: under DDP (find_unused_parameters=False) every tensor trains
+#: Cells only the DDP launch runs (beside every method of METHODS): DoRA's magnitude trains with A and B.
+DDP_EXTRA: dict[str, Callable[..., L.Callback]] = {
+    "dora": lambda **kw: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"], dora=True, **kw),
+}
 
 
 def make_methods(name: str, **kwargs: object) -> list[L.Callback]:
-    """The callbacks of ``name``: one of :data:`METHODS`, or several joined by ``+`` (:data:`COMPOSED`)."""
-    return [METHODS[part](**kwargs) for part in name.split("+")]
+    """The callbacks of ``name``: one of :data:`METHODS` or :data:`DDP_EXTRA`, or several joined by ``+``
+    (:data:`COMPOSED`)."""
+    return [{**METHODS, **DDP_EXTRA}[part](**kwargs) for part in name.split("+")]
 
 
 TRAINABLE = ["ln_f"]  # a trainable_modules entry beside the adapters: GPT-2's final norm (FSDP's root unit)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from strategy_models import (
     COMPOSED,
+    DDP_EXTRA,
     METHODS,
     TRAINABLE,
     CausalLM,
@@ -78,8 +79,9 @@ def test_spawn_and_fork_workers_match_one_process_and_the_main_process_gets_thei
 
 def _check_ddp_runs(out: Path) -> None:
     """Every method's 1-epoch run of tests/scripts/ddp_peft.py, after fit and in its checkpoint, equals one process;
-    so does LoRA with a token prompt on one model (DDP without find_unused_parameters: every tensor got a gradient)."""
-    for method in [*sorted(METHODS), COMPOSED]:
+    so does LoRA with a token prompt on one model (DDP without find_unused_parameters: every tensor got a gradient),
+    and DoRA (its magnitude too)."""
+    for method in [*sorted(METHODS), COMPOSED, *DDP_EXTRA]:
         expected = one_process_trainables(method, epochs=2 if method == COMPOSED else 1, trainable_modules=TRAINABLE)
         assert_same_tensors(torch.load(out / f"{method}.pt", weights_only=True)["cut"], expected, f"{method}")
         assert_same_tensors(checkpoint_tensors(out / method / "last.ckpt"), expected, f"{method} checkpoint")
