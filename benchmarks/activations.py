@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(json.loads(args.child))
         return 0
-    from report import machine_info
+    from report import machine_info, write_results
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -233,10 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     info.update(rounds=args.rounds, reps=args.reps, rss_rounds=args.rss_rounds, rss_steps=args.rss_steps,
                 command="python benchmarks/activations.py " + " ".join(sys.argv[1:]))
     name = f"activations-{args.suite}" + ("-smoke" if args.smoke else "")
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    (folder / f"{name}.md").write_text(markdown(info, rows))
+    write_results(Path(args.out), info, rows, name, markdown)
     print(markdown(info, rows))
     return 0
 

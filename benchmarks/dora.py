@@ -94,15 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del models, steps
-    from report import machine_info
+    from report import machine_info, write_results
 
     info = machine_info("cpu", args.threads)
     info.update(rounds=rounds, reps=args.reps, command="python benchmarks/dora.py " + " ".join(sys.argv[1:]))
     name = "dora-cpu" + ("-smoke" if args.smoke else "")
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    (folder / f"{name}.md").write_text(markdown(info, rows))
+    write_results(Path(args.out), info, rows, name, markdown)
     print(markdown(info, rows))
     return 0
 

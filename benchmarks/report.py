@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,10 +72,11 @@ def markdown(info: dict, rows: list[dict]) -> str:
     return head + "\n".join(lines) + ("\n\nContenders that failed:\n" + "\n".join(errors) if errors else "") + "\n"
 
 
-def write_results(folder: Path, info: dict, rows: list[dict], name: str) -> list[Path]:
-    """``<name>.json`` (everything) and ``<name>.md`` (the table) in ``folder``."""
+def write_results(folder: Path, info: dict, rows: list[dict], name: str,
+                  table: Callable[[dict, list[dict]], str] = markdown) -> list[Path]:
+    """``<name>.json`` (everything) and ``<name>.md`` (``table``'s rendering) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
     json_path.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    md_path.write_text(markdown(info, rows))
+    md_path.write_text(table(info, rows))
     return [json_path, md_path]

@@ -25,6 +25,7 @@ another adapter's weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -196,6 +197,23 @@ def adapter_parts(
         return list(adapters(model)), applied_methods(model), _marked(model)
     entry = registry.entries[name]
     return list(entry.layers), list(entry.methods), list(entry.marks)
+
+
+def same_layers(names: list[str], found: list[dict[str, Any]], purpose: str) -> None:
+    """Raise unless every adapter in ``found`` (``{layer name: adapter module}`` per name of ``names``) adapts the
+    same layers with the same adapter class; ``purpose`` ends the message (what needs them equal)."""
+    first = found[0]
+    for name, layers in zip(names[1:], found[1:], strict=True):
+        missing, extra = sorted(set(first) - set(layers)), sorted(set(layers) - set(first))
+        if missing or extra:
+            raise ValueError(
+                f"adapters {names[0]!r} and {name!r} adapt different layers (only {names[0]!r}: {missing[:3]}, only "
+                f"{name!r}: {extra[:3]}); {purpose}."
+            )
+        for layer, adapter in layers.items():
+            if type(adapter) is not type(first[layer]):
+                raise ValueError(f"adapters {names[0]!r} and {name!r} adapt {layer!r} differently "
+                                 f"({type(first[layer]).__name__} vs {type(adapter).__name__}); {purpose}.")
 
 
 # --- parking and activating -----------------------------------------------------------------------------------

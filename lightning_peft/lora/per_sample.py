@@ -39,7 +39,7 @@ from lightning_peft.lora.config import LoRAConfig
 from lightning_peft.lora.conv import LoRAConv
 from lightning_peft.lora.layers import LoRAEmbedding, LoRALayer, LoRALinear
 from lightning_peft.methods import MethodConfig
-from lightning_peft.named import active_adapter, adapter_parts, list_adapters, set_adapter
+from lightning_peft.named import active_adapter, adapter_parts, list_adapters, same_layers, set_adapter
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: Per carrier layer, the stacked factors built without gradients and the key they were built for (adapters, their
@@ -192,19 +192,12 @@ def _same_layers(names: list[str], found: list[dict[str, LoRALayer]]) -> dict[st
     """``{layer: {adapter name: LoRA layer}}``; raises where the adapters adapt different layers or differently."""
     if not found:
         return {}
-    first = found[0]
+    same_layers(names, found, "per_sample_adapters needs every adapter of a batch on the same layers")
     for name, layers in zip(names[1:], found[1:], strict=True):
-        missing, extra = sorted(set(first) - set(layers)), sorted(set(layers) - set(first))
-        if missing or extra:
-            raise ValueError(
-                f"adapters {names[0]!r} and {name!r} adapt different layers (only {names[0]!r}: {missing[:3]}, only "
-                f"{name!r}: {extra[:3]}); per_sample_adapters needs every adapter of a batch on the same layers."
-            )
         for layer, adapter in layers.items():
-            if type(adapter) is not type(first[layer]) or adapter.base_layer is not first[layer].base_layer:
-                raise ValueError(f"adapters {names[0]!r} and {name!r} adapt {layer!r} differently "
-                                 f"({type(first[layer]).__name__} vs {type(adapter).__name__}).")
-    return {layer: {n: f[layer] for n, f in zip(names, found, strict=True)} for layer in first}
+            if adapter.base_layer is not found[0][layer].base_layer:
+                raise ValueError(f"adapters {names[0]!r} and {name!r} wrap different base layers at {layer!r}.")
+    return {layer: {n: f[layer] for n, f in zip(names, found, strict=True)} for layer in found[0]}
 
 
 def _refuse_merged(model: nn.Module, name: str) -> None:

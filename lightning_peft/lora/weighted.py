@@ -26,7 +26,15 @@ from lightning_peft.lora.combine import PRUNING, Combination, SignMethod, Update
 from lightning_peft.lora.config import LoRAConfig
 from lightning_peft.lora.layers import LoRALayer
 from lightning_peft.methods import MethodConfig, check_choice
-from lightning_peft.named import active_adapter, adapter_parts, add_adapter, delete_adapter, list_adapters, set_adapter
+from lightning_peft.named import (
+    active_adapter,
+    adapter_parts,
+    add_adapter,
+    delete_adapter,
+    list_adapters,
+    same_layers,
+    set_adapter,
+)
 
 _Pairs = list[tuple[str, str]]
 
@@ -184,21 +192,14 @@ def _lora_layers(model: nn.Module, source: str) -> tuple[dict[str, LoRALayer], l
 
 def _same_layers(names: list[str], found: list[dict[str, LoRALayer]]) -> list[str]:
     """The layer names all sources adapt, in the first source's (module) order; raises where they differ."""
+    same_layers(names, found, "add_weighted_adapter combines adapters of the same layers")
     first = found[0]
     for source, layers in zip(names[1:], found[1:], strict=True):
-        missing, extra = sorted(set(first) - set(layers)), sorted(set(layers) - set(first))
-        if missing or extra:
-            raise ValueError(
-                f"adapters {names[0]!r} and {source!r} adapt different layers (only {names[0]!r}: {missing[:3]}, "
-                f"only {source!r}: {extra[:3]}); add_weighted_adapter combines adapters of the same layers."
-            )
         for layer, adapter in layers.items():
-            ours, theirs = first[layer], adapter
-            if type(ours) is not type(theirs) or ours.groups != theirs.groups:
+            if first[layer].groups != adapter.groups:
                 raise ValueError(
-                    f"adapters {names[0]!r} and {source!r} adapt {layer!r} differently ({type(ours).__name__} with "
-                    f"{ours.groups} group(s) vs {type(theirs).__name__} with {theirs.groups}; conv_groups differs?); "
-                    "their updates have different layouts."
+                    f"adapters {names[0]!r} and {source!r} adapt {layer!r} with {first[layer].groups} vs "
+                    f"{adapter.groups} group(s) (conv_groups differs?); their updates have different layouts."
                 )
     return list(first)
 
