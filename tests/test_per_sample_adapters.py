@@ -278,10 +278,10 @@ def test_adapters_of_other_methods_merged_or_on_other_layers_raise_with_the_reas
 
 def test_dora_multihead_attention_and_grouped_convs_raise_with_the_reason() -> None:
     model, _, _ = _mlp()
-    layer = dict(adapter_parts(model, "c")[0])["0"]
-    layer.register_parameter("lora_magnitude_vector", nn.Parameter(torch.ones(8)))
-    with pytest.raises(ValueError, match="DoRA"), per_sample_adapters(model, ["a", "c"]):
-        pass
+    add_adapter(model, "d", LoRAConfig(r=2, dora=True, target_modules=["0", "2"]))
+    with pytest.raises(ValueError, match="'d' is DoRA .*per_sample_adapters does not compute"):
+        with per_sample_adapters(model, ["a", "d"]):
+            pass
     attention = inject(nn.Sequential(nn.MultiheadAttention(8, 2)), LoRAConfig(r=2, target_modules=["0"]))
     with pytest.raises(ValueError, match="LoRAMultiheadAttention has no per-row form"):
         with per_sample_adapters(attention, ["default"]):

@@ -331,7 +331,7 @@ def test_adapters_of_different_targets_raise_with_the_layers() -> None:
 def test_adapters_of_another_method_raise_with_the_reason() -> None:
     model = with_adapters({"a": 2})
     add_adapter(model, "p", PromptTuningConfig(num_tokens=2, embedding="emb"))
-    with pytest.raises(ValueError, match="adapter 'p' holds prompt tuning adapters; add_weighted_adapter combines LoRA"):
+    with pytest.raises(ValueError, match="adapter 'p' holds prompt tuning adapters; add_weighted_adapter takes LoRA adapters only"):
         add_weighted_adapter(model, ["a", "p"], [1.0, 1.0], "m")
 
 

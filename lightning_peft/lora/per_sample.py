@@ -35,10 +35,9 @@ from torch import nn
 
 from lightning_peft.adapter import adapters
 from lightning_peft.lora.attention import LoRAMultiheadAttention
-from lightning_peft.lora.config import LoRAConfig
 from lightning_peft.lora.conv import LoRAConv
 from lightning_peft.lora.layers import LoRAEmbedding, LoRALayer, LoRALinear
-from lightning_peft.methods import MethodConfig
+from lightning_peft.lora.sources import plain_lora_layers
 from lightning_peft.named import active_adapter, adapter_parts, list_adapters, same_layers, set_adapter
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -150,29 +149,15 @@ def _checked_names(model: nn.Module, names: Sequence[str | None]) -> list[str | 
 
 def _lora_layers(model: nn.Module, name: str) -> dict[str, LoRALayer]:
     """The LoRA layers of the named adapter ``name`` by layer name; raises where one cannot compute per row."""
-    layers, methods, marks = adapter_parts(model, name)
-    for method in methods:
-        config = MethodConfig.from_dict(method.to_dict())
-        if not isinstance(config, LoRAConfig):
-            raise ValueError(f"adapter {name!r} holds {config.label} adapters; per_sample_adapters runs LoRA "
-                             "adapters only (a prefix or prompt changes the sequence every row shares).")
-        if method.to_dict().get("dora"):
-            raise ValueError(f"adapter {name!r} is a DoRA adapter: its per-output norm of W + ΔW is a different "
-                             "weight per row, which per_sample_adapters does not compute; use set_adapter per batch.")
-    if marks:
-        trained = [f"{type(module).__name__}.{local}" for module, locals_ in marks for local in sorted(locals_)]
-        raise ValueError(f"adapter {name!r} also trains base tensors ({', '.join(trained[:3])}; trainable_modules "
-                         "or bias), which all rows share; per_sample_adapters needs adapters without them.")
-    found: dict[str, LoRALayer] = {}
-    for layer, adapter in layers:
+    found, _ = plain_lora_layers(model, name, "per_sample_adapters")
+    for layer, adapter in found.items():
         problem = _layer_problem(adapter)
         if problem is not None:
             raise ValueError(f"adapter {name!r} at {layer!r}: {problem}; per_sample_adapters computes LoRA on "
                              "Linear, Conv1D, Embedding and ungrouped Conv layers only.")
-        if getattr(adapter, "merged", False):
+        if adapter.merged:
             raise ValueError(f"adapter {name!r} is merged into the base weights ({layer!r}), which every row "
                              "shares; call unmerge(model) first.")
-        found[layer] = adapter  # type: ignore[assignment]  # _layer_problem: a LoRALayer
     return found
 
 
@@ -183,8 +168,6 @@ def _layer_problem(adapter: nn.Module) -> str | None:
         return "its parent reads the layer's weight directly, so no call sees the rows"
     if isinstance(adapter, LoRAConv) and adapter.base_layer.groups != 1:
         return f"a grouped convolution (groups={adapter.base_layer.groups}) has no per-row form yet"
-    if any("magnitude" in local for local, _ in adapter.adapter_tensors()):
-        return "a DoRA magnitude has no per-row form"
     return None
 
 

@@ -25,10 +25,10 @@ from lightning_peft.lora.attention import LoRAMultiheadAttention
 from lightning_peft.lora.combine import PRUNING, Combination, SignMethod, Update, combine
 from lightning_peft.lora.config import LoRAConfig
 from lightning_peft.lora.layers import LoRALayer
-from lightning_peft.methods import MethodConfig, check_choice
+from lightning_peft.lora.sources import plain_lora_layers
+from lightning_peft.methods import check_choice
 from lightning_peft.named import (
     active_adapter,
-    adapter_parts,
     add_adapter,
     delete_adapter,
     list_adapters,
@@ -99,7 +99,7 @@ def add_weighted_adapter(
     check_choice("combination_type", combination_type, Combination)
     check_choice("majority_sign_method", majority_sign_method, SignMethod)
     _check_arguments(model, list(adapters), list(weights), name, combination_type, svd_rank, density, seed)
-    sources = [_lora_layers(model, source) for source in adapters]
+    sources = [plain_lora_layers(model, source, "add_weighted_adapter") for source in adapters]
     layers = _same_layers(list(adapters), [layers for layers, _ in sources])
     generator = torch.Generator().manual_seed(seed)
     results: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -161,33 +161,6 @@ def _check_arguments(model: nn.Module, adapters: list[str], weights: list[float]
         raise ValueError(f"svd_rank must be a positive integer; got {svd_rank!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer; got {seed!r}.")
-
-
-def _lora_layers(model: nn.Module, source: str) -> tuple[dict[str, LoRALayer], list[LoRAConfig]]:
-    """The LoRA layers of the named adapter ``source`` by layer name, and its LoRA configurations."""
-    layers, methods, marks = adapter_parts(model, source)
-    configs: list[LoRAConfig] = []
-    for method in methods:
-        config = MethodConfig.from_dict(method.to_dict())
-        if not isinstance(config, LoRAConfig):
-            raise ValueError(f"adapter {source!r} holds {config.label} adapters; add_weighted_adapter combines LoRA "
-                             "weight updates only (prefixes and prompts change activations, not weights).")
-        if config.dora:
-            raise ValueError(f"adapter {source!r} is DoRA (dora=True): its weight is m · (W + ΔW) / ‖W + ΔW‖, not "
-                             "W + ΔW, so weighted sums of its A and B factors do not combine its weights. "
-                             "Combine plain LoRA adapters.")
-        configs.append(config)
-    if marks:
-        trained = [f"{type(module).__name__}.{local}" for module, names in marks for local in sorted(names)]
-        raise ValueError(f"adapter {source!r} also trains base tensors ({', '.join(trained[:3])}; trainable_modules, "
-                         "bias or batchnorm='update'), which have no weighted form. Combine adapters without them.")
-    found: dict[str, LoRALayer] = {}
-    for layer, adapter in layers:
-        if not isinstance(adapter, LoRALayer):
-            raise ValueError(f"adapter {source!r} adapts parameters of {layer!r} directly (target_parameters, "
-                             f"{type(adapter).__name__}); add_weighted_adapter combines LoRA layers only, as PEFT.")
-        found[layer] = adapter
-    return found, configs
 
 
 def _same_layers(names: list[str], found: list[dict[str, LoRALayer]]) -> list[str]:
