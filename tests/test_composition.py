@@ -34,6 +34,15 @@ def vit() -> nn.Module:
     return model
 
 
+def timm_vit() -> nn.Module:  # its Attention calls F.scaled_dot_product_attention: the prefix's SDPA seam
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=2, num_classes=4)
+    nn.init.normal_(model.head.weight)
+    return model
+
+
 def gpt2() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=40, n_positions=32,
@@ -64,6 +73,7 @@ PREFIX: Method = lambda: PrefixTuningConfig(num_tokens=2)  # noqa: E731
 GATED: Method = lambda: PrefixTuningConfig(num_tokens=2, gate=True)  # noqa: E731
 LORA_VIT: Method = lambda: LoRAConfig(r=4, target_modules=["self_attention", "mlp.0", "conv_proj"])  # noqa: E731
 LORA_GPT2: Method = lambda: LoRAConfig(r=4, target_modules=["c_attn", "c_fc", "wte"])  # noqa: E731
+LORA_TIMM: Method = lambda: LoRAConfig(r=4, target_modules=["qkv", "fc1"])  # noqa: E731
 
 CASES = {  # name: (model, first method, second method, input)
     **{f"lora[{path}]+pixels[batch{n}]": (resnet, LORA_CONV[path], PIXELS, ("image", n))
@@ -73,6 +83,8 @@ CASES = {  # name: (model, first method, second method, input)
     "vit-lora+gated-prefix": (vit, LORA_VIT, GATED, ("image", 2)),
     "vit-vpt+prefix": (vit, VPT, PREFIX, ("image", 2)),
     "vit-pixels+lora": (vit, PIXELS, LORA_VIT, ("image", 2)),
+    "timm-vit-lora+prefix(sdpa seam)": (timm_vit, LORA_TIMM, PREFIX, ("image", 2)),
+    "timm-vit-lora+gated-prefix(sdpa seam)": (timm_vit, LORA_TIMM, GATED, ("image", 2)),
     "gpt2-lora+tokens": (gpt2, LORA_GPT2, TOKENS, ("ids", 2)),
     "gpt2-lora+prefix(same attention)": (gpt2, LORA_GPT2, PREFIX, ("ids", 2)),
     "gpt2-lora+gated-prefix": (gpt2, LORA_GPT2, GATED, ("ids", 2)),
