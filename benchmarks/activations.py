@@ -79,9 +79,12 @@ def as_before(model: nn.Module) -> nn.Module:
     """Ours with the adapter-input dropout of before issue 28 (``nn.Dropout``, then A), set on each adapter."""
     from lightning_peft.lora import LoRALayer
 
+    def dropped_delta(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
+        return layer.lora_delta(layer.dropout(x.to(layer.lora_A.dtype)) if x.is_floating_point() else x)
+
     for module in model.modules():
         if isinstance(module, LoRALayer):
-            module.dropped_delta = types.MethodType(LoRALayer.dropped_delta, module)  # type: ignore[method-assign]
+            module.dropped_delta = types.MethodType(dropped_delta, module)  # type: ignore[method-assign]
     return model
 
 
@@ -141,7 +144,7 @@ def measure_row(bench: Bench, base: nn.Module, targets: str | list[str], dropout
     """Saved activations, step time and peak RSS of every contender for one (model, targets, dropout)."""
     names = adapted_names(base, targets)
     batch = bench.batch("cpu")
-    row: dict = {"model": bench.name, "targets": "all-linear" if isinstance(targets, str) else "attention",
+    row: dict = {"model": bench.name, "targets": targets if isinstance(targets, str) else "attention",
                  "dropout": dropout, "adapted": len(names)}
     contenders = tuple(c for c in CONTENDERS if dropout > 0 or c != "before")  # no dropout: before == ours
     if not args.rss_only:

@@ -27,6 +27,11 @@ COMPOSED = "lora+prompt"  # two methods on one model: under DDP (find_unused_par
 DDP_EXTRA: dict[str, Callable[..., L.Callback]] = {
     "dora": lambda **kw: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"], dora=True, **kw),
 }
+#: LoRA with adapter-input dropout: the cell every distributed launch runs once beside its methods. Its masks are
+#: seeded per step (:attr:`CausalLM.MASK_SEED`), so :func:`one_process_trainables` with ``ranks`` redraws each
+#: rank's masks for that rank's rows.
+DROPOUT_CELL = "lora_dropout"
+DDP_EXTRA[DROPOUT_CELL] = lambda **kw: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"], dropout=0.25, **kw)
 
 
 def make_methods(name: str, **kwargs: object) -> list[L.Callback]:
@@ -61,6 +66,11 @@ class CausalLM(L.LightningModule):
         super().__init__()
         self.model = tiny_gpt2()
         self.batch_size, self.lr, self.dump_to = batch_size, lr, dump_to
+
+    MASK_SEED = 1000  #: step k's dropout masks come from ``torch.manual_seed(MASK_SEED + k)``, on every rank
+
+    def on_train_batch_start(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        torch.manual_seed(self.MASK_SEED + self.global_step)
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         (tokens,) = batch
@@ -100,11 +110,13 @@ def fit_adapters(tmp_path: Path, method: str, name: str, **kwargs: Any) -> dict[
 
 
 def one_process_trainables(method: str, epochs: int = 1, batch_size: int = 8, momentum: float = 0.0,
-                           in_module: bool = True, **method_kwargs: object) -> dict[str, torch.Tensor]:
+                           in_module: bool = True, ranks: int = 1, **method_kwargs: object) -> dict[str, torch.Tensor]:
     """The tensors an adapter checkpoint holds (adapters and ``trainable_modules``) after SGD on one process,
     ``epochs`` passes over the samples in order in batches of ``batch_size``: what N ranks reading samples r, r+N,
     ... in batches of ``batch_size / N`` step to. ``in_module``: inject into a :class:`CausalLM` as the callbacks
-    do (names ``model.*``, which seed the adapters' init), rather than into the bare model.
+    do (names ``model.*``, which seed the adapters' init), rather than into the bare model. ``ranks``: each step's
+    gradient is the mean of the ``ranks`` row subsets' (rank r's rows ``r::ranks``), each drawn with the masks
+    that rank draws (the step's :attr:`CausalLM.MASK_SEED`): what data parallelism computes with dropout.
 
     Every tensor must move by more than ``ATOL``, so that none passes a comparison without having trained.
     """
@@ -113,11 +125,13 @@ def one_process_trainables(method: str, epochs: int = 1, batch_size: int = 8, mo
     model = root.model if in_module else root
     start = {name: tensor.clone() for name, tensor in adapter_state_dict(root).items()}
     optimizer = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=0.05, momentum=momentum)
-    for _ in range(epochs):
-        for batch in token_data().split(batch_size):
-            model(input_ids=batch, labels=batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+    for step, batch in enumerate(token_data().split(batch_size) * epochs):
+        for rank in range(ranks):
+            torch.manual_seed(CausalLM.MASK_SEED + step)
+            rows = batch[rank::ranks]
+            (model(input_ids=rows, labels=rows).loss / ranks).backward()
+        optimizer.step()
+        optimizer.zero_grad()
     trained = {name: tensor.clone() for name, tensor in adapter_state_dict(root).items()}
     untrained = [name for name, tensor in trained.items() if (tensor - start[name]).abs().max() <= ATOL]
     assert trained and not untrained, f"one process did not train {untrained}"

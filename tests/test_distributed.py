@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from strategy_models import (
+    ATOL,
     COMPOSED,
     DDP_EXTRA,
+    DROPOUT_CELL,
     METHODS,
     TRAINABLE,
     CausalLM,
@@ -82,7 +84,8 @@ def _check_ddp_runs(out: Path) -> None:
     so does LoRA with a token prompt on one model (DDP without find_unused_parameters: every tensor got a gradient),
     and DoRA (its magnitude too)."""
     for method in [*sorted(METHODS), COMPOSED, *DDP_EXTRA]:
-        expected = one_process_trainables(method, epochs=2 if method == COMPOSED else 1, trainable_modules=TRAINABLE)
+        expected = one_process_trainables(method, epochs=2 if method == COMPOSED else 1, ranks=2,
+                                          trainable_modules=TRAINABLE)
         assert_same_tensors(torch.load(out / f"{method}.pt", weights_only=True)["cut"], expected, f"{method}")
         assert_same_tensors(checkpoint_tensors(out / method / "last.ckpt"), expected, f"{method} checkpoint")
 
@@ -154,9 +157,9 @@ def test_fsdp1_with_the_wrap_policy_matches_one_process_on_cpu(tmp_path: Path) -
 def test_fsdp2_sharding_in_configure_model_matches_one_process_with_callback_and_mixin(tmp_path: Path) -> None:
     # one launch: every method through the callback and the mixin, neither calling apply_peft() before fully_shard
     _torchrun("fsdp2_peft.py", str(tmp_path))
-    for method in sorted(METHODS):
-        reference = one_process_trainables(method, trainable_modules=TRAINABLE)
-        for glue in ("callback", "mixin"):
+    for method in [*sorted(METHODS), DROPOUT_CELL]:  # LoRA with dropout: the callback only
+        reference = one_process_trainables(method, ranks=2, trainable_modules=TRAINABLE)
+        for glue in ("callback", "mixin") if method in METHODS else ("callback",):
             report = torch.load(tmp_path / f"{method}-{glue}.pt", weights_only=True)
             for kind in ("trained", "saved"):  # after fit; in the checkpoint rank 0 wrote
                 assert_same_tensors(report[kind], reference, f"{method}-{glue} {kind}")
@@ -219,9 +222,12 @@ def _check_fsdp1_refusals(out: Path, method: str) -> None:
 def test_deepspeed_zero_trains_like_one_process_saves_adapters_only_and_resumes(tmp_path: Path, stage: int) -> None:
     # Lightning's DeepSpeedStrategy on 2 CPU processes, its CUDA-only checks lifted (tests/scripts/deepspeed_peft.py);
     # one launch per stage runs every method
-    _torchrun("deepspeed_peft.py", str(tmp_path), str(stage), *sorted(METHODS))
+    _torchrun("deepspeed_peft.py", str(tmp_path), str(stage), *sorted(METHODS), DROPOUT_CELL)
     for method in sorted(METHODS):
         _check_deepspeed(tmp_path / method, method, stage)
+    # LoRA with dropout: its 1-epoch run (the script runs only that for it) takes each rank's masks
+    dropped = torch.load(tmp_path / DROPOUT_CELL / "one.pt", weights_only=True)
+    assert_same_tensors(dropped, one_process_trainables(DROPOUT_CELL, ranks=2), DROPOUT_CELL)
 
 
 def _check_deepspeed(out: Path, method: str, stage: int) -> None:
@@ -280,3 +286,12 @@ def _check_deepspeed(out: Path, method: str, stage: int) -> None:
         assert torch.equal(bf16_checkpoint[name].to(torch.bfloat16), tensor), name
 
 
+
+
+def test_the_dropout_cells_reference_tells_each_ranks_masks_from_one_mask_and_from_no_dropout() -> None:
+    # what makes the DROPOUT_CELL comparisons above mean something: drawing one mask for the whole batch, or no
+    # dropout at all, moves the trained tensors by far more than the tolerance
+    per_rank = one_process_trainables(DROPOUT_CELL, ranks=2)
+    for other, label in ((one_process_trainables(DROPOUT_CELL, ranks=1), "one mask"),
+                         (one_process_trainables("lora", ranks=2), "no dropout")):
+        assert max((per_rank[n] - other[n]).abs().max().item() for n in per_rank) > 100 * ATOL, label

@@ -84,7 +84,7 @@ def test_the_saved_mask_form_used_under_compile_equals_the_formula_for_a_given_m
     x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
     a = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(7, 6) >= 0.3
-    h = lora_dropout._DroppedLinear.apply(x, a, 0.3, 0, mask)
+    h = lora_dropout._DroppedInput.apply(x, a, 0.3, 0, mask, F.linear)
     weights = torch.randn(7, 2, dtype=torch.float64)
     (h * weights).sum().backward()
     rx, ra = x.detach().clone().requires_grad_(True), a.detach().clone().requires_grad_(True)
@@ -93,6 +93,66 @@ def test_the_saved_mask_form_used_under_compile_equals_the_formula_for_a_given_m
     torch.testing.assert_close(h, expected, **TOL)
     torch.testing.assert_close(x.grad, rx.grad, **TOL)
     torch.testing.assert_close(a.grad, ra.grad, **TOL)
+
+
+def _conv_delta_weight(layer: LoRALayer, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``B A`` of a conv adapter as a weight of the base's shape, written out per group (block-diagonal for
+    ``per_group``, one matrix for ``shared``)."""
+    base, r = layer.base_layer, layer.r
+    blocks = base.groups if layer.conv_groups == "per_group" else 1
+    a, b = a.reshape(blocks, r // blocks, -1), b.reshape(blocks, base.out_channels // blocks, r // blocks)
+    return torch.cat([b[i] @ a[i] for i in range(blocks)]).reshape(base.weight.shape)
+
+
+CONVS = {
+    "2d-strided-dilated": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2), {}),
+    "1d-circular": (lambda: nn.Conv1d(4, 6, 3, padding=1, padding_mode="circular"), {}),
+    "3d": (lambda: nn.Conv3d(4, 6, 2), {}),
+    "2d-grouped-per-group": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), {"conv_groups": "per_group"}),
+    "2d-grouped-shared": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), {"conv_groups": "shared"}),
+}
+
+
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_conv_dropout_loss_and_every_gradient_equal_the_written_out_formula_in_float64(
+    masks: list[torch.Tensor], conv: str
+) -> None:
+    torch.manual_seed(0)
+    build, options = CONVS[conv]
+    base, p = build().double(), 0.3
+    model = inject(nn.Sequential(base), LoRAConfig(r=4, alpha=8.0, dropout=p, target_modules=["0"], **options))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    base.weight.requires_grad_(True)
+    base.bias.requires_grad_(True)
+    x = torch.randn(2, base.in_channels, *([5] * (base.weight.dim() - 2)), dtype=torch.float64, requires_grad=True)
+    out = model.train()(x)
+    weights = torch.randn_like(out)
+    loss = (out * weights).sum()
+    loss.backward()
+
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])  # backward redrew the forward's mask
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, base.weight, base.bias, layer.lora_A, layer.lora_B)]
+    rx, rw, rb, ra, rbb = leaves
+    dropped = masks[0] * rx / (1 - p)
+    expected = base._conv_forward(rx, rw, rb) + layer.scale * base._conv_forward(
+        dropped, _conv_delta_weight(layer, ra, rbb), None)  # torch's own conv geometry (padding mode included)
+    expected_loss = (expected * weights).sum()
+    expected_loss.backward()
+    torch.testing.assert_close(loss, expected_loss, **TOL)
+    for ours, theirs in zip((x, base.weight, base.bias, layer.lora_A, layer.lora_B), leaves, strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, **TOL)
+
+
+def test_conv_adapters_save_only_the_shared_input_and_the_r_channel_product() -> None:
+    torch.manual_seed(0)
+    model = inject(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1)), LoRAConfig(r=4, dropout=0.1, target_modules=["0"]))
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    saved = _saved_storages(lambda: model.train()(x), model)
+    assert model[0].path(x) == "adapter"  # active dropout: the adapter path (folded/fused have no adapter input)
+    assert saved.pop(x.untyped_storage().data_ptr()) == x.numel() * 4  # the base conv's input, shared
+    assert list(saved.values()) == [2 * 4 * 10 * 10 * 4]  # A x (r=4 channels) for B; no mask, no dropped copy
 
 
 def _saved_storages(fn: Callable[[], torch.Tensor], model: nn.Module) -> dict[int, int]:
@@ -107,7 +167,8 @@ def _saved_storages(fn: Callable[[], torch.Tensor], model: nn.Module) -> dict[in
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn().sum().backward()
+        loss = fn().sum()
+    loss.backward()  # outside the hooks: what a backward saves while it runs is freed within it
     return saved
 
 
@@ -264,3 +325,17 @@ def test_compiled_training_step_with_dropout_has_no_graph_break_and_trains_every
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert lora and all(p.grad is not None and bool(p.grad.isfinite().all()) for p in lora.values())
     assert all(bool(p.grad.ne(0).any()) for n, p in lora.items() if n.endswith("lora_B"))
+
+
+@pytest.mark.usefixtures("quiet_dynamo")
+def test_compiled_conv_adapters_with_dropout_have_no_graph_break_and_train() -> None:
+    # under torch.compile a conv adapter drops through F.dropout (its redrawing backward calls autograd)
+    torch.manual_seed(0)
+    model = inject(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)),
+                   LoRAConfig(r=2, dropout=0.2, target_modules="all-conv")).train()
+    x = torch.randn(2, 3, 9, 9)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch.compile(model, backend="aot_eager")(x).square().sum().backward()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(lora) == 4 and all(p.grad is not None and bool(p.grad.isfinite().all()) for p in lora.values())

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_peft.lora.dropout import dropped_input
 from lightning_peft.lora.fused_conv import fused_lora_conv
 from lightning_peft.lora.layers import LAYER_NAME, LoRALayer
 from lightning_peft.participation import took_part
@@ -207,12 +208,17 @@ class LoRAConv(LoRALayer):
         shape = self.weight_shape
         return (shape[0], self.r // self.groups, *([1] * (len(shape) - 2)))
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def lora_delta(self, x: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        conv = self._conv_like_base
         if self.shared_over_groups:  # B A (out, in/g·prod(k)) in the base layout, run as the base's grouped conv
             delta = self.from_matrix(self.lora_B.reshape(-1, self.r) @ self.lora_A.reshape(self.r, -1))
-            return self.base_layer._conv_forward(x, delta, None)
-        hidden = self.base_layer._conv_forward(x, self.lora_A, None)  # base stride/padding/dilation/mode/groups
+            return dropped_input(x, delta, dropout, conv)
+        hidden = dropped_input(x, self.lora_A, dropout, conv)
         return _CONV[self.base_weight.dim() - 2](hidden, self.lora_B, groups=self.groups)
+
+    def _conv_like_base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x`` convolved with ``weight`` by the base's stride, padding, dilation, padding mode and groups."""
+        return self.base_layer._conv_forward(x, weight, None)
 
     def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.reshape(weight.shape[0], -1)

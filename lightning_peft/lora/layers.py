@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from lightning_peft.adapter import Adapter
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.imported import imported_class
-from lightning_peft.lora.dropout import dropped_linear
+from lightning_peft.lora.dropout import dropped_input
 from lightning_peft.methods import LAYER_NAME
 from lightning_peft.participation import read_through, took_part
 from lightning_peft.targets import transformers_conv1d_type
@@ -155,8 +155,8 @@ class LoRALayer(Adapter):
     def b_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``B A x`` (unscaled) in the base layer's output layout."""
+    def lora_delta(self, x: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        """``B A (m ⊙ x) / (1-dropout)``, unscaled, in the base's output layout (``m``: a fresh mask, or all ones)."""
         raise NotImplementedError
 
     def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
@@ -187,8 +187,12 @@ class LoRALayer(Adapter):
         return torch.add(result, delta.to(result.dtype), alpha=scale)  # scaled in the one add
 
     def dropped_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``B A dropout(x)``, unscaled (token ids, an embedding's input, are not dropped)."""
-        return self.lora_delta(self.dropout(x.to(self.lora_A.dtype)) if x.is_floating_point() else x)
+        """``B A dropout(x)``, unscaled; dropout acts inside A's product, keeping no dropped copy of ``x``
+        (:mod:`lightning_peft.lora.dropout`). Token ids, an embedding's input, are not dropped."""
+        if not x.is_floating_point():
+            return self.lora_delta(x)
+        p = cast(nn.Dropout, self.dropout).p if self.dropout_active else 0.0
+        return self.lora_delta(x if p else x.to(self.lora_A.dtype), p)  # dropped: x's own storage is what is kept
 
     def delta_matrix(self) -> torch.Tensor:
         """``scale · B @ A`` as an ``(out, in)`` matrix (block-diagonal per group for grouped layers)."""
@@ -404,11 +408,8 @@ class LoRALinear(LoRALayer):
     def b_shape(self) -> tuple[int, ...]:
         return (cast(int, self.base_layer.out_features), self.r)
 
-    def dropped_delta(self, x: torch.Tensor) -> torch.Tensor:  # active dropout: inside A's product (no x copy kept)
-        return self.lora_delta(x, cast(nn.Dropout, self.dropout).p) if self.dropout_active else super().dropped_delta(x)
-
     def lora_delta(self, x: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
-        return F.linear(dropped_linear(x, self.lora_A, dropout), self.lora_B)
+        return F.linear(dropped_input(x, self.lora_A, dropout), self.lora_B)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -477,9 +478,8 @@ class LoRAEmbedding(LoRALayer):
     def b_shape(self) -> tuple[int, ...]:
         return (self.weight_shape[1], self.r)
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        emb = self.base_layer
-        # no max_norm: it would renormalise lora_A in place
+    def lora_delta(self, x: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:  # token ids: never dropped
+        emb = self.base_layer  # no max_norm below: it would renormalise lora_A in place
         rows = F.embedding(x, self.lora_A.T, emb.padding_idx, scale_grad_by_freq=emb.scale_grad_by_freq)
         return rows @ self.lora_B.T
 

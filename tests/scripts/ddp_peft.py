@@ -1,5 +1,5 @@
 """Lightning's DDP (``strategy="ddp"``) on 2 CPU processes (gloo), every method with a ``trainable_modules``
-entry, DoRA (``DDP_EXTRA``), and LoRA with a token prompt on one model (``COMPOSED``, 2 epochs: in 1, the first LoRA ``A`` barely moves while
+entry, DoRA and LoRA with dropout (``DDP_EXTRA``), and LoRA with a token prompt on one model (``COMPOSED``, 2 epochs: in 1, the first LoRA ``A`` barely moves while
 its ``B`` leaves zero), in one launch: on one node (``torchrun --standalone --nproc_per_node 2``) or across two nodes simulated on
 one machine (two torchrun agents, ``--nnodes 2 --node_rank 0|1``, one process each, meeting at ``--master_addr
 127.0.0.1``; ``Trainer(num_nodes=2, devices=1)`` reads the node and global ranks from their environment, as on a

@@ -1,5 +1,5 @@
 """FSDP2 (ModelParallelStrategy + fully_shard in configure_model) on 2 CPU processes, every method, through the
-callback and through the mixin, in one launch.
+callback and through the mixin, and LoRA with dropout (``DROPOUT_CELL``) through the callback, in one launch.
 
 The model is built in ``__init__`` and sharded in ``configure_model`` (Lightning's FSDP2 pattern); neither glue
 calls ``apply_peft()`` first: the plugin injects on the first ``fully_shard`` call. Rank r trains on samples
@@ -18,7 +18,15 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from strategy_models import METHODS, TRAINABLE, CausalLM, end_process, shard_gpt2
+from strategy_models import (
+    DROPOUT_CELL,
+    METHODS,
+    TRAINABLE,
+    CausalLM,
+    end_process,
+    make_methods,
+    shard_gpt2,
+)
 from torch.distributed.fsdp import fully_shard
 
 from lightning_peft import PEFTMixin
@@ -92,6 +100,11 @@ def main(out: Path) -> None:
             if torch.distributed.get_rank() == 0:
                 saved = torch.load(path, weights_only=True)["state_dict"]
                 torch.save({"trained": trained, "saved": saved}, out / f"{method}-{glue}.pt")
+    path = out / f"{DROPOUT_CELL}-callback.ckpt"  # LoRA with dropout, through the callback
+    trained = fit(CallbackLM(batch_size=4), make_methods(DROPOUT_CELL, trainable_modules=TRAINABLE), checkpoint=path)
+    if torch.distributed.get_rank() == 0:
+        saved = torch.load(path, weights_only=True)["state_dict"]
+        torch.save({"trained": trained, "saved": saved}, out / f"{DROPOUT_CELL}-callback.pt")
     try:
         fit(HelperLM(batch_size=4), [METHODS["lora"]()], checkpoint=out / "refused.ckpt")
         refused = ""
