@@ -31,10 +31,12 @@ def gathered(tensors: Iterable[torch.Tensor], modifier_rank: int | None = None) 
     """Make ZeRO-3 partitioned ``tensors`` whole for the block; yields whether any was partitioned.
 
     A collective when it gathers: every rank must enter it. With ``modifier_rank=r``, what rank ``r`` writes into
-    the tensors is scattered back to every rank's partition on exit; with ``None``, writes are discarded.
-    Tensors that are not partitioned are left alone, so outside ZeRO-3 this is a no-op.
+    the tensors is scattered back to every rank's partition on exit; with ``None``, writes are discarded, and a
+    tensor ZeRO-3 holds whole at the moment (inside its module's forward) is read as it is (gathering it again
+    would release it under the module that uses it). Tensors that are not partitioned are left alone, so outside
+    ZeRO-3 this is a no-op.
     """
-    partitioned = [t for t in tensors if is_partitioned(t)]
+    partitioned = [t for t in tensors if is_partitioned(t) and (modifier_rank is not None or not _whole_now(t))]
     if not partitioned:
         yield False
         return
@@ -42,6 +44,11 @@ def gathered(tensors: Iterable[torch.Tensor], modifier_rank: int | None = None) 
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield True
+
+
+def _whole_now(tensor: torch.Tensor) -> bool:
+    """Whether ZeRO-3 holds the partitioned ``tensor`` whole at the moment (inside its module's forward)."""
+    return getattr(getattr(tensor, "ds_status", None), "name", None) == "AVAILABLE"
 
 
 def is_nonzero_rank() -> bool:

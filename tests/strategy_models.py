@@ -23,21 +23,21 @@ METHODS: dict[str, Callable[..., L.Callback]] = {
     "prompt": lambda **kw: PromptTuning(num_tokens=3, init="random", **kw),
 }
 COMPOSED = "lora+prompt"  # two methods on one model: under DDP (find_unused_parameters=False) every tensor trains
-#: Cells only the DDP launch runs (beside every method of METHODS): DoRA's magnitude trains with A and B.
-DDP_EXTRA: dict[str, Callable[..., L.Callback]] = {
-    "dora": lambda **kw: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"], dora=True, **kw),
-}
-#: LoRA with adapter-input dropout: the cell every distributed launch runs once beside its methods. Its masks are
-#: seeded per step (:attr:`CausalLM.MASK_SEED`), so :func:`one_process_trainables` with ``ranks`` redraws each
-#: rank's masks for that rank's rows.
+#: Cells beside the methods of :data:`METHODS`, each run once per distributed launch (DDP: the 1-epoch run; FSDP2:
+#: the callback; DeepSpeed: ``one``): DoRA (its magnitude trains with A and B) and LoRA with adapter-input dropout.
+#: Dropout masks are seeded per step (:attr:`CausalLM.MASK_SEED`), so :func:`one_process_trainables` with ``ranks``
+#: redraws each rank's masks for that rank's rows.
 DROPOUT_CELL = "lora_dropout"
-DDP_EXTRA[DROPOUT_CELL] = lambda **kw: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"], dropout=0.25, **kw)
+EXTRA_CELLS: dict[str, Callable[..., L.Callback]] = {
+    "dora": lambda **kw: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"], dora=True, **kw),
+    DROPOUT_CELL: lambda **kw: LoRA(r=4, alpha=8, target_modules=["c_attn", "c_proj"], dropout=0.25, **kw),
+}
 
 
 def make_methods(name: str, **kwargs: object) -> list[L.Callback]:
-    """The callbacks of ``name``: one of :data:`METHODS` or :data:`DDP_EXTRA`, or several joined by ``+``
+    """The callbacks of ``name``: one of :data:`METHODS` or :data:`EXTRA_CELLS`, or several joined by ``+``
     (:data:`COMPOSED`)."""
-    return [{**METHODS, **DDP_EXTRA}[part](**kwargs) for part in name.split("+")]
+    return [{**METHODS, **EXTRA_CELLS}[part](**kwargs) for part in name.split("+")]
 
 
 TRAINABLE = ["ln_f"]  # a trainable_modules entry beside the adapters: GPT-2's final norm (FSDP's root unit)

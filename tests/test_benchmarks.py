@@ -78,3 +78,20 @@ def test_peft_virtual_token_cells_pass_on_gpt2_and_compare_prompts_at_the_real_p
     assert torch.equal(cut, torch.cat([adapted["logits"][:, 4:].reshape(-1), torch.ones(6)])) and flat.numel() == 54
     with pytest.raises(AssertionError, match=r"output shapes differ: \(2, 12, 3\) vs \(2, 8, 3\)"):
         _at_real_positions(adapted, reference, virtual=3)  # not the virtual tokens' count: nothing is cut
+
+
+def test_merging_benchmark_agrees_with_peft_on_gpt2_conv1d_for_every_deterministic_type() -> None:
+    # benchmarks/merging.py --smoke's comparison, in process: GPT-2's Conv1D layers (fan_in_fan_out in PEFT), three
+    # adapters; DARE's *_svd forms draw their masks over another layout than PEFT's (the same distribution, other
+    # draws), so for those two the benchmark has only to run
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import merging
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    ours, theirs = merging.build(smoke=True)
+    for how in merging.TYPES:
+        row = merging.measure(ours, theirs, how, rounds=1)
+        if how not in ("dare_linear_svd", "dare_ties_svd"):
+            assert row["relative_diff_vs_peft"] < 1e-5, row
+    assert merging.measure(ours, theirs, "cat", rounds=1)["cat_error_vs_written_sum"] < 1e-6

@@ -17,8 +17,8 @@ import torch
 from strategy_models import (
     ATOL,
     COMPOSED,
-    DDP_EXTRA,
     DROPOUT_CELL,
+    EXTRA_CELLS,
     METHODS,
     TRAINABLE,
     CausalLM,
@@ -82,8 +82,8 @@ def test_spawn_and_fork_workers_match_one_process_and_the_main_process_gets_thei
 def _check_ddp_runs(out: Path) -> None:
     """Every method's 1-epoch run of tests/scripts/ddp_peft.py, after fit and in its checkpoint, equals one process;
     so does LoRA with a token prompt on one model (DDP without find_unused_parameters: every tensor got a gradient),
-    and DoRA (its magnitude too)."""
-    for method in [*sorted(METHODS), COMPOSED, *DDP_EXTRA]:
+    and the extra cells: DoRA (its magnitude too) and LoRA with dropout (each rank's masks)."""
+    for method in [*sorted(METHODS), COMPOSED, *EXTRA_CELLS]:
         expected = one_process_trainables(method, epochs=2 if method == COMPOSED else 1, ranks=2,
                                           trainable_modules=TRAINABLE)
         assert_same_tensors(torch.load(out / f"{method}.pt", weights_only=True)["cut"], expected, f"{method}")
@@ -157,7 +157,7 @@ def test_fsdp1_with_the_wrap_policy_matches_one_process_on_cpu(tmp_path: Path) -
 def test_fsdp2_sharding_in_configure_model_matches_one_process_with_callback_and_mixin(tmp_path: Path) -> None:
     # one launch: every method through the callback and the mixin, neither calling apply_peft() before fully_shard
     _torchrun("fsdp2_peft.py", str(tmp_path))
-    for method in [*sorted(METHODS), DROPOUT_CELL]:  # LoRA with dropout: the callback only
+    for method in [*sorted(METHODS), *EXTRA_CELLS]:  # the extra cells through the callback only
         reference = one_process_trainables(method, ranks=2, trainable_modules=TRAINABLE)
         for glue in ("callback", "mixin") if method in METHODS else ("callback",):
             report = torch.load(tmp_path / f"{method}-{glue}.pt", weights_only=True)
@@ -222,12 +222,17 @@ def _check_fsdp1_refusals(out: Path, method: str) -> None:
 def test_deepspeed_zero_trains_like_one_process_saves_adapters_only_and_resumes(tmp_path: Path, stage: int) -> None:
     # Lightning's DeepSpeedStrategy on 2 CPU processes, its CUDA-only checks lifted (tests/scripts/deepspeed_peft.py);
     # one launch per stage runs every method
-    _torchrun("deepspeed_peft.py", str(tmp_path), str(stage), *sorted(METHODS), DROPOUT_CELL)
+    _torchrun("deepspeed_peft.py", str(tmp_path), str(stage), *sorted(METHODS), *EXTRA_CELLS)
     for method in sorted(METHODS):
         _check_deepspeed(tmp_path / method, method, stage)
-    # LoRA with dropout: its 1-epoch run (the script runs only that for it) takes each rank's masks
-    dropped = torch.load(tmp_path / DROPOUT_CELL / "one.pt", weights_only=True)
-    assert_same_tensors(dropped, one_process_trainables(DROPOUT_CELL, ranks=2), DROPOUT_CELL)
+    for cell in EXTRA_CELLS:  # DoRA, LoRA with dropout (each rank's masks): their 1-epoch run equals one process
+        trained = torch.load(tmp_path / cell / "one.pt", weights_only=True)
+        assert_same_tensors(trained, one_process_trainables(cell, ranks=2), f"{cell} ZeRO-{stage}")
+    for run in ("one", "built") if stage == 3 else ("one",):  # DoRA's magnitude starts at ‖W‖ of the model's W
+        assert torch.load(tmp_path / "dora" / f"{run}-info.pt", weights_only=True)["magnitude_error"] < 1e-5, run
+    if stage == 3:  # DoRA injected next to partitioned weights (zero.Init draws other base weights: no reference)
+        built, start = (torch.load(tmp_path / "dora" / f"{r}.pt", weights_only=True) for r in ("built", "built-start"))
+        assert all(torch.isfinite(t).all() and not torch.equal(t, start[n]) for n, t in built.items() if "lora_B" in n)
 
 
 def _check_deepspeed(out: Path, method: str, stage: int) -> None:

@@ -99,7 +99,20 @@ def _conv() -> tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor
     return model, lambda m, x: m(x), _randn(6, 3, 9, 9)
 
 
-CASES = {"gpt2_conv1d": _gpt2, "linear": _mlp, "embedding": _embedding, "conv2d": _conv}
+def _grouped_conv() -> tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor], torch.Tensor]:
+    torch.manual_seed(0)  # a grouped conv and a depthwise one; both grouped forms of LoRA among the adapters
+    layers = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(),
+                           nn.Conv2d(6, 6, 3, stride=2, groups=6, padding=1, padding_mode="reflect"), nn.Flatten())
+    model = _named(layers, {
+        "a": LoRAConfig(r=2, target_modules=["0", "2"]),
+        "b": LoRAConfig(r=6, conv_groups="per_group", target_modules=["0", "2"]),
+        "c": LoRAConfig(r=3, target_modules=["0", "2"]),
+    })
+    return model, lambda m, x: m(x), _randn(6, 4, 7, 7)
+
+
+CASES = {"gpt2_conv1d": _gpt2, "linear": _mlp, "embedding": _embedding, "conv2d": _conv,
+         "grouped_conv2d": _grouped_conv}
 NAMES = ["a", None, "c", "b", "a", None]
 
 
@@ -276,7 +289,7 @@ def test_adapters_of_other_methods_merged_or_on_other_layers_raise_with_the_reas
         pass
 
 
-def test_dora_multihead_attention_and_grouped_convs_raise_with_the_reason() -> None:
+def test_dora_and_multihead_attention_raise_with_the_reason() -> None:
     model, _, _ = _mlp()
     add_adapter(model, "d", LoRAConfig(r=2, dora=True, target_modules=["0", "2"]))
     with pytest.raises(ValueError, match="'d' is DoRA .*per_sample_adapters does not compute"):
@@ -286,6 +299,3 @@ def test_dora_multihead_attention_and_grouped_convs_raise_with_the_reason() -> N
     with pytest.raises(ValueError, match="LoRAMultiheadAttention has no per-row form"):
         with per_sample_adapters(attention, ["default"]):
             pass
-    grouped = inject(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), LoRAConfig(r=2, target_modules=["0"]))
-    with pytest.raises(ValueError, match="grouped convolution"), per_sample_adapters(grouped, ["default"]):
-        pass

@@ -38,7 +38,7 @@ from lightning_peft.lora.layers import (
     lora_factor,
 )
 from lightning_peft.participation import took_part
-from lightning_peft.zero3 import is_partitioned
+from lightning_peft.zero3 import gathered
 
 
 class DoRALayer(LoRALayer):
@@ -47,20 +47,18 @@ class DoRALayer(LoRALayer):
 
     Raises:
         ValueError: an option DoRA does not take: ``init="pissa"``, a layer its parent reads directly, a
-            bitsandbytes-quantized base, weights partitioned by DeepSpeed ZeRO-3, a base with a forward of its own.
+            bitsandbytes-quantized base, a base with a forward of its own.
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: LoRAInit = "default", seed: int = 0, read_directly: bool = False, **kwargs: Any) -> None:
         kind = type(base).__name__
-        weight = getattr(base, "weight", None)
         problem = (
             "init='pissa' (PiSSA changes W; use init='default' or 'gaussian')" if init == "pissa" else
             "a parent that reads this layer's weight directly (its update would have to be folded on every read)"
             if read_directly else
             "a bitsandbytes-quantized base (the weight norm needs the de-quantized weight)" if _is_quantized(base)
-            else "weights partitioned by DeepSpeed ZeRO-3 (the weight norm needs whole rows)"
-            if isinstance(weight, torch.Tensor) and is_partitioned(weight) else None
+            else None
         )
         if problem is not None:
             raise ValueError(f"DoRA (dora=True) does not support {problem}, on this {kind}. Use dora=False there, "
@@ -90,9 +88,14 @@ class DoRALayer(LoRALayer):
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
-        """``‖W + s·B A‖`` per output unit, without gradient (paper §4.3), in the magnitude's dtype."""
-        matrix = self.weight_matrix(self.folded_weight())  # (out, in)
-        return torch.linalg.vector_norm(matrix.float(), dim=1).to(self.lora_magnitude.dtype)
+        """``‖W + s·B A‖`` per output unit, without gradient (paper §4.3), in the magnitude's dtype.
+
+        Under DeepSpeed ZeRO-3 the base weight is whole only inside the base layer's own forward: it is gathered here
+        (a collective: every rank runs the same forward).
+        """
+        with gathered([self.base_weight]):
+            matrix = self.weight_matrix(self.folded_weight())  # (out, in)
+            return torch.linalg.vector_norm(matrix.float(), dim=1).to(self.lora_magnitude.dtype)
 
     def gain(self) -> torch.Tensor:
         """``g = m / ‖W + s·B A‖``, one value per output unit; a gradient reaches ``m`` only."""

@@ -11,11 +11,12 @@ slot for ``None`` rows::
 
     A: (K+1, R, in)    B: (K+1, out, R)    slot of row i: s_i    update_i = B[s_i] A[s_i] x_i   (two torch.bmm)
 
-Embedding looks rows up in the stacked A by ``(slot, token id)``; an ungrouped convolution folds the batch into
-channels (one grouped convolution with ``groups = batch`` for A, one 1x1 for B). The stacks are built from the
-adapters' own parameters on each call (parked adapters included, see :mod:`lightning_peft.named`), so in training
-gradients reach each adapter from its own rows only; without gradients they are built once and reused until a
-parameter changes. LoRA dropout applies per row with that row's adapter's probability (training only).
+Embedding looks rows up in the stacked A by ``(slot, token id)``; a convolution folds the batch into channels (one
+grouped convolution with ``groups = batch`` for A, one 1x1 for B; a grouped base convolves each row with its
+slot's whole update ``ΔW``, one convolution with ``groups = batch · groups``, either grouped form). The stacks are
+built from the adapters' own parameters on each call (parked adapters included, see :mod:`lightning_peft.named`),
+so in training gradients reach each adapter from its own rows only; without gradients they are built once and
+reused until a parameter changes. LoRA dropout applies per row with that row's adapter's probability (training only).
 
 The layers in the model's tree carry the computation (the seam ``row_delta`` of
 :class:`~lightning_peft.lora.layers.LoRALayer`): inside the context the first adapter named is the active one
@@ -64,7 +65,7 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterat
 
     Args:
         model: A model with named LoRA adapters (:func:`~lightning_peft.add_adapter`; ``"default"`` for an unnamed
-            one) on Linear, transformers ``Conv1D``, Embedding or ungrouped Conv layers.
+            one) on Linear, transformers ``Conv1D``, Embedding or Conv (grouped too) layers.
         names: One adapter name, or ``None`` for the base model, per batch row.
 
     Returns:
@@ -75,7 +76,7 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterat
         TypeError: ``names`` is a string, not a sequence of names.
         ValueError: On entry: an adapter named holds another method (prefix, prompt), DoRA, trained base tensors
             (``trainable_modules``), a merged update, layers other than the four kinds (``nn.MultiheadAttention``,
-            ``target_parameters``, a grouped conv, a weight read by the parent), or the adapters adapt different
+            ``target_parameters``, a weight read by the parent), or the adapters adapt different
             layers. On a call, before anything is computed: a batch of another size than ``len(names)``.
 
     Example:
@@ -154,7 +155,7 @@ def _lora_layers(model: nn.Module, name: str) -> dict[str, LoRALayer]:
         problem = _layer_problem(adapter)
         if problem is not None:
             raise ValueError(f"adapter {name!r} at {layer!r}: {problem}; per_sample_adapters computes LoRA on "
-                             "Linear, Conv1D, Embedding and ungrouped Conv layers only.")
+                             "Linear, Conv1D, Embedding and Conv layers only.")
         if adapter.merged:
             raise ValueError(f"adapter {name!r} is merged into the base weights ({layer!r}), which every row "
                              "shares; call unmerge(model) first.")
@@ -166,8 +167,6 @@ def _layer_problem(adapter: nn.Module) -> str | None:
         return f"{type(adapter).__name__} has no per-row form"
     if adapter.read_directly:
         return "its parent reads the layer's weight directly, so no call sees the rows"
-    if isinstance(adapter, LoRAConv) and adapter.base_layer.groups != 1:
-        return f"a grouped convolution (groups={adapter.base_layer.groups}) has no per-row form yet"
     return None
 
 
@@ -209,6 +208,9 @@ class _RowDelta:
         self.rows = torch.tensor([len(slots) if s is None else s for s in rows], dtype=torch.long)
         self.rank = max([s.r for s in slots] + [1])
         self.p = torch.tensor([s.dropout.p if isinstance(s.dropout, nn.Dropout) else 0.0 for s in slots] + [0.0])
+        #: A grouped convolution computes each row with its slot's whole ``ΔW`` (small for grouped and depthwise
+        #: convs), which covers both grouped forms; others with the stacked factors.
+        self._grouped = isinstance(carrier, LoRAConv) and carrier.base_layer.groups > 1
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = self.rows.numel()
@@ -248,6 +250,9 @@ class _RowDelta:
         return _STACKS[self.carrier][1]
 
     def _stack(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._grouped:  # each slot's whole update (base layout, either grouped form); no B
+            updates = [s.delta_weight().to(device, dtype) for s in self.slots]
+            return torch.stack([*updates, torch.zeros_like(updates[0])]), torch.zeros(len(updates) + 1, 0)
         rank = self.rank
         a_list, b_list = [], []
         for s in self.slots:  # ranks padded with zeros to the largest; the scale folded into B
@@ -287,6 +292,9 @@ class _RowDelta:
             x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
             padding = 0
         folded = x.reshape(1, -1, *x.shape[2:])  # (1, n·in, *spatial): the batch folded into channels
+        if self._grouped:  # a: each row's ΔW (n, out, in/g, *k), one grouped conv over rows and groups
+            y = _CONV[dims](folded, a.flatten(0, 1), None, base.stride, padding, base.dilation, groups=n * base.groups)
+            return y.reshape(n, -1, *y.shape[2:])
         a_weight = a.reshape(n * self.rank, base.in_channels, *base.kernel_size)
         h = _CONV[dims](folded, a_weight, None, base.stride, padding, base.dilation, groups=n)  # (1, n·R, *out)
         y = _CONV[dims](h, b.reshape(-1, self.rank, *[1] * dims), groups=n)  # (1, n·out, *out)

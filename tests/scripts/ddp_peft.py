@@ -1,9 +1,9 @@
 """Lightning's DDP (``strategy="ddp"``) on 2 CPU processes (gloo), every method with a ``trainable_modules``
-entry, DoRA and LoRA with dropout (``DDP_EXTRA``), and LoRA with a token prompt on one model (``COMPOSED``, 2 epochs: in 1, the first LoRA ``A`` barely moves while
-its ``B`` leaves zero), in one launch: on one node (``torchrun --standalone --nproc_per_node 2``) or across two nodes simulated on
-one machine (two torchrun agents, ``--nnodes 2 --node_rank 0|1``, one process each, meeting at ``--master_addr
-127.0.0.1``; ``Trainer(num_nodes=2, devices=1)`` reads the node and global ranks from their environment, as on a
-cluster).
+entry, DoRA and LoRA with dropout (``EXTRA_CELLS``), and LoRA with a token prompt on one model (``COMPOSED``,
+2 epochs: in 1, the first LoRA ``A`` barely moves while its ``B`` leaves zero), in one launch: on one node
+(``torchrun --standalone --nproc_per_node 2``) or across two nodes simulated on one machine (two torchrun agents,
+``--nnodes 2 --node_rank 0|1``, one process each, meeting at ``--master_addr 127.0.0.1``;
+``Trainer(num_nodes=2, devices=1)`` reads the node and global ranks from their environment, as on a cluster).
 
 Rank r trains on samples r, r+2, ... in batches of 4, so each SGD step sees the samples one process sees with
 batches of 8. Per method: ``cut``, 1 epoch with a ``ModelCheckpoint`` (``OUT/<method>/last.ckpt``, written by
@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from strategy_models import COMPOSED, DDP_EXTRA, METHODS, TRAINABLE, CausalLM, end_process, make_methods
+from strategy_models import COMPOSED, EXTRA_CELLS, METHODS, TRAINABLE, CausalLM, end_process, make_methods
 
 from lightning_peft import adapter_state_dict
 
@@ -42,7 +42,7 @@ def fit(out: Path, method: str, nodes: int, epochs: int, ckpt_path: Path | None 
 
 
 def main(out: Path, nodes: int) -> None:
-    for method in [*sorted(METHODS), COMPOSED, *DDP_EXTRA]:
+    for method in [*sorted(METHODS), COMPOSED, *EXTRA_CELLS]:
         trainer, cut = fit(out, method, nodes, epochs=2 if method == COMPOSED else 1, checkpoint=True)
         runs = {"cut": cut}
         if nodes == 1 and method in METHODS:

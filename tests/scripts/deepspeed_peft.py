@@ -12,9 +12,10 @@ Runs, each rank reading every other sample (the same 8 samples per step as one p
 in ``configure_model`` (under ZeRO-3 inside ``deepspeed.zero.Init``, so base weights are partitioned before the
 adapters are injected); ``bf16``: 1 epoch under ``bf16-mixed`` with a checkpoint (DeepSpeed then names its optimizer
 files ``bf16_zero_pp_rank_*``).
-``DROPOUT_CELL`` (LoRA with dropout) runs ``one`` only. Every METHOD given runs in one launch, into ``OUT/<method>``. Rank 0 writes each run's gathered adapter tensors at the
-start and end of training to ``OUT/<method>/<run>-start.pt`` and ``OUT/<method>/<run>.pt``, with the token
-embedding's spread (a random prompt's scale) in ``OUT/<method>/<run>-info.pt``.
+The ``EXTRA_CELLS`` (DoRA, LoRA with dropout) run ``one`` only (DoRA under ZeRO-3 ``built`` too). Every METHOD
+given runs in one launch, into ``OUT/<method>``. Rank 0 writes each run's gathered adapter tensors at the start and
+end of training to ``OUT/<method>/<run>-start.pt`` and ``OUT/<method>/<run>.pt``, with the token embedding's spread
+(a random prompt's scale) and DoRA's start (``magnitude_error``) in ``OUT/<method>/<run>-info.pt``.
 Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 deepspeed_peft.py OUT STAGE METHOD...``.
 """
 
@@ -29,7 +30,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from strategy_models import DROPOUT_CELL, CausalLM, end_process, make_methods, tiny_gpt2
+from strategy_models import EXTRA_CELLS, CausalLM, end_process, make_methods, tiny_gpt2
 
 from lightning_peft import adapter_state_dict, load_adapter_state_dict, save_adapter
 from lightning_peft.zero3 import gathered
@@ -73,12 +74,21 @@ class Snapshot(L.Callback):
     def __init__(self) -> None:
         self.start: dict[str, torch.Tensor] = {}
         self.embedding_std = 0.0
+        self.magnitude_error = 0.0  # DoRA: max |m - ‖W‖| at the start, the norm written out over Conv1D's inputs
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = {name: tensor.clone() for name, tensor in adapter_state_dict(pl_module).items()}
         weight = next(p for n, p in pl_module.named_parameters() if n.endswith(("wte.weight", "wte.base_layer.weight")))
         with gathered([weight]):
             self.embedding_std = weight.detach().float().std().item()
+        for module in pl_module.modules():
+            magnitude = getattr(module, "lora_magnitude", None)
+            if magnitude is not None:
+                base = module.base_layer.weight
+                with gathered([base, magnitude]):
+                    norm = base.detach().norm(dim=0)  # Conv1D's weight is (in, out): one norm per output unit
+                    error = (magnitude.detach() - norm).abs().max().item()
+                self.magnitude_error = max(self.magnitude_error, error)
 
 
 def fit(out: Path, run: str, method: str, stage: int, *, epochs: int, module: CausalLM | None = None,
@@ -107,7 +117,7 @@ def fit(out: Path, run: str, method: str, stage: int, *, epochs: int, module: Ca
         torch.save(state, out / f"{run}.pt")
         torch.save(snapshot.start, out / f"{run}-start.pt")
         torch.save({"exclude_frozen_parameters": strategy.exclude_frozen_parameters, "reloaded": reloaded,
-                    "embedding_std": snapshot.embedding_std,
+                    "embedding_std": snapshot.embedding_std, "magnitude_error": snapshot.magnitude_error,
                     "partitioned": [n for n, p in module.named_parameters() if p.numel() == 0]}, out / f"{run}-info.pt")
     trainer.strategy.barrier()
 
@@ -115,7 +125,9 @@ def fit(out: Path, run: str, method: str, stage: int, *, epochs: int, module: Ca
 def main(out: Path, method: str, stage: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fit(out, "one", method, stage, epochs=1, checkpoint=True)
-    if method == DROPOUT_CELL:  # LoRA with dropout: the masks are what this cell checks, in one run
+    if method in EXTRA_CELLS:  # what these cells check (DoRA's magnitude, each rank's masks) takes one run,
+        if method == "dora" and stage == 3:  # and DoRA injected next to partitioned weights (its norm gathers W)
+            fit(out, "built", method, stage, epochs=1, module=BuiltInConfigureModel(batch_size=4))
         return
     fit(out, "straight", method, stage, epochs=2)
     fit(out, "resumed", method, stage, epochs=2, ckpt_path=str(out / "one" / "last.ckpt"))

@@ -1,5 +1,5 @@
 """FSDP2 (ModelParallelStrategy + fully_shard in configure_model) on 2 CPU processes, every method, through the
-callback and through the mixin, and LoRA with dropout (``DROPOUT_CELL``) through the callback, in one launch.
+callback and through the mixin, and the ``EXTRA_CELLS`` (DoRA, LoRA with dropout) through the callback, in one launch.
 
 The model is built in ``__init__`` and sharded in ``configure_model`` (Lightning's FSDP2 pattern); neither glue
 calls ``apply_peft()`` first: the plugin injects on the first ``fully_shard`` call. Rank r trains on samples
@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from strategy_models import (
-    DROPOUT_CELL,
+    EXTRA_CELLS,
     METHODS,
     TRAINABLE,
     CausalLM,
@@ -100,11 +100,12 @@ def main(out: Path) -> None:
             if torch.distributed.get_rank() == 0:
                 saved = torch.load(path, weights_only=True)["state_dict"]
                 torch.save({"trained": trained, "saved": saved}, out / f"{method}-{glue}.pt")
-    path = out / f"{DROPOUT_CELL}-callback.ckpt"  # LoRA with dropout, through the callback
-    trained = fit(CallbackLM(batch_size=4), make_methods(DROPOUT_CELL, trainable_modules=TRAINABLE), checkpoint=path)
-    if torch.distributed.get_rank() == 0:
-        saved = torch.load(path, weights_only=True)["state_dict"]
-        torch.save({"trained": trained, "saved": saved}, out / f"{DROPOUT_CELL}-callback.pt")
+    for cell in EXTRA_CELLS:  # through the callback
+        path = out / f"{cell}-callback.ckpt"
+        trained = fit(CallbackLM(batch_size=4), make_methods(cell, trainable_modules=TRAINABLE), checkpoint=path)
+        if torch.distributed.get_rank() == 0:
+            saved = torch.load(path, weights_only=True)["state_dict"]
+            torch.save({"trained": trained, "saved": saved}, out / f"{cell}-callback.pt")
     try:
         fit(HelperLM(batch_size=4), [METHODS["lora"]()], checkpoint=out / "refused.ckpt")
         refused = ""
