@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_peft import param_groups
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -197,18 +199,20 @@ def write_results(name: str, title: str, results: list[Result], out_dir: Path = 
 def fit_classifier(
     net: nn.Module, train: TensorDataset, *, epochs: int, lr: float, seed: int = 0, batch_size: int = 32,
     callbacks: list | None = None, probe_head: str | None = None, max_steps: int = -1,
+    loraplus_ratio: float | None = None,
 ) -> tuple[nn.Module, float]:
     """Train ``net`` with cross-entropy in a Lightning Trainer (CPU, AdamW, cosine schedule); returns (module, s).
 
     ``callbacks`` are lightning_peft method callbacks (``LoRA(...)``, ``PromptTuning(...)``) or none (full
     finetuning). ``probe_head`` names the head of a linear probe: everything else is frozen, BatchNorm included.
+    ``loraplus_ratio``: the optimizer takes LoRA+ groups (:func:`lightning_peft.param_groups`).
     """
     quiet_lightning()
     L.seed_everything(seed, verbose=False)
     if probe_head is not None:
         for name, param in net.named_parameters():
             param.requires_grad_(name.startswith(f"{probe_head}."))
-    module = LitClassifier(net, lr=lr, epochs=epochs, probe=probe_head is not None)
+    module = LitClassifier(net, lr=lr, epochs=epochs, probe=probe_head is not None, loraplus_ratio=loraplus_ratio)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, max_steps=max_steps, callbacks=callbacks or [],
@@ -231,12 +235,15 @@ class LitClassifier(L.LightningModule):
     """A LightningModule around any classifier ``net``: cross-entropy, AdamW on what trains, cosine schedule.
 
     With ``probe=True`` BatchNorm layers stay in eval mode (a frozen backbone keeps its statistics, as the
-    lightning_peft callbacks do by default).
+    lightning_peft callbacks do by default). With ``loraplus_ratio`` the optimizer gets LoRA+ parameter groups:
+    LoRA's B factors at ``lr * loraplus_ratio``, the rest at ``lr`` (:func:`lightning_peft.param_groups`).
     """
 
-    def __init__(self, net: nn.Module, lr: float = 1e-3, epochs: int = 1, probe: bool = False) -> None:
+    def __init__(self, net: nn.Module, lr: float = 1e-3, epochs: int = 1, probe: bool = False,
+                 loraplus_ratio: float | None = None) -> None:
         super().__init__()
         self.net, self.lr, self.epochs, self.probe = net, lr, epochs, probe
+        self.loraplus_ratio = loraplus_ratio
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.net(inputs)
@@ -254,7 +261,10 @@ class LitClassifier(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict:
-        optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=1e-4)
+        # the method callbacks have injected by now, so the groups see the adapters
+        params = ([p for p in self.parameters() if p.requires_grad] if self.loraplus_ratio is None
+                  else param_groups(self, self.lr, loraplus_ratio=self.loraplus_ratio))
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=1e-4)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(self.epochs, 1))
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 

@@ -16,6 +16,7 @@ from lightning_peft.errors import (
 from lightning_peft.guard import participation_check
 from lightning_peft.injection import inject
 from lightning_peft.lora import LoRAConfig, register_lora_layer, register_weight_reader
+from lightning_peft.lora.dora import reset_dora_magnitude
 from lightning_peft.lora.per_sample import adapter_parameters, per_sample_adapters
 from lightning_peft.lora.plus import param_groups
 from lightning_peft.lora.weighted import add_weighted_adapter
@@ -99,6 +100,7 @@ __all__ = [
     "register_lora_layer",
     "register_vit_locator",
     "register_weight_reader",
+    "reset_dora_magnitude",
     "restore_fsdp1_parameters",
     "save_adapter",
     "set_adapter",

@@ -298,3 +298,41 @@ def test_weighted_merging_of_dora_adapters_is_refused_with_the_reason() -> None:
     add_adapter(model, "other", LoRAConfig(r=2, alpha=3.0, target_modules=targets, dora=True))
     with pytest.raises(ValueError, match="is DoRA"):
         add_weighted_adapter(model, ["default", "other"], [1.0, 1.0], "mix")
+
+
+def test_base_weights_loaded_after_inject_are_caught_and_reset_dora_magnitude_fixes_it() -> None:
+    # the meta-device flow: inject, materialize (strategies: to_empty, then reset_parameters), load the weights
+    from lightning_peft import reset_dora_magnitude
+
+    pretrained = _gpt2()
+    with torch.device("meta"):
+        model = _gpt2()
+    inject(model, LoRAConfig(r=4, dora=True, target_modules=["c_attn", "c_fc"]))
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if isinstance(module, DoRALayer):
+            module.reset_parameters()  # m from the uninitialized memory
+    model.load_state_dict(pretrained.state_dict(), strict=False)  # base weights only: the adapters' keys are missing
+    ids = torch.randint(0, 50, (2, 6))
+    with pytest.raises(ValueError, match=r"DoRA's magnitude on this Conv1D was set from other weights .*"
+                                         r"lightning_peft.reset_dora_magnitude\(model\) after loading"):
+        model(ids)
+    reset_dora_magnitude(model)
+    with torch.no_grad():  # DoRA starts equal to the base model again
+        torch.testing.assert_close(model(ids).logits, pretrained(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_magnitude_check_leaves_trained_and_loaded_magnitudes_alone(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base, ids = _gpt2(), torch.randint(0, 50, (1, 4))
+    for weights_too in (True, False):
+        model = inject(copy.deepcopy(base), LoRAConfig(r=4, dora=True, target_modules=["c_attn"]))
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, DoRALayer):
+                    module.lora_magnitude.mul_(1.5)  # as training or a loaded file leaves it
+                    if weights_too:
+                        module.base_layer.weight.mul_(2.0)  # and other base weights: m is the user's, no error
+        model(ids)
+    save_adapter(model, tmp_path / "adapter")
+    load_adapter(copy.deepcopy(base), tmp_path / "adapter")(ids)  # the saved magnitude, loaded after inject

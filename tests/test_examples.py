@@ -56,7 +56,7 @@ def test_resnet_digits_demo_quick_prints_a_table_with_consistent_counts() -> Non
         ("vit_prompts_prefix.py", {"linear probe", "VPT-shallow p=8", "VPT-deep p=8", "prefix tuning p=8",
                                    "LoRA r=8 all-linear"}),
         ("text_minilm.py", {"linear probe", "prompt tuning p=10", "prefix tuning p=10", "LoRA r=8 query,value",
-                            "full finetuning"}),
+                            "LoRA+ r=8 query,value", "full finetuning"}),
     ],
 )
 def test_comparison_example_writes_a_table_and_a_plot_with_every_method(

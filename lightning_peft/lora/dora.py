@@ -84,7 +84,31 @@ class DoRALayer(LoRALayer):
         """LoRA's identity init, then ``m = ‖W + s·B A‖ = ‖W‖`` per output unit (the model starts equal to the base)."""
         super().reset_parameters()
         if not (self.lora_magnitude.is_meta or self.base_weight.is_meta):
-            self.lora_magnitude.copy_(self.weight_norm())
+            self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """``m = ‖W + s·B A‖`` of the weights the layer holds now; the first forward checks they are still these."""
+        self.lora_magnitude.copy_(self.weight_norm())
+        self.__dict__["_magnitude_source"] = self.lora_magnitude.detach().float().cpu().clone()
+
+    @torch.no_grad()
+    def _check_magnitude_source(self) -> None:
+        """Raise if ``m`` is still the norm set at inject but the base weights changed since (loaded afterwards)."""
+        source = self.__dict__.pop("_magnitude_source")
+        if not torch.equal(self.lora_magnitude.detach().float().cpu(), source):
+            return  # trained or loaded since: the magnitude is the user's
+        with gathered([self.base_weight]):
+            matrix = self.weight_matrix(self.base_weight).float()
+            norm = torch.linalg.vector_norm(matrix, dim=1).to(self.lora_magnitude.dtype).float().cpu()
+        if not torch.allclose(norm, source, rtol=1e-2, atol=1e-6 * float(source.abs().max())):
+            change = ((norm - source).abs() / source.abs().clamp_min(1e-12)).max().item()
+            raise ValueError(
+                f"DoRA's magnitude on this {type(self.base_layer).__name__} was set from other weights than it holds "
+                f"now (‖W‖ differs by up to {change:.0%}): the base weights changed after the adapter was injected, "
+                "e.g. a model built on the meta device and loaded after materializing. Call "
+                "lightning_peft.reset_dora_magnitude(model) after loading the base weights, or inject after loading."
+            )
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
@@ -118,6 +142,8 @@ class DoRALayer(LoRALayer):
         if self.merged or not self.enabled:
             return result
         took_part(self)
+        if not torch.compiler.is_compiling() and "_magnitude_source" in self.__dict__:
+            self._check_magnitude_source()  # once: the first forward
         bias = self.output_bias()
         plain = result if bias is None else result - bias.to(result.dtype)  # W x
         adapted = torch.add(plain, self.dropped_delta(x).to(result.dtype), alpha=self.scale)  # W x + s·B A drop(x)
@@ -210,3 +236,16 @@ def dora_layer_for(adapter: type[LoRALayer], layer: str) -> type[DoRALayer]:
         f"DoRA (dora=True) is defined for Linear, transformers Conv1D, Embedding and Conv1d/2d/3d; {layer!r} gets a "
         f"{adapter.__name__}. Leave it out with exclude_modules, or use dora=False."
     )
+
+
+def reset_dora_magnitude(model: nn.Module) -> nn.Module:
+    """Set every DoRA magnitude of ``model`` to ``‖W + s·B A‖`` of the weights it holds now; returns ``model``.
+
+    DoRA sets ``m = ‖W‖`` when it is injected (so the model starts equal to its base). Where the base weights are
+    loaded only afterwards (a model built on the meta device, materialized, then loaded), call this once they are
+    in, before training and before sharding; the first forward otherwise raises, naming this function.
+    """
+    for module in model.modules():
+        if isinstance(module, DoRALayer):
+            module.reset_magnitude()
+    return model
