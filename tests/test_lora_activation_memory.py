@@ -55,24 +55,34 @@ def test_dropout_loss_and_every_gradient_equal_the_written_out_formula_in_float6
     torch.manual_seed(0)
     base = nn.Linear(12, 10) if kind == "linear" else _conv1d(12, 10)
     model = inject(nn.Sequential(base.double()), LoRAConfig(r=3, alpha=6.0, dropout=p, target_modules=["0"]))
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+
+    def formula(rx: torch.Tensor, rw: torch.Tensor, rb: torch.Tensor, ra: torch.Tensor, rbb: torch.Tensor,
+                layer: LoRALayer) -> torch.Tensor:
+        return _base_formula(base, rw, rb, rx) + layer.scale * ((masks[0] * rx) / (1 - p)) @ ra.T @ rbb.T
+
+    _assert_loss_and_every_gradient_equal(model, x, masks, formula)
+
+
+def _assert_loss_and_every_gradient_equal(model: nn.Module, x: torch.Tensor, masks: list[torch.Tensor],
+                                          formula: Callable[..., torch.Tensor]) -> None:
+    """One training step of ``model[0]`` (B random, the base weight and bias trainable) against ``formula`` written
+    out on copies of ``x, W, b, A, B`` with the mask the adapter drew: loss and every gradient, float64."""
     layer = model[0]
     assert isinstance(layer, LoRALayer)
+    base = layer.base_layer
     with torch.no_grad():
         layer.lora_B.normal_()  # B = 0 at init would hide A's gradient
     base.weight.requires_grad_(True)
     base.bias.requires_grad_(True)  # every gradient, the base layer's included
-    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(2, 5, 10, dtype=torch.float64)
-
-    loss = (model.train()(x) * weights).sum()
+    out = model.train()(x)
+    weights = torch.randn_like(out)
+    loss = (out * weights).sum()
     loss.backward()
 
     assert len(masks) == 2 and torch.equal(masks[0], masks[1])  # backward redrew the forward's mask
-    mask = masks[0]
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, base.weight, base.bias, layer.lora_A, layer.lora_B)]
-    rx, rw, rb, ra, rbb = leaves
-    expected = _base_formula(base, rw, rb, rx) + layer.scale * ((mask * rx) / (1 - p)) @ ra.T @ rbb.T
-    expected_loss = (expected * weights).sum()
+    expected_loss = (formula(*leaves, layer) * weights).sum()
     expected_loss.backward()
     torch.testing.assert_close(loss, expected_loss, **TOL)
     for ours, theirs in zip((x, base.weight, base.bias, layer.lora_A, layer.lora_B), leaves, strict=True):
@@ -121,28 +131,15 @@ def test_conv_dropout_loss_and_every_gradient_equal_the_written_out_formula_in_f
     build, options = CONVS[conv]
     base, p = build().double(), 0.3
     model = inject(nn.Sequential(base), LoRAConfig(r=4, alpha=8.0, dropout=p, target_modules=["0"], **options))
-    layer = model[0]
-    with torch.no_grad():
-        layer.lora_B.normal_()
-    base.weight.requires_grad_(True)
-    base.bias.requires_grad_(True)
     x = torch.randn(2, base.in_channels, *([5] * (base.weight.dim() - 2)), dtype=torch.float64, requires_grad=True)
-    out = model.train()(x)
-    weights = torch.randn_like(out)
-    loss = (out * weights).sum()
-    loss.backward()
 
-    assert len(masks) == 2 and torch.equal(masks[0], masks[1])  # backward redrew the forward's mask
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, base.weight, base.bias, layer.lora_A, layer.lora_B)]
-    rx, rw, rb, ra, rbb = leaves
-    dropped = masks[0] * rx / (1 - p)
-    expected = base._conv_forward(rx, rw, rb) + layer.scale * base._conv_forward(
-        dropped, _conv_delta_weight(layer, ra, rbb), None)  # torch's own conv geometry (padding mode included)
-    expected_loss = (expected * weights).sum()
-    expected_loss.backward()
-    torch.testing.assert_close(loss, expected_loss, **TOL)
-    for ours, theirs in zip((x, base.weight, base.bias, layer.lora_A, layer.lora_B), leaves, strict=True):
-        torch.testing.assert_close(ours.grad, theirs.grad, **TOL)
+    def formula(rx: torch.Tensor, rw: torch.Tensor, rb: torch.Tensor, ra: torch.Tensor, rbb: torch.Tensor,
+                layer: LoRALayer) -> torch.Tensor:
+        dropped = masks[0] * rx / (1 - p)  # torch's own conv geometry below (padding mode included)
+        return base._conv_forward(rx, rw, rb) + layer.scale * base._conv_forward(
+            dropped, _conv_delta_weight(layer, ra, rbb), None)
+
+    _assert_loss_and_every_gradient_equal(model, x, masks, formula)
 
 
 def test_conv_adapters_save_only_the_shared_input_and_the_r_channel_product() -> None:
