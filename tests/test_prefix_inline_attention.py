@@ -283,3 +283,17 @@ def test_falcon_flash_attention_is_refused_with_the_fix() -> None:
         pytest.skip(f"FalconFlashAttention2 cannot be built here: {error}")
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         inject(nn.ModuleDict({"attn": attn}), PrefixTuning(num_tokens=P))
+
+
+@pytest.mark.parametrize("family", ["bloom", "gpt2"])  # the cache seam; transformers' attention-function registry
+def test_keys_of_another_shape_than_the_prefix_was_built_for_raise_naming_the_fix(family: str) -> None:
+    from lightning_peft.prefix.attention import PrefixShape
+
+    model = tiny(family) if family == "bloom" else transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    inject(model, PrefixTuning(num_tokens=P))
+    adapter = prefix_adapters(model)[0]
+    adapter.shape = PrefixShape(kv_heads=3, key_dim=adapter.shape.key_dim, value_dim=adapter.shape.value_dim)
+    with pytest.raises(ValueError, match=r"attends over keys of shape \(2, 4, 7, 8\) .* built for 3 key/value heads "
+                                         r"of width 8 .*register_attention_handler"):
+        model(input_ids=batch()["input_ids"])

@@ -254,6 +254,18 @@ class PrefixAttention(Adapter):
         prefix_key, prefix_value = self.prefix_like(key, value, heads_axis)
         return torch.cat([prefix_key, key], dim=-2), torch.cat([prefix_value, value], dim=-2)
 
+    def check_keys(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Raise unless ``key``/``value`` ``(b, heads, s, d)`` have this layer's key/value heads (or a multiple of
+        them: repeated) and widths, the shape the prefix was built with."""
+        s = self.shape
+        if key.shape[1] % s.kv_heads or key.shape[-1] != s.key_dim or value.shape[-1] != s.value_dim:
+            raise ValueError(
+                f"{type(self.base_layer).__name__} attends over keys of shape {tuple(key.shape)} (values "
+                f"{tuple(value.shape)}), but its prefix was built for {s.kv_heads} key/value heads of width "
+                f"{s.key_dim} (values {s.value_dim}) from the module's attributes. Register a handler for this class "
+                "with lightning_peft.register_attention_handler that returns the right PrefixShape."
+            )
+
     def gate_value(self, like: torch.Tensor) -> torch.Tensor:
         """``tanh(g)``: the weight of the gated prefix branch."""
         assert self.prefix_gate is not None  # internal invariant: called on gated adapters only
@@ -296,6 +308,18 @@ def causal_bias(q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
     """``(q, kv)`` additive mask: query ``i`` (the last ``q`` of ``kv`` positions) sees keys ``j <= i + kv - q``."""
     allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=like.device).tril(kv_len - q_len)
     return torch.zeros(q_len, kv_len, dtype=like.dtype, device=like.device).masked_fill(~allowed, float("-inf"))
+
+
+def prefixed_mask(mask: torch.Tensor | None, p: int, q_len: int, kv_len: int, causal: bool,
+                  like: torch.Tensor) -> torch.Tensor | None:
+    """A mask over ``[prefix; keys]``: ``mask`` with ``p`` always-visible columns in front. Without a mask and with
+    ``causal``, the causal mask spelled out with the queries as the last ``q_len`` of ``kv_len`` positions (as with a
+    cache; SDPA's ``is_causal`` would align it top-left), prefix visible; ``None`` where nothing is masked."""
+    if mask is not None:
+        return pad_columns(mask, p)
+    if not causal or q_len == 1:
+        return None
+    return pad_columns(causal_bias(q_len, kv_len, like)[None, None], p)
 
 
 def pad_columns(mask: torch.Tensor, before: int, after: int = 0) -> torch.Tensor:

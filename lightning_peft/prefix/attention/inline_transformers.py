@@ -46,8 +46,8 @@ from lightning_peft.prefix.attention.base import (
     AttentionClass,
     PrefixAttention,
     attend,
-    causal_bias,
     pad_columns,
+    prefixed_mask,
 )
 
 _BLOOM = "transformers.models.bloom.modeling_bloom"
@@ -65,21 +65,11 @@ class _PrefixedCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         if self._inner is not None:
             key, value = self._inner.update(key, value, *args, **kwargs)
-        _check_heads(self._adapter, key, value)
+        self._adapter.check_keys(key, value)
         return self._adapter.prepend(key, value)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
-
-
-def _check_heads(adapter: PrefixAttention, key: torch.Tensor, value: torch.Tensor) -> None:
-    s = adapter.shape
-    if key.shape[1] % s.kv_heads or key.shape[-1] != s.key_dim or value.shape[-1] != s.value_dim:
-        raise ValueError(
-            f"{type(adapter.base_layer).__name__} produced keys of shape {tuple(key.shape)}, but its prefix was built "
-            f"for {s.kv_heads} key/value heads of width {s.key_dim}; register a handler with "
-            "lightning_peft.register_attention_handler that returns the right PrefixShape."
-        )
 
 
 class _CacheSeamPrefixAttention(PrefixAttention):
@@ -109,17 +99,13 @@ class _CacheSeamPrefixAttention(PrefixAttention):
         return base(*bound.args, **bound.kwargs)
 
     def _mask(self, mask: torch.Tensor | None, like: torch.Tensor, q_len: int, past_len: int) -> torch.Tensor | None:
-        if mask is not None:
-            if mask.dim() != 4:
-                raise ValueError(
-                    f"prefix tuning expects a 4-D attention mask in {type(self.base_layer).__name__}, got shape "
-                    f"{tuple(mask.shape)}. Use attn_implementation='sdpa' or 'eager'."
-                )
-            return pad_columns(mask, self.num_tokens)
-        if not self._causal():
-            return None
-        # the model would rely on is_causal (top-left aligned once keys outnumber queries): spell the mask out
-        return pad_columns(causal_bias(q_len, past_len + q_len, like)[None, None], self.num_tokens)
+        if mask is not None and mask.dim() != 4:
+            raise ValueError(
+                f"prefix tuning expects a 4-D attention mask in {type(self.base_layer).__name__}, got shape "
+                f"{tuple(mask.shape)}. Use attn_implementation='sdpa' or 'eager'."
+            )
+        # without a mask the model would rely on is_causal (top-left once keys outnumber queries): spelled out
+        return prefixed_mask(mask, self.num_tokens, q_len, past_len + q_len, self._causal(), like)
 
     def _causal(self) -> bool:
         return bool(getattr(self.base_layer, "is_causal", False))

@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_peft.prefix.attention.base import PrefixAttention, causal_bias, pad_columns
+from lightning_peft.prefix.attention.base import PrefixAttention, pad_columns, prefixed_mask
 from lightning_peft.record import find_record, record
 
 _NAME = "ALL_ATTENTION_FUNCTIONS"
@@ -132,7 +132,7 @@ def _prefixed_call(inner: Callable[..., Any], implementation: str, module: nn.Mo
     adapter = cast("PrefixAttention | None", found.prefix_adapter if found is not None else None)
     if adapter is None or not adapter.enabled:
         return inner(module, query, key, value, attention_mask, *args, **kwargs)
-    _check_shape(adapter, key, value)
+    adapter.check_keys(key, value)
     if adapter.gated:
         out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
         prefix_kwargs = {**kwargs, "is_causal": False, "position_bias": None}
@@ -149,33 +149,17 @@ def _prefixed_call(inner: Callable[..., Any], implementation: str, module: nn.Mo
 
 def _extend_mask(mask: Any, p: int, implementation: str, module: nn.Module, kwargs: dict[str, Any],
                  query: torch.Tensor, q_len: int, kv_len: int) -> Any:
-    if isinstance(mask, torch.Tensor):
-        if mask.dim() == 2 or mask.shape[-1] == kv_len:  # (b, kv) padding masks (flash) or (b, h, q, kv)
-            return pad_columns(mask, p)
-        raise ValueError(
+    if isinstance(mask, torch.Tensor) and not (mask.dim() == 2 or mask.shape[-1] == kv_len):
+        raise ValueError(  # (b, kv) padding masks (flash) and (b, h, q, kv) masks are extended
             f"prefix tuning cannot extend an attention mask of shape {tuple(mask.shape)} for keys of length {kv_len} "
             f"in {type(module).__name__}. Use attn_implementation='sdpa' or 'eager'."
         )
-    if mask is not None:
+    if mask is not None and not isinstance(mask, torch.Tensor):
         raise ValueError(
             f"prefix tuning got a {type(mask).__name__} attention mask from attn_implementation={implementation!r} "
             f"in {type(module).__name__}; it extends tensor masks only. Use attn_implementation='sdpa' or 'eager'."
         )
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", False) if causal is None else causal
-    if not causal or q_len == 1 or implementation.startswith("flash"):
-        return None  # no mask needed (flash aligns causal masks bottom-right: prefix columns stay visible)
-    # sdpa would use is_causal=True, which aligns top-left once keys outnumber queries: spell the mask out.
-    return pad_columns(causal_bias(q_len, kv_len, query)[None, None], p)
-
-
-def _check_shape(adapter: PrefixAttention, key: torch.Tensor, value: torch.Tensor) -> None:
-    s = adapter.shape
-    got = (key.shape[1], key.shape[-1], value.shape[-1])
-    if got != (s.kv_heads, s.key_dim, s.value_dim):
-        raise ValueError(
-            f"{type(adapter.base_layer).__name__} passes keys with {got[0]} heads of width {got[1]} (values {got[2]}) "
-            f"to the attention interface, but its prefix was built for {s.kv_heads} heads of width {s.key_dim} "
-            f"(values {s.value_dim}) from the module's attributes. Register a handler for this class with "
-            "lightning_peft.register_attention_handler that returns the right PrefixShape."
-        )
+    # flash aligns causal masks bottom-right itself: the prefix columns stay visible without a mask
+    return prefixed_mask(mask, p, q_len, kv_len, bool(causal) and not implementation.startswith("flash"), query)
