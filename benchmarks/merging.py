@@ -5,8 +5,8 @@ A GPT-2 (4 layers x 768, random weights) holds three named LoRA adapters (r=8 on
 ``[0.6, 0.3, -0.2]`` (density 0.5 where one is needed): the time to add the merged adapter (ours and PEFT's
 interleaved, median of the rounds) and how far ours is from PEFT's result, ``max |ΔW_ours - ΔW_PEFT| / max |ΔW_PEFT|``
 over the layers (DARE's random masks: ours from ``seed``, PEFT's from the global generator, seeded the same way
-right before it merges its first layer, as tests/test_weighted_merging.py does). For ``cat`` also the error
-against the written-out ``Σ w_i s_i B_i A_i``.
+right before it merges its first layer: ``peft_seeded_merges``, which tests/test_weighted_merging.py uses too).
+For ``cat`` also the error against the written-out ``Σ w_i s_i B_i A_i``.
 
     python benchmarks/merging.py            # about 7 minutes on 2 CPU threads (the svd types dominate)
     python benchmarks/merging.py --smoke    # a tiny GPT-2, one round
@@ -15,11 +15,13 @@ against the written-out ``Σ w_i s_i B_i A_i``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lightning_peft import LoRAConfig, adapters, add_adapter, add_weighted_adapter, set_adapter  # noqa: E402
+from lightning_peft import (  # noqa: E402
+    LoRAConfig,
+    adapters,
+    add_adapter,
+    add_weighted_adapter,
+    delete_adapter,
+    set_adapter,
+)
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 SOURCES, R, WEIGHTS, DENSITY, SEED = ("u", "v", "w"), 8, [0.6, 0.3, -0.2], 0.5, 11
@@ -72,28 +81,34 @@ def deltas(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return {layer: adapter.delta_weight().detach() for layer, adapter in adapters(model)}
 
 
-def peft_merge(theirs: Any, how: str, name: str) -> None:
-    """PEFT's merge, its global generator seeded right before its first layer (as ours draws from ``SEED``)."""
-    model_class = type(theirs.base_model)
-    originals = {}
-    for method in ("_generalized_task_arithmetic_weighted_adapter",
-                   "_svd_generalized_task_arithmetic_weighted_adapter"):
-        originals[method] = original = getattr(model_class, method)
-        seeded: list[bool] = []
+@contextlib.contextmanager
+def peft_seeded_merges(seed: int) -> Iterator[list[int]]:
+    """While open, PEFT's weighted merge seeds torch's global generator right before it merges its first layer
+    (its DARE draws from that generator, after initialising the new adapter, which draws too), so its masks come
+    from the stream ours draws from ``seed``; yields the seeds used (none: no layer merge ran, as for ``cat``).
+    One merge per ``with``: the generator is seeded once."""
+    from peft.tuners.lora.model import LoraModel
 
-        def wrapped(self: Any, *args: Any, _original: Any = original, _seeded: list[bool] = seeded,
-                    **kwargs: Any) -> Any:
-            if not _seeded:
-                torch.manual_seed(SEED)
-                _seeded.append(True)
-            return _original(self, *args, **kwargs)
+    seeded: list[int] = []
+    originals = {name: getattr(LoraModel, name) for name in (
+        "_generalized_task_arithmetic_weighted_adapter", "_svd_generalized_task_arithmetic_weighted_adapter")}
 
-        setattr(model_class, method, wrapped)
+    def seeding(original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not seeded:
+                torch.manual_seed(seed)
+                seeded.append(seed)
+            return original(self, *args, **kwargs)
+
+        return wrapped
+
+    for name, original in originals.items():
+        setattr(LoraModel, name, seeding(original))
     try:
-        theirs.add_weighted_adapter(list(SOURCES), WEIGHTS, name, combination_type=how, **kwargs_for(how))
+        yield seeded
     finally:
-        for method, original in originals.items():
-            setattr(model_class, method, original)
+        for name, original in originals.items():
+            setattr(LoraModel, name, original)
 
 
 def kwargs_for(how: str) -> dict[str, Any]:
@@ -110,7 +125,8 @@ def measure(ours: nn.Module, theirs: Any, how: str, rounds: int) -> dict:
                 add_weighted_adapter(ours, list(SOURCES), WEIGHTS, name, combination_type=how, seed=SEED,
                                      **kwargs_for(how))  # type: ignore[arg-type]
             else:
-                peft_merge(theirs, how, name)
+                with peft_seeded_merges(SEED):
+                    theirs.add_weighted_adapter(list(SOURCES), WEIGHTS, name, combination_type=how, **kwargs_for(how))
             times[contender].append((time.perf_counter() - start) * 1000)
     name = f"{how}0"
     ours_delta = deltas(ours, name)
@@ -123,8 +139,6 @@ def measure(ours: nn.Module, theirs: Any, how: str, rounds: int) -> dict:
         written = {layer: sum(w * d[layer] for w, d in zip(WEIGHTS, sources, strict=True)) for layer in ours_delta}
         row["cat_error_vs_written_sum"] = max((ours_delta[k] - written[k]).abs().max().item() for k in written)
     for index in range(rounds):  # leave the model as it was for the next type
-        from lightning_peft import delete_adapter
-
         set_adapter(ours, SOURCES[0])
         delete_adapter(ours, f"{how}{index}")
         theirs.delete_adapter(f"{how}{index}")

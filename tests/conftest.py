@@ -1,4 +1,4 @@
-"""Shared test set-up: offline Hugging Face, one thread, and a tiny CPU Trainer factory."""
+"""Shared test set-up: offline Hugging Face, one thread, a tiny CPU Trainer factory and LoRA's dropout masks."""
 
 from __future__ import annotations
 
@@ -32,3 +32,19 @@ def make_trainer(tmp_path: Path) -> Callable[..., Any]:
         return L.Trainer(**{**defaults, **overrides})
 
     return make
+
+
+@pytest.fixture
+def dropout_masks(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every keep-mask LoRA dropout draws (lightning_peft.lora.dropout.keep_mask), forward and backward, in order."""
+    import lightning_peft.lora.dropout as lora_dropout
+
+    drawn: list[Any] = []
+    draw = lora_dropout.keep_mask
+
+    def recording(*args: Any) -> Any:
+        drawn.append(draw(*args))
+        return drawn[-1]
+
+    monkeypatch.setattr(lora_dropout, "keep_mask", recording)
+    return drawn

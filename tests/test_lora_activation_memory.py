@@ -22,17 +22,9 @@ TOL = {"atol": 1e-6, "rtol": 1e-6}  # float64
 
 
 @pytest.fixture
-def masks(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
-    """Every keep-mask the adapters draw, forward and backward, in order."""
-    drawn: list[torch.Tensor] = []
-    original = lora_dropout.keep_mask
-
-    def recording(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-        drawn.append(original(like, p, seed))
-        return drawn[-1]
-
-    monkeypatch.setattr(lora_dropout, "keep_mask", recording)
-    return drawn
+def masks(dropout_masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every keep-mask the adapters draw, forward and backward, in order (the conftest fixture)."""
+    return dropout_masks
 
 
 def _conv1d(n_in: int, n_out: int) -> nn.Module:

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lightning_peft.lora.dropout as lora_dropout
 from lightning_peft import LoRA, adapters, inject, merge, save_adapter, unmerge
 from lightning_peft.errors import PEFTWarning
 from lightning_peft.lora import LoRAConfig, LoRAConv
@@ -92,15 +91,12 @@ def test_shared_update_equals_the_formula_in_outputs_and_gradients_and_merges_ex
 
 
 def test_shared_form_with_dropout_equals_base_plus_delta_conv_of_the_dropped_input(
-    monkeypatch: pytest.MonkeyPatch,
+    dropout_masks: list[torch.Tensor],
 ) -> None:
     model, x = _adapted("grouped2d_circular", 2, dropout=0.5)
     layer = model[0].train()
-    masks: list[torch.Tensor] = []
-    draw = lora_dropout.keep_mask
-    monkeypatch.setattr(lora_dropout, "keep_mask", lambda *args: masks.append(draw(*args)) or masks[-1])
     out = layer(x)
-    dropped = masks[0] * x / 0.5  # the mask the adapter drew
+    dropped = dropout_masks[0] * x / 0.5  # the mask the adapter drew
     base = layer.base_layer(x)
     zero = torch.zeros_like(layer.lora_A)  # the formula with W's part removed: s · conv(dropped, ΔW)
     delta_only = _formula(layer, dropped, layer.lora_A, layer.lora_B) - _formula(layer, dropped, zero, layer.lora_B)

@@ -173,8 +173,9 @@ def test_float32_gpt2_rows_equal_rows_alone(training: bool) -> None:
             torch.testing.assert_close(run(model, x), torch.cat(alone), atol=TOL, rtol=TOL)
 
 
-def test_a_parameter_changed_in_place_changes_the_next_eval_batch() -> None:
-    model, run, x = _mlp()
+@pytest.mark.parametrize("case", ["linear", "grouped_conv2d"])  # stacked factors; each slot's whole update
+def test_a_parameter_changed_in_place_changes_the_next_eval_batch(case: str) -> None:
+    model, run, x = CASES[case]()
     with torch.no_grad():
         with per_sample_adapters(model, NAMES):
             before = run(model, x)

@@ -4,6 +4,8 @@ written-out sums ``Σ w_i · s_i B_i A_i`` per layer and against PEFT's ``add_we
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,11 +17,10 @@ from lightning_peft import (
     LoRAConfig,
     PromptTuningConfig,
     active_adapter,
-    add_adapter,
-    add_weighted_adapter,
     adapter_state_dict,
     adapters,
-    inject,
+    add_adapter,
+    add_weighted_adapter,
     list_adapters,
     set_adapter,
 )
@@ -211,22 +212,15 @@ def peft_pair(ranks: dict[str, int], seed: int = 0) -> tuple[nn.Module, nn.Modul
     return ours, theirs
 
 
-def seed_once_before_the_first_layer(monkeypatch: pytest.MonkeyPatch, seed: int) -> list[int]:
-    """PEFT's DARE draws from torch's global generator after initialising the new adapter (which draws too):
-    seed it right before PEFT merges its first layer, so its masks come from the same stream as ours."""
-    model_class = peft.tuners.lora.model.LoraModel
-    seeded: list[int] = []
-    for method in ("_generalized_task_arithmetic_weighted_adapter", "_svd_generalized_task_arithmetic_weighted_adapter"):
-        original = getattr(model_class, method)
-
-        def wrapped(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            if not seeded:
-                torch.manual_seed(seed)
-                seeded.append(seed)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(model_class, method, wrapped)
-    return seeded
+def peft_seeded_merges(seed: int) -> Any:
+    """benchmarks/merging.py's context: PEFT's merge seeds torch's generator right before its first layer, so its
+    DARE masks come from the stream ours draws from ``seed``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import merging
+    finally:
+        sys.path.pop(0)
+    return merging.peft_seeded_merges(seed)
 
 
 @pytest.mark.parametrize(("how", "kwargs"), [
@@ -234,15 +228,14 @@ def seed_once_before_the_first_layer(monkeypatch: pytest.MonkeyPatch, seed: int)
     ("magnitude_prune", dict(density=0.6)), ("ties_svd", dict(density=0.5)),
     ("dare_linear", dict(density=0.5)), ("dare_ties", dict(density=0.7, majority_sign_method="frequency")),
 ])
-def test_matches_peft_add_weighted_adapter_on_the_same_weights(how: str, kwargs: dict[str, Any],
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    seeded = seed_once_before_the_first_layer(monkeypatch, 11)
+def test_matches_peft_add_weighted_adapter_on_the_same_weights(how: str, kwargs: dict[str, Any]) -> None:
     equal_ranks = how not in ("cat", "svd") and not how.endswith("svd")
     ranks = {"u": 2, "v": 2} if equal_ranks else {"u": 2, "v": 3}  # PEFT warns about names inside "lora_"
     ours, theirs = peft_pair(ranks)
     weights = [0.8, -0.5]
     add_weighted_adapter(ours, ["u", "v"], weights, "mix", combination_type=how, seed=11, **kwargs)  # type: ignore[arg-type]
-    theirs.add_weighted_adapter(["u", "v"], weights, "mix", combination_type=how, **kwargs)
+    with peft_seeded_merges(11) as seeded:
+        theirs.add_weighted_adapter(["u", "v"], weights, "mix", combination_type=how, **kwargs)
     assert seeded == ([] if how == "cat" else [11])  # cat draws nothing and calls neither
     merged = deltas(ours, "mix")
     for layer in LAYERS:

@@ -252,7 +252,7 @@ class _RowDelta:
     def _stack(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._grouped:  # each slot's whole update (base layout, either grouped form); no B
             updates = [s.delta_weight().to(device, dtype) for s in self.slots]
-            return torch.stack([*updates, torch.zeros_like(updates[0])]), torch.zeros(len(updates) + 1, 0)
+            return torch.stack([*updates, torch.zeros_like(updates[0])]), updates[0].new_zeros(len(updates) + 1, 0)
         rank = self.rank
         a_list, b_list = [], []
         for s in self.slots:  # ranks padded with zeros to the largest; the scale folded into B
