@@ -28,12 +28,8 @@ from torch import nn
 from lightning_peft.adapter import Adapter, adapters
 from lightning_peft.errors import PEFTWarning, TargetNotFoundError
 from lightning_peft.methods import Site, TargetedConfig, check_positive_int, init_seed
-from lightning_peft.prefix.attention import (
-    AttentionMatch,
-    match_attention,
-    prefix_undefined,
-)
-from lightning_peft.prefix.attention.base import PrefixAttention, PrefixEncoder
+from lightning_peft.prefix.attention import AttentionMatch, match_attention
+from lightning_peft.prefix.attention.base import PrefixAttention, PrefixEncoder, prefix_undefined
 from lightning_peft.prefix.attention.sdpa import sdpa_shape_hint
 from lightning_peft.record import find_record
 from lightning_peft.targets import is_inside

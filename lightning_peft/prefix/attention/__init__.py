@@ -18,40 +18,16 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_peft.imported import imported_class
-from lightning_peft.prefix.attention.base import (
-    AttentionClass,
-    PrefixAttention,
-    PrefixEncoder,
-    PrefixShape,
-    attribute_shape,
-    prefix_undefined,
-)
-from lightning_peft.prefix.attention.inline_transformers import (
-    INLINE_CLASSES,
-    BloomPrefixAttention,
-    DebertaV2PrefixAttention,
-    FalconPrefixAttention,
-)
+from lightning_peft.prefix.attention.base import AttentionClass, PrefixAttention, PrefixShape, attribute_shape
+from lightning_peft.prefix.attention.inline_transformers import INLINE_CLASSES
 from lightning_peft.prefix.attention.multihead import MultiheadPrefixAttention
-from lightning_peft.prefix.attention.sdpa import (
-    SDPA_LAYOUT_CLASSES,
-    HieraPrefixAttention,
-    SdpaPrefixAttention,
-    sdpa_shape,
-)
+from lightning_peft.prefix.attention.sdpa import SDPA_LAYOUT_CLASSES, SdpaPrefixAttention, sdpa_shape
 from lightning_peft.prefix.attention.timm_biased import TIMM_BIASED_CLASSES
 from lightning_peft.prefix.attention.transformers_attention import (
     TransformersPrefixAttention,
     calls_attention_interface,
 )
-from lightning_peft.prefix.attention.window_attention import (
-    WINDOW_CLASSES,
-    TimmWindowPrefixAttention,
-    TimmWindowV2PrefixAttention,
-    TorchvisionMaxVitPrefixAttention,
-    TorchvisionWindowPrefixAttention,
-    TorchvisionWindowV2PrefixAttention,
-)
+from lightning_peft.prefix.attention.window_attention import WINDOW_CLASSES
 
 
 @dataclass(frozen=True)
@@ -63,6 +39,19 @@ class AttentionMatch:
 
 
 AttentionHandler = Callable[[nn.Module], "AttentionMatch | None"]
+
+
+def class_table_handler(table: tuple[AttentionClass, ...]) -> AttentionHandler:
+    """A handler matching the classes of ``table`` (of libraries already imported) to their adapters and shapes."""
+
+    def handler(module: nn.Module) -> AttentionMatch | None:
+        for entry in table:
+            cls = imported_class(entry.module, entry.name)
+            if cls is not None and (type(module) is cls or (entry.subclasses and isinstance(module, cls))):
+                return AttentionMatch(entry.adapter, attribute_shape(module))
+        return None
+
+    return handler
 
 
 def _transformers_handler(module: nn.Module) -> AttentionMatch | None:
@@ -82,26 +71,12 @@ def _sdpa_handler(module: nn.Module) -> AttentionMatch | None:
     return AttentionMatch(SdpaPrefixAttention, shape) if shape is not None else None
 
 
-def class_table_handler(table: tuple[AttentionClass, ...]) -> AttentionHandler:
-    """A handler matching the classes of ``table`` (of libraries already imported) to their adapters and shapes."""
-
-    def handler(module: nn.Module) -> AttentionMatch | None:
-        for entry in table:
-            cls = imported_class(entry.module, entry.name)
-            if cls is not None and (type(module) is cls or (entry.subclasses and isinstance(module, cls))):
-                return AttentionMatch(entry.adapter, attribute_shape(module))
-        return None
-
-    return handler
-
-
 _HANDLERS: list[AttentionHandler] = [
-    _transformers_handler,
-    class_table_handler(INLINE_CLASSES),  # BLOOM, Falcon, DeBERTa-v2: attention inside their own forward
-    _multihead_handler,
-    class_table_handler(WINDOW_CLASSES),  # Swin (torchvision; timm v1, v2), torchvision MaxViT
-    class_table_handler(TIMM_BIASED_CLASSES),  # LeViT, EfficientFormer: per-position attention biases
-    class_table_handler(SDPA_LAYOUT_CLASSES),  # timm Hiera: SDPA with the heads before the mask units
+    _transformers_handler,  # every module calling transformers' ALL_ATTENTION_FUNCTIONS
+    _multihead_handler,  # nn.MultiheadAttention and subclasses
+    # attention computed by hand: BLOOM, DeBERTa-v2; Swin (torchvision; timm v1, v2) and torchvision MaxViT; timm
+    # LeViT, EfficientFormer (per-position bias tables); and timm Hiera (SDPA, but heads before its mask units)
+    class_table_handler(INLINE_CLASSES + WINDOW_CLASSES + TIMM_BIASED_CLASSES + SDPA_LAYOUT_CLASSES),
     _sdpa_handler,  # last: any other module whose forward calls F.scaled_dot_product_attention (sdpa.py)
 ]
 
@@ -134,23 +109,11 @@ __all__ = [
     "AttentionClass",
     "AttentionHandler",
     "AttentionMatch",
-    "BloomPrefixAttention",
-    "DebertaV2PrefixAttention",
-    "FalconPrefixAttention",
-    "HieraPrefixAttention",
     "MultiheadPrefixAttention",
     "PrefixAttention",
-    "PrefixEncoder",
     "PrefixShape",
     "SdpaPrefixAttention",
-    "TimmWindowPrefixAttention",
-    "TimmWindowV2PrefixAttention",
-    "TorchvisionMaxVitPrefixAttention",
-    "TorchvisionWindowPrefixAttention",
-    "TorchvisionWindowV2PrefixAttention",
-    "TransformersPrefixAttention",
     "class_table_handler",
     "match_attention",
-    "prefix_undefined",
     "register_attention_handler",
 ]

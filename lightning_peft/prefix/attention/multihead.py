@@ -101,3 +101,4 @@ class MultiheadPrefixAttention(PrefixAttention):
             padding = additive_mask(key_padding_mask, q.dtype, keep_true=False).reshape(b, 1, 1, kv_len)
             bias = padding if bias is None else bias + padding
         return bias
+
