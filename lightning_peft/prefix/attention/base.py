@@ -6,12 +6,8 @@ key/value projections (and after rotary embeddings)::
     q: (b, h, n, d)      k, v: (b, h_kv, n_kv, d)   ──►   k', v': (b, h_kv, p + n_kv, d)
     scores = q k'^T: (b, h, n, p + n_kv)      output = softmax(scores) v': (b, h, n, d)
 
-Queries are unchanged, so outputs keep ``n`` rows and no projection changes shape. Masks gain ``p`` columns
-that every query may see; causal masks stay causal over the real tokens.
-
-With ``gate`` (exact start, as LLaMA-Adapter), the prefix gets a softmax of its own and is added through a
-zero-initialised gate: ``output = attn(q, k, v) + tanh(g) · attn(q, k_prefix, v_prefix)``, so the adapted model
-equals the frozen one until ``g`` moves.
+With ``gate`` (exact start, as LLaMA-Adapter): ``output = attn(q, k, v) + tanh(g) · attn(q, P_k, P_v)``, ``g = 0``
+at init.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, overload
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +42,8 @@ class PrefixShape:
 
 @dataclass(frozen=True)
 class AttentionClass:
-    """One attention class of an optional library and the adapter that wraps it (shape: :func:`attribute_shape`).
-
-    The class is looked up only once its module is imported (see :func:`lightning_peft.imported.imported_class`).
-    A module matches its exact class, or any subclass of it when ``subclasses`` is true.
-    """
+    """One attention class of an optional library (looked up once its module is imported), the adapter that wraps
+    it (shape: :func:`attribute_shape`), and whether subclasses match too."""
 
     module: str
     name: str
@@ -77,16 +70,10 @@ def int_attribute(objects: list[Any], names: tuple[str, ...]) -> int | None:
 
 
 def read_shape(module: nn.Module) -> PrefixShape | None:
-    """An attention module's prefix shape read from its attributes, or ``None`` if they do not say.
-
-    * heads: ``num_heads``, ``num_attention_heads``, ``n_head``, ``n_heads`` or ``heads``, on the module or else on
-      its ``config`` (transformers: the text config);
-    * key/value heads: heads over ``num_key_value_groups``, else ``num_kv_heads``, ``num_key_value_heads`` or
-      ``n_kv_heads``, else the heads;
-    * head width: ``head_dim`` (or ``attention_head_size``, ``key_value_proj_dim``, ``head_size``,
-      ``head_dimension``, ``dim_head``, ``key_dim``), else ``embed_dim``, ``dim``, ``hidden_size``, ``d_model`` or
-      ``n_embd`` (module, then config) over the heads, else a fused ``qkv`` linear's outputs over three times the
-      heads; value width ``val_dim`` or ``value_dim`` where it differs.
+    """An attention module's prefix shape read from its attributes (the names above; heads and width also from its
+    ``config``, transformers' text config), or ``None`` if they do not say. Key/value heads: heads over
+    ``num_key_value_groups``, else a ``KV_HEAD_ATTRIBUTES`` name, else the heads. Head width: a
+    ``HEAD_DIM_ATTRIBUTES`` name, else the width over the heads, else a fused ``qkv`` linear's outputs over 3 heads.
     """
     config: Any = getattr(module, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -158,9 +145,8 @@ class PrefixEncoder(nn.Module):
 
 
 class PrefixAttention(Adapter):
-    """Prefix tuning for one attention layer: owns ``prefix_keys``/``prefix_values`` (or reads a shared encoder).
-
-    Subclasses (one per attention family) decide where the prefix enters; this class holds the tensors.
+    """Prefix tuning for one attention layer: owns ``prefix_keys``/``prefix_values`` (or reads a shared encoder);
+    subclasses (one per attention family) decide where the prefix enters.
 
     Args:
         base: The attention module; it stays the ``base_layer`` child, unchanged.
@@ -234,10 +220,8 @@ class PrefixAttention(Adapter):
                     heads_axis: int = -3) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix as ``(..., h, ..., p, d)`` beside ``key``/``value`` ``(..., h, ..., s, d)``, in their dtype.
 
-        ``h`` (on ``heads_axis``: -3 as SDPA's ``(b, h, s, d)``; -4 for ``(b, h, windows, s, d)``) is the layer's
-        key/value heads, or a multiple of them: a module that repeated its key/value heads (grouped-query
-        attention, as ``repeat_kv``) gets its prefix heads repeated the same way. Axes between the heads and the
-        sequence (windows) each see the same prefix.
+        ``h`` (on ``heads_axis``: -3, or -4 before a windows axis, each window seeing the same prefix) is the
+        layer's key/value heads, or a multiple: heads repeated for grouped-query attention (``repeat_kv``).
         """
         keys, values = self._prefix_tensors()  # (h_kv, p, d)
         groups = key.shape[heads_axis] // self.shape.kv_heads
@@ -288,51 +272,16 @@ class PrefixAttention(Adapter):
         return f"num_tokens={self.num_tokens}, kv_heads={s.kv_heads}, key_dim={s.key_dim}, {mode}, gate={self.gated}"
 
 
-@overload
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype, *, keep_true: bool) -> torch.Tensor: ...
-
-
-@overload
-def additive_mask(mask: None, dtype: torch.dtype, *, keep_true: bool) -> None: ...
-
-
-def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, *, keep_true: bool) -> torch.Tensor | None:
-    """A float mask to add to scores: a boolean mask becomes 0 / -inf (``keep_true``: True means attend)."""
-    if mask is None or mask.is_floating_point():
-        return mask
-    keep = mask if keep_true else ~mask
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
-
-
 def causal_bias(q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
     """``(q, kv)`` additive mask: query ``i`` (the last ``q`` of ``kv`` positions) sees keys ``j <= i + kv - q``."""
     allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=like.device).tril(kv_len - q_len)
     return torch.zeros(q_len, kv_len, dtype=like.dtype, device=like.device).masked_fill(~allowed, float("-inf"))
 
 
-def prefixed_mask(mask: torch.Tensor | None, p: int, q_len: int, kv_len: int, causal: bool,
-                  like: torch.Tensor) -> torch.Tensor | None:
-    """A mask over ``[prefix; keys]``: ``mask`` with ``p`` always-visible columns in front. Without a mask and with
-    ``causal``, the causal mask spelled out with the queries as the last ``q_len`` of ``kv_len`` positions (as with a
-    cache; SDPA's ``is_causal`` would align it top-left), prefix visible; ``None`` where nothing is masked."""
-    if mask is not None:
-        return pad_columns(mask, p)
-    if not causal or q_len == 1:
-        return None
-    return pad_columns(causal_bias(q_len, kv_len, like)[None, None], p)
-
-
-def pad_columns(mask: torch.Tensor, before: int, after: int = 0) -> torch.Tensor:
-    """Add ``before``/``after`` always-visible columns to a mask's last axis (True for bool, 0 for float)."""
-    fill = True if mask.dtype == torch.bool else 0.0
-    shape = list(mask.shape)
-    parts = []
-    if before:
-        parts.append(mask.new_full([*shape[:-1], before], fill))
-    parts.append(mask)
-    if after:
-        parts.append(mask.new_full([*shape[:-1], after], fill))
-    return torch.cat(parts, dim=-1) if len(parts) > 1 else mask
+def pad_columns(mask: torch.Tensor, before: int) -> torch.Tensor:
+    """``before`` always-visible columns (True in a bool mask, 0 in an additive one) in front of the last axis."""
+    fill = mask.new_full([*mask.shape[:-1], before], True if mask.dtype == torch.bool else 0.0)
+    return torch.cat([fill, mask], dim=-1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, *, dropout: float,
@@ -378,11 +327,8 @@ _CHANNEL_ATTENTION = (("timm.models.edgenext", "CrossCovarianceAttn"), ("timm.mo
 def prefix_undefined(module: nn.Module) -> str | None:
     """Why prefix tuning is not defined for ``module``'s attention, or ``None`` if nothing rules it out.
 
-    Cross-covariance attention (XCA: EdgeNeXt, XCiT) attends over channels: per head, ``softmax(q̂ k̂ᵀ · τ)`` is a
-    ``d x d`` channel map, the token axis is what ``q̂ k̂ᵀ`` sums over, and ``A v`` keeps ``n`` tokens per channel.
-    Prepending ``p`` tokens to ``k`` and ``v`` leaves ``q k'ᵀ`` undefined (``n`` vs ``p + n`` tokens) and would
-    give ``p + n`` output tokens; the only extra attended positions are extra channels, whose values would be
-    rows of ``n`` tokens, tied to one image size. There is no exact token prefix in the paper's sense.
+    Cross-covariance attention (XCA: EdgeNeXt, XCiT) attends over channels: ``softmax(q̂ k̂ᵀ · τ)`` is a ``d x d``
+    map that sums over the tokens, so ``p`` more tokens in ``k`` and ``v`` leave ``q k'ᵀ`` undefined.
     """
     for module_name, class_name in _CHANNEL_ATTENTION:
         if type(module) is imported_class(module_name, class_name):

@@ -17,7 +17,6 @@ from torch import nn
 
 from lightning_peft.prefix.attention.base import (
     PrefixAttention,
-    additive_mask,
     causal_bias,
     prefixed_attention,
 )
@@ -93,12 +92,18 @@ class MultiheadPrefixAttention(PrefixAttention):
         b, h, n, _ = q.shape
         bias = None
         if attn_mask is not None:
-            bias = additive_mask(attn_mask, q.dtype, keep_true=False)
+            bias = _additive(attn_mask, q.dtype)
             bias = bias.reshape(b, h, n, kv_len) if bias.dim() == 3 else bias  # (b·h, L, S) per head
         elif is_causal:
             bias = causal_bias(n, kv_len, q)
         if key_padding_mask is not None:
-            padding = additive_mask(key_padding_mask, q.dtype, keep_true=False).reshape(b, 1, 1, kv_len)
+            padding = _additive(key_padding_mask, q.dtype).reshape(b, 1, 1, kv_len)
             bias = padding if bias is None else bias + padding
         return bias
 
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A mask in torch's convention (bool: True where not to attend) as an additive float mask."""
+    if mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))

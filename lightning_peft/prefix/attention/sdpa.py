@@ -1,32 +1,18 @@
 """Prefixes for any attention module whose ``forward`` calls ``F.scaled_dot_product_attention`` (SDPA).
 
-The adapter runs the module's *own* forward and, only while that forward runs, a ``TorchFunctionMode`` rewrites
-its SDPA call(s): the layer's prefix is prepended to the keys and values it passes, per key/value head::
+The adapter runs the module's *own* forward; only while it runs, a ``TorchFunctionMode`` rewrites its SDPA calls:
+keys and values ``(b, h_kv, s, d)`` become ``[P_k; k]``, ``[P_v; v]`` ``(b, h_kv, p + s, d)``; a mask (bool or
+additive, any broadcast shape) gets ``p`` visible columns in front; ``is_causal=True`` becomes an explicit mask (SDPA's
+top-left causal mask over the real keys, prefix visible); ``scale``, ``dropout_p`` and ``enable_gqa`` pass on. Keys
+repeated to the query heads (``repeat_kv``), heads folded into the batch (``(b·h, L, d)``, timm's SAM) and heads
+before a windows axis (``(b, h, windows, L, d)``: every window sees the prefix) are recognised; where the shapes
+cannot tell (-3 and -4 both fit), the adapter class says (:class:`HieraPrefixAttention`). A call that does not have
+the layer's heads and widths passes through unchanged; a forward in which no call took the prefix raises.
 
-    module.forward(x) ──► ... ──► F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal, scale, ...)
-                                      ▼  (intercepted)
-          q: (b, h, n, d)    k, v: (b, h_kv, s, d) ──► [P_k; k], [P_v; v]: (b, h_kv, p + s, d)
-          attn_mask (bool / additive, any broadcastable shape) ──► p always-visible columns in front (True / 0.0)
-          is_causal=True ──► an explicit mask: prefix visible, SDPA's own top-left causal mask over the real keys
-
-``scale``, ``dropout_p`` and ``enable_gqa`` are passed on as given. With grouped-query attention the prefix has
-``h_kv`` heads; a module that repeats its keys to ``h`` heads before SDPA (``repeat_interleave``, as transformers'
-``repeat_kv``) gets its prefix repeated the same way; so does one that folds its heads into the batch,
-``(b·h, n, d)`` batch-major as ``reshape(b * h, ...)`` gives (timm's SAM). Heads may also sit on axis -4 before a
-windows axis, ``(b, h, windows, n, d)``: each window sees the layer's prefix (where -3 and -4 both fit, the
-adapter class says which: :class:`HieraPrefixAttention`). An SDPA call whose queries and keys do not have the
-layer's heads and head width is not this layer's attention and passes through unchanged; a forward in which no
-call took the prefix raises, and so does one with no SDPA call at all.
-
-**Which modules.** A module is an attention layer for this handler when the code of its class's ``forward`` (or of
-a method of the same class that ``forward`` names) calls ``scaled_dot_product_attention``. The prefix's shape must
-be known at inject, before the optimizer exists (so the optimizer and the distributed wrappers see the prefix
-tensors), without running the model: it is read from the module's attributes, as :func:`~.base.read_shape` does
-(``num_heads``, ``head_dim``, ...); every call checks the shapes SDPA receives against it. A module calling SDPA
-whose heads or width cannot be read stays unhandled; the refusal names the attributes to set (or use
-:func:`~lightning_peft.prefix.attention.register_attention_handler`). So does one whose ``fused_attn`` is False
-(timm's switch to its explicit path). Handlers of known families (transformers, timm, torchvision,
-``nn.MultiheadAttention``) are asked first.
+A module is such a layer when its class's ``forward`` (or a method of the class that ``forward`` names) calls
+``scaled_dot_product_attention``. The prefix's shape must exist at inject, before the optimizer and the distributed
+wrappers see the parameters, without running the model: it is read from the module's attributes
+(:func:`~.base.read_shape`), and every call checks the shapes SDPA receives against it.
 """
 
 from __future__ import annotations
@@ -45,8 +31,6 @@ from lightning_peft.adapter import Adapter
 from lightning_peft.errors import ParticipationError
 from lightning_peft.prefix.attention.base import (
     HEAD_ATTRIBUTES,
-    HEAD_DIM_ATTRIBUTES,
-    KV_HEAD_ATTRIBUTES,
     WIDTH_ATTRIBUTES,
     AttentionClass,
     PrefixAttention,
@@ -60,6 +44,7 @@ from lightning_peft.prefix.attention.base import (
 _SDPA = F.scaled_dot_product_attention
 _SDPA_NAME = "scaled_dot_product_attention"
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
 
 def _names(code: CodeType) -> set[str]:
     """Names a code object and the functions defined inside it load (globals and attributes)."""
@@ -111,10 +96,9 @@ def sdpa_shape_hint(modules: Iterable[nn.Module]) -> str:
     explicit = sorted({type(m).__qualname__ for m in found if _explicit_path(m) and read_shape(m) is not None})
     hint = ""
     if unreadable:
-        hint += (f" {', '.join(unreadable[:4])} call(s) F.scaled_dot_product_attention: prefix tuning adapts such a "
-                 f"module once it can read its heads and head width, so set the attributes {HEAD_ATTRIBUTES[0]} (or "
-                 f"{', '.join(HEAD_ATTRIBUTES[1:])}) and {HEAD_DIM_ATTRIBUTES[0]} (or {', '.join(WIDTH_ATTRIBUTES)}, "
-                 f"divided by the heads), plus {KV_HEAD_ATTRIBUTES[0]} for grouped-query attention.")
+        hint += (f" {', '.join(unreadable[:4])} call(s) F.scaled_dot_product_attention: to adapt them, set the "
+                 f"attributes {' or '.join(HEAD_ATTRIBUTES)} and head_dim (or {' or '.join(WIDTH_ATTRIBUTES)}), "
+                 "plus num_kv_heads for grouped-query attention.")
     if explicit:
         hint += (f" {', '.join(explicit[:4])} call(s) F.scaled_dot_product_attention only when fused_attn is True "
                  "(it is False): set fused_attn = True on them to adapt them.")
@@ -134,18 +118,16 @@ def _split_heads(call: dict[str, Any], heads: int | None) -> dict[str, Any] | No
 
 
 class SdpaPrefixAttention(PrefixAttention):
-    """Any attention module that calls ``F.scaled_dot_product_attention``, with a prefix; its forward runs unchanged.
-
-    The forward takes whatever the module's forward takes. See the module docstring for what the SDPA call gets.
+    """Any attention module that calls ``F.scaled_dot_product_attention``, with a prefix; its forward runs unchanged
+    and takes the module's arguments (see the module docstring for what its SDPA calls get).
 
     Raises:
-        ValueError: The module's forward called SDPA, but no call had keys this layer's prefix fits (the head
-            attributes the shape was read from do not describe the keys it attends over).
+        ParticipationError: The forward called no SDPA (timm's ``fused_attn = False``): the prefix would be left out.
+        ValueError: No SDPA call had keys this layer's prefix fits (its head attributes do not describe them).
     """
 
     family = "scaled_dot_product_attention"
-    #: The axis of the heads in this family's SDPA calls of 5 or more dimensions, where the shapes alone cannot tell
-    #: (``None``: -3 or -4, whichever alone fits).
+    #: The heads' axis in this family's SDPA calls of 5 or more dimensions (``None``: -3 or -4, whichever alone fits).
     layout_heads_axis: ClassVar[int | None] = None
 
     def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -155,34 +137,30 @@ class SdpaPrefixAttention(PrefixAttention):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled:
             return self.base_layer(*args, **kwargs)
-        mode = _PrefixSdpa(self)
-        with mode:
+        with _PrefixSdpa(self) as mode:
             out = self.base_layer(*args, **kwargs)
-        if not mode.fit and not mode.unfit:  # no SDPA call at all (timm's fused_attn=False): the prefix was left out
+        name, s = type(self.base_layer).__name__, self.shape
+        if not mode.fit and not mode.unfit:
             fix = "set fused_attn = True on it" if _explicit_path(self.base_layer) else "call it"
             raise ParticipationError(
-                f"{type(self.base_layer).__name__} ran without calling F.scaled_dot_product_attention, where its "
-                f"prefix enters, so the prefix was left out. To train the prefix, {fix}, or teach prefix tuning "
-                "its attention with lightning_peft.register_attention_handler."
+                f"{name} ran without calling F.scaled_dot_product_attention, where its prefix enters, so the prefix "
+                f"was left out. To train the prefix, {fix} (a transformers model: attn_implementation='sdpa'), or "
+                "teach prefix tuning its attention with lightning_peft.register_attention_handler."
             )
-        if not mode.fit:  # SDPA ran, none of its calls took the prefix: it would be silently left out
-            (queries, keys), s = mode.unfit[0], self.shape
+        if not mode.fit:
+            (queries, keys) = mode.unfit[0]
             raise ValueError(
-                f"{type(self.base_layer).__name__} called F.scaled_dot_product_attention with queries {queries} and "
-                f"keys {keys}, but its prefix was built for {self.query_heads or 'any'} query heads, {s.kv_heads} "
-                f"key/value heads of width {s.key_dim} (read from its attributes at inject), heads on axis -3 as in "
-                f"SDPA's (batch, heads, length, width) or -4 before windows. Set {HEAD_ATTRIBUTES[0]}, "
-                f"{KV_HEAD_ATTRIBUTES[0]} and {HEAD_DIM_ATTRIBUTES[0]} to what it attends with and inject again, or "
-                "teach it with lightning_peft.register_attention_handler."
+                f"{name} called F.scaled_dot_product_attention with queries {queries} and keys {keys}, but its prefix "
+                f"was built for {self.query_heads or 'any'} query heads, {s.kv_heads} key/value heads of width "
+                f"{s.key_dim} (read from its attributes), heads on axis -3 (or -4 before windows). Set num_heads, "
+                "num_kv_heads and head_dim to what it attends with and inject again, or register a handler."
             )
         return out
 
     def heads_axis(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int | None:
-        """The axis of an SDPA call's heads if the call is this layer's, else ``None``.
-
-        The call is this layer's when its keys and values have the prefix's widths and, on axis -3 (SDPA's
-        ``(b, h, s, d)``) or -4 (``(b, h, windows, s, d)``, as timm's Hiera), the layer's query heads on the
-        queries and its key/value heads (or the query heads: repeated) on the keys.
+        """The axis of an SDPA call's heads if the call is this layer's, else ``None``: keys and values of the
+        prefix's widths, and on axis -3 (``(b, h, s, d)``) or -4 (``(b, h, windows, s, d)``) the layer's query heads
+        on the queries and its key/value heads (or the query heads: repeated) on the keys.
 
         Raises:
             ValueError: Both axes fit, so which one holds the heads cannot be told from the shapes.
@@ -193,31 +171,26 @@ class SdpaPrefixAttention(PrefixAttention):
             return None
         if heads is None:  # a user's handler gave the shape alone: SDPA's layout
             return -3 if key.shape[-3] % s.kv_heads == 0 else None
-        if key.dim() == 4:  # SDPA's (b, h, s, d); -4 is the batch
-            candidates: tuple[int, ...] = (-3,)
-        else:
-            candidates = (self.layout_heads_axis,) if self.layout_heads_axis else (-3, -4)
-        axes = [axis for axis in candidates
-                if query.shape[axis] == heads and key.shape[axis] in (s.kv_heads, heads)]
+        candidates = (-3,) if key.dim() == 4 else (self.layout_heads_axis,) if self.layout_heads_axis else (-3, -4)
+        axes = [axis for axis in candidates if query.shape[axis] == heads and key.shape[axis] in (s.kv_heads, heads)]
         if len(axes) > 1:
             raise ValueError(
                 f"{type(self.base_layer).__name__} called F.scaled_dot_product_attention with keys "
                 f"{tuple(key.shape)}: axes -3 and -4 both have its {heads} heads, so which one holds them cannot be "
-                "told. Teach it with lightning_peft.register_attention_handler: a handler whose adapter subclasses "
-                "SdpaPrefixAttention and sets layout_heads_axis (as HieraPrefixAttention)."
+                "told. Register a handler whose adapter subclasses SdpaPrefixAttention and sets layout_heads_axis "
+                "(as HieraPrefixAttention)."
             )
         return axes[0] if axes else None
 
     def prefixed_sdpa(self, call: dict[str, Any], heads_axis: int) -> torch.Tensor:
         """The SDPA call ``call`` (its arguments by name) over ``[prefix; keys]``: one softmax over both."""
         q, k, v = call["query"], call["key"], call["value"]
-        p, q_len, kv_len = self.num_tokens, q.shape[-2], k.shape[-2]
         mask = call.get("attn_mask")
         if mask is not None:  # (..., L|1, S|1) -> (..., L|1, p + S), prefix columns visible
-            mask = pad_columns(mask.expand(*mask.shape[:-1], kv_len), p)
+            mask = pad_columns(mask.expand(*mask.shape[:-1], k.shape[-2]), self.num_tokens)
         elif call.get("is_causal"):  # SDPA's causal mask (top-left aligned) over the real keys only
-            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
-            mask, call = pad_columns(causal, p), {**call, "is_causal": False}
+            causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            mask, call = pad_columns(causal, self.num_tokens), {**call, "is_causal": False}
         keys, values = self.prepend(k, v, heads_axis)
         return _SDPA(**{**call, "key": keys, "value": values, "attn_mask": mask})
 
@@ -229,8 +202,8 @@ class SdpaPrefixAttention(PrefixAttention):
 
 
 class HieraPrefixAttention(SdpaPrefixAttention):
-    """timm Hiera's ``MaskUnitAttention``: SDPA on ``(b, heads, mask units, tokens, d)``; heads and mask units can
-    be equal in number, so the layout is said here (each mask unit sees the layer's prefix, as Swin's windows)."""
+    """timm Hiera's ``MaskUnitAttention``: SDPA on ``(b, heads, mask units, tokens, d)``, where heads and mask units
+    can be equal in number; each mask unit sees the layer's prefix."""
 
     family = "timm Hiera MaskUnitAttention"
     layout_heads_axis = -4

@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_peft.prefix.attention.base import PrefixAttention, pad_columns, prefixed_mask
+from lightning_peft.prefix.attention.base import PrefixAttention, causal_bias, pad_columns
 from lightning_peft.record import find_record, record
 
 _NAME = "ALL_ATTENTION_FUNCTIONS"
@@ -161,5 +161,10 @@ def _extend_mask(mask: Any, p: int, implementation: str, module: nn.Module, kwar
         )
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", False) if causal is None else causal
-    # flash aligns causal masks bottom-right itself: the prefix columns stay visible without a mask
-    return prefixed_mask(mask, p, q_len, kv_len, bool(causal) and not implementation.startswith("flash"), query)
+    if mask is not None:
+        return pad_columns(mask, p)
+    if not causal or implementation.startswith("flash") or q_len == 1:
+        return None  # flash aligns causal masks bottom-right itself: the prefix columns stay visible without a mask
+    # spelled out bottom-right (the queries are the last q_len of kv_len keys, as with a cache; is_causal would
+    # align it top-left), prefix visible
+    return pad_columns(causal_bias(q_len, kv_len, query)[None, None], p)
