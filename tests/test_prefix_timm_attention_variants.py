@@ -272,7 +272,7 @@ def test_edgenext_cross_covariance_attention_is_refused_with_the_reason_and_the_
         inject(model, PrefixTuning(num_tokens=P))
 
 
-#: timm models whose prefix layers apply the base's attention dropout (SDPA's dropout_p; timm_dropout), built
+#: timm models whose prefix layers apply the base's attention dropout (SDPA's dropout_p; the Swin adapters' attn_drop.p), built
 #: with attn_drop_rate=0.5 and no other dropout: a prefix layer that ignored it would give equal train-mode calls
 DROPOUT_MODELS: dict[str, tuple[str, dict[str, Any], int]] = {
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32),

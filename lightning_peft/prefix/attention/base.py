@@ -157,7 +157,6 @@ class PrefixAttention(Adapter):
         seed: Seed of this layer's initialisation (derived from its name, so every process agrees).
     """
 
-    family: ClassVar[str] = "attention"
     reports_participation: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, shape: PrefixShape, num_tokens: int, gate: bool = False,

@@ -49,7 +49,6 @@ class _PrefixedCache:
 class BloomPrefixAttention(PrefixAttention):
     """``BloomAttention`` with a prefix; takes the module's own arguments (see the module docstring)."""
 
-    family = "BLOOM attention"
     base_layer: Any  # BloomAttention (transformers is not typed here)
 
     def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -101,7 +100,6 @@ class BloomPrefixAttention(PrefixAttention):
 class DebertaV2PrefixAttention(PrefixAttention):
     """DeBERTa-v2 ``DisentangledSelfAttention`` with a prefix; same arguments and outputs as the module."""
 
-    family = "DeBERTa-v2 disentangled attention"
     base_layer: Any  # DisentangledSelfAttention
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, output_attentions: bool = False,

@@ -25,7 +25,6 @@ from lightning_peft.prefix.attention.base import (
 class MultiheadPrefixAttention(PrefixAttention):
     """``nn.MultiheadAttention`` with a prefix; the forward takes the same arguments as the module's."""
 
-    family = "nn.MultiheadAttention"
     base_layer: nn.MultiheadAttention
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

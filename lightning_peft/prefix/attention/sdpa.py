@@ -126,7 +126,6 @@ class SdpaPrefixAttention(PrefixAttention):
         ValueError: No SDPA call had keys this layer's prefix fits (its head attributes do not describe them).
     """
 
-    family = "scaled_dot_product_attention"
     #: The heads' axis in this family's SDPA calls of 5 or more dimensions (``None``: -3 or -4, whichever alone fits).
     layout_heads_axis: ClassVar[int | None] = None
 
@@ -205,7 +204,6 @@ class HieraPrefixAttention(SdpaPrefixAttention):
     """timm Hiera's ``MaskUnitAttention``: SDPA on ``(b, heads, mask units, tokens, d)``, where heads and mask units
     can be equal in number; each mask unit sees the layer's prefix."""
 
-    family = "timm Hiera MaskUnitAttention"
     layout_heads_axis = -4
 
 

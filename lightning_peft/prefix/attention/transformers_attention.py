@@ -49,7 +49,6 @@ def _registry() -> Any:
 class TransformersPrefixAttention(PrefixAttention):
     """A transformers attention module with a prefix; its own ``forward`` runs unchanged."""
 
-    family = "transformers attention interface"
 
     def __init__(self, base: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(base, *args, **kwargs)

@@ -1,27 +1,16 @@
-"""Prefixes for window attention: Swin's (torchvision's ``ShiftedWindowAttention`` v1/v2, timm's
-``WindowAttention`` of ``swin_transformer`` and ``swin_transformer_v2``) and torchvision MaxViT's block and grid
-attention (``RelativePositionalMultiHeadAttention``).
-
-Swin attends inside non-overlapping windows of ``N = Wh·Ww`` tokens, the windows stacked on the batch axis. As
-VPT-deep on Swin, every window gets the layer's same ``p`` prefix keys and values::
+"""Prefixes for window attention, which computes its scores by hand: Swin's (torchvision ``ShiftedWindowAttention``
+v1/v2, timm ``WindowAttention`` of ``swin_transformer`` and ``swin_transformer_v2``) and torchvision MaxViT's block
+and grid attention (``RelativePositionalMultiHeadAttention``). Every window (or grid cell) gets the layer's same
+``p`` prefix keys and values, as VPT-deep on Swin::
 
     q, k, v: (B·nW, h, N, d)   ──►   k', v': (B·nW, h, p + N, d)
     scores = q k'^T · scale + [0 | relative position bias + shift mask]: (B·nW, h, N, p + N)
 
-The prefix columns get no relative position bias (they have no position in the window) and no shift mask (the
-mask only separates real tokens that the cyclic shift brought together): every query sees them. With cosine
-attention (v2) the prefix keys are normalised like the real keys and share the clamped logit scale, so the
-prefix enters exactly where the real keys do.
-
-None of these classes exposes q, k, v: torchvision's computes them in the module-level
-``shifted_window_attention``, timm's inside ``forward``. Each adapter owns the forward and mirrors the base's
-(padding, cyclic shift and window partition for torchvision; the fused or separate q/v biases for timm v2).
-timm's v1 ``WindowAttention`` calls SDPA only with its experimental ``fused_attn`` on (off by default), so it
-keeps an adapter here; when the flag is on, the adapter still computes the same attention explicitly.
-
-torchvision's MaxViT partitions before the attention layer (into windows, then into a dilated grid) and hands it
-``(B, G, P, D)``: ``G`` groups of ``P`` tokens, each group attending only within itself. Every group gets the
-layer's prefix, with no relative position bias on the prefix columns, as in Swin.
+The prefix columns get no relative position bias (they have no position in the window) and no shift mask (it only
+separates tokens the cyclic shift brought together). With cosine attention (v2) the prefix keys are normalised like
+the real keys. None of these classes exposes q, k, v, so each adapter owns the forward and mirrors the base's
+(torchvision: padding, cyclic shift and window partition; timm v2: the separate q/v biases). timm's v1 calls SDPA
+only with its experimental ``fused_attn`` (off by default); the adapter computes the same attention either way.
 """
 
 from __future__ import annotations
@@ -46,15 +35,8 @@ if TYPE_CHECKING:
     from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 
-def timm_dropout(adapter: PrefixAttention) -> float:
-    """The attention dropout timm applies: the base's ``attn_drop`` probability while training, none in eval."""
-    attn: Any = adapter.base_layer
-    return float(attn.attn_drop.p) if adapter.training else 0.0
-
-
-def timm_fused_qkv(attn: Any, x: torch.Tensor) -> torch.Tensor:
-    """timm's fused ``qkv`` projection ``(..., 3·h·d)``, with the separate q/v biases and zero k bias of BEiT, EVA
-    and Swin-V2 where the layer has them."""
+def _timm_qkv(attn: Any, x: torch.Tensor) -> torch.Tensor:
+    """timm's fused ``qkv`` projection ``(..., 3·h·d)``, with Swin-V2's separate q/v biases where it has them."""
     if getattr(attn, "q_bias", None) is None:
         return attn.qkv(x)
     bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
@@ -66,16 +48,9 @@ def windowed_attention(adapter: PrefixAttention, q: torch.Tensor, k: torch.Tenso
                        logit_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention inside each window over the adapter's prefix and the window's keys: ``(B·nW, h, N, d)``.
 
-    Args:
-        adapter: The layer's prefix (the same one for every window).
-        q: Queries ``(B·nW, h, N, d)``, windows batch-major (window ``i`` of image ``j`` at row ``j·nW + i``);
-            ``k`` and ``v`` likewise.
-        relative: Relative position bias ``(1, h, N, N)`` of the real keys.
-        mask: Additive shift mask ``(nW, N, N)`` of the real keys, or ``None`` (unshifted windows).
-        dropout: Attention dropout probability.
-        scale: Score scale of dot-product attention (ignored with ``logit_scale``).
-        logit_scale: Cosine attention (Swin v2): the log of the per-head scale ``(h, 1, 1)``, clamped at
-            ``log(100)`` as both libraries do; queries and keys, the prefix's included, are L2-normalised.
+    ``q, k, v`` are ``(B·nW, h, N, d)``, windows batch-major; ``relative`` the bias ``(1, h, N, N)`` and ``mask`` the
+    additive shift mask ``(nW, N, N)`` (or ``None``) of the real keys. ``logit_scale`` (cosine attention, Swin v2):
+    the log of the per-head scale ``(h, 1, 1)``, clamped at ``log(100)``; queries and keys are L2-normalised.
     """
     bias = relative
     if mask is not None:
@@ -121,7 +96,6 @@ def _shift_mask(height: int, width: int, window: tuple[int, int], shift: tuple[i
 class TorchvisionWindowPrefixAttention(PrefixAttention):
     """torchvision ``ShiftedWindowAttention`` with a prefix in every window; takes ``x (B, H, W, C)``."""
 
-    family = "torchvision ShiftedWindowAttention"
     base_layer: ShiftedWindowAttention
     cosine: ClassVar[bool] = False
 
@@ -165,14 +139,12 @@ class TorchvisionWindowPrefixAttention(PrefixAttention):
 class TorchvisionWindowV2PrefixAttention(TorchvisionWindowPrefixAttention):
     """torchvision ``ShiftedWindowAttentionV2`` (cosine attention, log-spaced continuous position bias)."""
 
-    family = "torchvision ShiftedWindowAttentionV2"
     cosine = True
 
 
 class TimmWindowPrefixAttention(PrefixAttention):
     """timm ``swin_transformer.WindowAttention`` with a prefix in every window; takes ``(x, mask=None)``."""
 
-    family = "timm WindowAttention"
     base_layer: WindowAttention
     cosine: ClassVar[bool] = False
 
@@ -181,9 +153,10 @@ class TimmWindowPrefixAttention(PrefixAttention):
         if not self.enabled:
             return attn(x, mask=mask)
         windows, n, _ = x.shape
-        qkv = timm_fused_qkv(attn, x).reshape(windows, n, 3, attn.num_heads, -1)
+        qkv = _timm_qkv(attn, x).reshape(windows, n, 3, attn.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B·nW, h, N, d) each
-        out = windowed_attention(self, q, k, v, self._relative_bias(n), mask, dropout=timm_dropout(self),
+        out = windowed_attention(self, q, k, v, self._relative_bias(n), mask,
+                                 dropout=float(attn.attn_drop.p) if self.training else 0.0,
                                  scale=1.0 if self.cosine else attn.scale,
                                  logit_scale=attn.logit_scale if self.cosine else None)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(windows, n, -1)))
@@ -196,7 +169,6 @@ class TimmWindowPrefixAttention(PrefixAttention):
 class TimmWindowV2PrefixAttention(TimmWindowPrefixAttention):
     """timm ``swin_transformer_v2.WindowAttention`` (cosine attention) with a prefix; takes ``(x, mask=None)``."""
 
-    family = "timm WindowAttention (v2)"
     base_layer: WindowAttentionV2
     cosine = True
 
@@ -216,7 +188,6 @@ class TorchvisionMaxVitPrefixAttention(PrefixAttention):
     the prefix keys are scored at that same scale.
     """
 
-    family = "torchvision MaxViT RelativePositionalMultiHeadAttention"
     base_layer: RelativePositionalMultiHeadAttention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
