@@ -1,18 +1,7 @@
-r"""Prefix tuning (Li & Liang 2021, https://arxiv.org/abs/2101.00190) for any attention layer.
-
-Per attention layer, ``p`` learned key and value vectors per key/value head are prepended along the sequence
-axis, after the key/value projections (and after rotary embeddings, where a model has them)::
-
-    x ──► W_q ──► q (n rows) ─────────────────────────┐
-    x ──► W_k ──► RoPE ──► k ──► [P_k ; k]  (p + n) ──┼──► softmax(q [P_k; k]^T / √d + mask) [P_v ; v] ──► n rows
-    x ──► W_v ──────────► v ──► [P_v ; v]  (p + n) ──┘
-
-Scores are ``n x (p + n)`` and outputs keep ``n`` rows: queries, hidden sizes and sequence lengths seen by the
-rest of the model never change. Masks gain ``p`` always-visible columns (causal stays causal over the real
-tokens, padding stays masked). A KV cache holds real tokens only; the prefix enters once per layer and step.
-
-Attention families are found by the handlers of :mod:`lightning_peft.prefix.attention` (transformers models through
-their attention interface, ``nn.MultiheadAttention``, timm ``Attention``; users can register more).
+r"""Prefix tuning (Li & Liang 2021, https://arxiv.org/abs/2101.00190) for any attention layer: per layer, ``p``
+learned keys and values per key/value head, prepended along the sequence axis after the key/value projections (and
+rotary embeddings). Queries, outputs and every other shape stay as they were; masks gain ``p`` visible columns; a KV
+cache holds real tokens only. Which modules are attention: the handlers of :mod:`lightning_peft.prefix.attention`.
 """
 
 from __future__ import annotations

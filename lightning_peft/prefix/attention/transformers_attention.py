@@ -1,22 +1,13 @@
-"""Prefixes for transformers 5 models, at the attention-function registry every model calls.
+"""Prefixes for transformers models, at the attention-function registry every attention module calls
+(``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``, after the
+projections, rotary embeddings and the cache update: the cache holds real tokens, the prefix enters once per step).
 
-Each transformers attention module computes ``query, key, value`` (projected, rotary embeddings applied, cache
-updated) and calls ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``
-with them. While a model holds adapters of this kind, that registry (transformers' ``AttentionInterface``) holds
-local overrides, set and deleted through its documented mapping interface (``interface[name] = function``), for
-every implementation it knows and for ``"eager"``: each override calls the implementation the model asked for,
-with the layer's prefix prepended to ``key``/``value`` when the calling module holds an enabled adapter, and
-unchanged otherwise. ``"eager"`` is not a registry entry: its override calls the eager function the calling
-module's ``forward`` passes as the default (the one ``*eager_attention_forward`` name it loads). When the last
-adapter is unwrapped (``unload``), the overrides are deleted: transformers is as it was. (Adapters of a model
-dropped without ``unload`` are forgotten when collected, but the registry is changed only by ``unload``: never
-from the garbage collector, which may run in the middle of transformers' own code or of a ``torch.compile``
-trace that reads the registry.)
-
-Because the prefix is added *after* the KV cache update, the cache holds real tokens only and the prefix enters
-each layer exactly once per step, with or without a cache (``generate()`` included). A module that computes
-attention without the registry, or a model family with a registry of its own, leaves the prefix out, and the
-participation check raises.
+While adapters of this kind exist, the registry (transformers' ``AttentionInterface``) holds local overrides, set
+and deleted through its documented mapping interface, for every implementation it knows and for ``"eager"`` (not a
+registry entry: its override calls the eager function the calling module's ``forward`` passes as the default).
+Each override calls what the model asked for, with the prefix prepended when the calling module holds an enabled
+adapter. ``unload`` of the last adapter deletes them: transformers is as it was. The garbage collector never changes
+the registry (it may run in the middle of transformers' code or a ``torch.compile`` trace that reads it).
 """
 
 from __future__ import annotations
@@ -134,9 +125,7 @@ def _prefixed_call(inner: Callable[..., Any], implementation: str, module: nn.Mo
     adapter.check_keys(key, value)
     if adapter.gated:
         out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
-        prefix_kwargs = {**kwargs, "is_causal": False, "position_bias": None}
-        if "position_bias" not in kwargs:
-            prefix_kwargs.pop("position_bias")
+        prefix_kwargs = {**kwargs, "is_causal": False} | ({"position_bias": None} if "position_bias" in kwargs else {})
         extra, _ = inner(module, query, *adapter.prefix_like(key, value), None, *args, **prefix_kwargs)
         return out + adapter.gate_value(out) * extra, weights
     p, q_len, kv_len = adapter.num_tokens, query.shape[-2], key.shape[-2]
