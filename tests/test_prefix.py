@@ -273,3 +273,18 @@ def test_transformers_is_left_as_it_was_after_unload(impl: str) -> None:
         gc.collect()  # forgotten, the overrides stay (pass-through) until the next unload
         unload(inject(copy.deepcopy(base), PrefixTuning(num_tokens=P)))
     assert ALL_ATTENTION_FUNCTIONS._local_mapping == local
+
+
+@pytest.mark.parametrize("mask", [object(), torch.zeros(1, 1, 5, 3)], ids=["not a tensor", "other key length"])
+def test_a_mask_the_registry_cannot_extend_raises_naming_the_fix(mask: object) -> None:
+    """An attention implementation whose mask is no tensor (flex's BlockMask) or covers other keys is refused."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = inject(tiny("llama"), PrefixTuning(num_tokens=P))
+    attention = prefix_adapters(model)[0].base_layer
+    q, kv = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)  # 4 query heads, 2 key/value heads, 5 keys
+    with pytest.raises(ValueError, match=r"cannot extend the attention mask (of type object|of shape \(1, 1, 5, 3\)) "
+                                         r"that attn_implementation='sdpa' gives LlamaAttention for 5 keys.*"
+                                         r"Use attn_implementation='sdpa' or 'eager'"):
+        ALL_ATTENTION_FUNCTIONS["sdpa"](attention, q, kv, kv, mask, scaling=8 ** -0.5)
+    unload(model)

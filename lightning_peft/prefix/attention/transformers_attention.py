@@ -137,22 +137,19 @@ def _prefixed_call(inner: Callable[..., Any], implementation: str, module: nn.Mo
 
 def _extend_mask(mask: Any, p: int, implementation: str, module: nn.Module, kwargs: dict[str, Any],
                  query: torch.Tensor, q_len: int, kv_len: int) -> Any:
-    if isinstance(mask, torch.Tensor) and not (mask.dim() == 2 or mask.shape[-1] == kv_len):
-        raise ValueError(  # (b, kv) padding masks (flash) and (b, h, q, kv) masks are extended
-            f"prefix tuning cannot extend an attention mask of shape {tuple(mask.shape)} for keys of length {kv_len} "
-            f"in {type(module).__name__}. Use attn_implementation='sdpa' or 'eager'."
-        )
-    if mask is not None and not isinstance(mask, torch.Tensor):
-        raise ValueError(
-            f"prefix tuning got a {type(mask).__name__} attention mask from attn_implementation={implementation!r} "
-            f"in {type(module).__name__}; it extends tensor masks only. Use attn_implementation='sdpa' or 'eager'."
-        )
+    """The mask with ``p`` visible columns in front; without a mask, a causal module's mask spelled out bottom-right
+    (the queries are the last ``q_len`` of ``kv_len`` keys, as with a cache; ``is_causal`` would align it top-left)."""
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or not (mask.dim() == 2 or mask.shape[-1] == kv_len):
+            got = f"of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else f"of type {type(mask).__name__}"
+            raise ValueError(
+                f"prefix tuning cannot extend the attention mask {got} that attn_implementation={implementation!r} "
+                f"gives {type(module).__name__} for {kv_len} keys: it extends tensors of shape (batch, keys) or "
+                "(..., keys). Use attn_implementation='sdpa' or 'eager'."
+            )
+        return pad_columns(mask, p)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", False) if causal is None else causal
-    if mask is not None:
-        return pad_columns(mask, p)
     if not causal or implementation.startswith("flash") or q_len == 1:
         return None  # flash aligns causal masks bottom-right itself: the prefix columns stay visible without a mask
-    # spelled out bottom-right (the queries are the last q_len of kv_len keys, as with a cache; is_causal would
-    # align it top-left), prefix visible
     return pad_columns(causal_bias(q_len, kv_len, query)[None, None], p)
