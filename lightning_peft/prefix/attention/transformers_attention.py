@@ -141,7 +141,8 @@ def _extend_mask(mask: Any, p: int, implementation: str, module: nn.Module, kwar
     (the queries are the last ``q_len`` of ``kv_len`` keys, as with a cache; ``is_causal`` would align it top-left)."""
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or not (mask.dim() == 2 or mask.shape[-1] == kv_len):
-            got = f"of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else f"of type {type(mask).__name__}"
+            tensor = isinstance(mask, torch.Tensor)
+            got = f"of shape {tuple(mask.shape)}" if tensor else f"of type {type(mask).__name__}"
             raise ValueError(
                 f"prefix tuning cannot extend the attention mask {got} that attn_implementation={implementation!r} "
                 f"gives {type(module).__name__} for {kv_len} keys: it extends tensors of shape (batch, keys) or "
