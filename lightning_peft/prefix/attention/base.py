@@ -12,9 +12,11 @@ at init.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any, ClassVar
 
 import torch
@@ -105,6 +107,19 @@ def attribute_shape(module: nn.Module) -> PrefixShape:
             "handler for it with lightning_peft.register_attention_handler."
         )
     return shape
+
+
+def loaded_names(function: Any) -> set[str]:
+    """The global and attribute names ``function``'s code, and the functions defined inside it, load (through
+    decorators; empty for anything without code)."""
+    function = function.__func__ if isinstance(function, (staticmethod, classmethod)) else function
+    code = getattr(inspect.unwrap(function), "__code__", None) if callable(function) else None
+    return set() if code is None else _code_names(code)
+
+
+def _code_names(code: CodeType) -> set[str]:
+    nested = (_code_names(const) for const in code.co_consts if isinstance(const, CodeType))
+    return set(code.co_names).union(*nested)
 
 
 class PrefixEncoder(nn.Module):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable
-from types import CodeType
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +35,7 @@ from lightning_peft.prefix.attention.base import (
     PrefixAttention,
     PrefixShape,
     int_attribute,
+    loaded_names,
     pad_columns,
     prefix_undefined,
     read_shape,
@@ -46,31 +46,11 @@ _SDPA_NAME = "scaled_dot_product_attention"
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def _names(code: CodeType) -> set[str]:
-    """Names a code object and the functions defined inside it load (globals and attributes)."""
-    found = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, CodeType):
-            found |= _names(const)
-    return found
-
-
-def _code(function: Any) -> CodeType | None:
-    if isinstance(function, (staticmethod, classmethod)):
-        function = function.__func__
-    return getattr(inspect.unwrap(function), "__code__", None) if callable(function) else None
-
-
 def calls_sdpa(cls: type) -> bool:
     """Whether ``cls.forward``, or a method of ``cls`` it names, calls ``scaled_dot_product_attention``."""
-    code = _code(inspect.getattr_static(cls, "forward", None))
-    if code is None:
-        return False
-    names = _names(code)
-    if _SDPA_NAME in names:
-        return True
-    helpers = (_code(inspect.getattr_static(cls, name, None)) for name in names if name != "forward")
-    return any(helper is not None and _SDPA_NAME in _names(helper) for helper in helpers)
+    names = loaded_names(inspect.getattr_static(cls, "forward", None))
+    helpers = (loaded_names(inspect.getattr_static(cls, name, None)) for name in names - {"forward"})
+    return _SDPA_NAME in names or any(_SDPA_NAME in helper for helper in helpers)
 
 
 def _candidate(module: nn.Module) -> bool:

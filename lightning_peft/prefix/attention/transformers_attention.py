@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_peft.prefix.attention.base import PrefixAttention, causal_bias, pad_columns
+from lightning_peft.prefix.attention.base import PrefixAttention, causal_bias, loaded_names, pad_columns
 from lightning_peft.record import find_record, record
 
 _NAME = "ALL_ATTENTION_FUNCTIONS"
@@ -98,8 +98,7 @@ def _override(name: str) -> Callable[..., Any]:
 def _eager_function(module: nn.Module) -> Callable[..., Any]:
     """The eager attention function ``module``'s forward passes to ``get_interface`` as its default."""
     forward = inspect.unwrap(type(module).forward)
-    code = getattr(forward, "__code__", None)
-    names = [n for n in (code.co_names if code else ()) if n.endswith("eager_attention_forward")]
+    names = [n for n in loaded_names(forward) if n.endswith("eager_attention_forward")]
     function = forward.__globals__.get(names[0]) if len(names) == 1 else None
     if not callable(function):
         raise ValueError(
@@ -112,8 +111,7 @@ def _eager_function(module: nn.Module) -> Callable[..., Any]:
 
 def calls_attention_interface(module: nn.Module) -> bool:
     """Whether ``module.forward`` dispatches through transformers' ``ALL_ATTENTION_FUNCTIONS``."""
-    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)  # through decorators (deprecate_kwarg)
-    return code is not None and _NAME in code.co_names and hasattr(module, "config")
+    return _NAME in loaded_names(type(module).forward) and hasattr(module, "config")  # through decorators
 
 
 def _prefixed_call(inner: Callable[..., Any], implementation: str, module: nn.Module, query: torch.Tensor,
