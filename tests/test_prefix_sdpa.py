@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -351,6 +352,30 @@ def test_a_forward_that_stops_calling_sdpa_raises(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(attn, "forward", by_hand)
     with pytest.raises(ParticipationError, match=r"MyAttention ran without calling F.scaled_dot_product_attention"):
+        model(torch.randn(B, N, 8))
+
+
+class ConfiguredAttention(MyAttention):
+    """As transformers' attention before its registry (Falcon before 5.25): SDPA for "sdpa" (here through
+    ``super().forward``, which detection follows), scores by hand for "eager"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = types.SimpleNamespace(_attn_implementation="sdpa")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        if self.config._attn_implementation == "sdpa":
+            return super().forward(x, mask, causal)
+        q, k, v = self.heads(x)
+        return self.proj(((q @ k.transpose(-1, -2) / 2).softmax(-1) @ v).transpose(1, 2).flatten(2))
+
+
+def test_a_model_configured_for_eager_attention_raises_naming_sdpa() -> None:
+    model, adapter = adapted(Net(ConfiguredAttention()))
+    model(torch.randn(B, N, 8))  # "sdpa": the prefix enters
+    adapter.base_layer.config._attn_implementation = "eager"
+    with pytest.raises(ParticipationError, match=r"ConfiguredAttention ran without calling "
+                                                 r"F\.scaled_dot_product_attention.*attn_implementation='sdpa'"):
         model(torch.randn(B, N, 8))
 
 

@@ -9,10 +9,10 @@ before a windows axis (``(b, h, windows, L, d)``: every window sees the prefix) 
 cannot tell (-3 and -4 both fit), the adapter class says (:class:`HieraPrefixAttention`). A call that does not have
 the layer's heads and widths passes through unchanged; a forward in which no call took the prefix raises.
 
-A module is such a layer when its class's ``forward`` (or a method of the class that ``forward`` names) calls
-``scaled_dot_product_attention``. The prefix's shape must exist at inject, before the optimizer and the distributed
-wrappers see the parameters, without running the model: it is read from the module's attributes
-(:func:`~.base.read_shape`), and every call checks the shapes SDPA receives against it.
+A module is such a layer when its class's ``forward`` (or a base class's ``forward`` it calls through ``super()``,
+or a method of the class they name) calls ``scaled_dot_product_attention``. The prefix's shape must exist at
+inject, before the optimizer and the distributed wrappers see the parameters, without running the model: it is
+read from the module's attributes (:func:`~.base.read_shape`), and every call checks the shapes SDPA receives.
 """
 
 from __future__ import annotations
@@ -47,8 +47,14 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 
 def calls_sdpa(cls: type) -> bool:
-    """Whether ``cls.forward``, or a method of ``cls`` it names, calls ``scaled_dot_product_attention``."""
-    names = loaded_names(inspect.getattr_static(cls, "forward", None))
+    """Whether ``cls.forward`` (with the base classes' forwards it reaches through ``super()``), or a method of
+    ``cls`` they name, calls ``scaled_dot_product_attention``."""
+    names: set[str] = set()
+    for forward in (vars(klass)["forward"] for klass in cls.__mro__ if "forward" in vars(klass)):
+        own = loaded_names(forward)
+        names |= own
+        if "super" not in own:
+            break
     helpers = (loaded_names(inspect.getattr_static(cls, name, None)) for name in names - {"forward"})
     return _SDPA_NAME in names or any(_SDPA_NAME in helper for helper in helpers)
 
@@ -120,14 +126,15 @@ class SdpaPrefixAttention(PrefixAttention):
             out = self.base_layer(*args, **kwargs)
         name, s = type(self.base_layer).__name__, self.shape
         if not mode.fit and not mode.unfit:
-            fix = "set fused_attn = True on it" if _explicit_path(self.base_layer) else "call it"
+            fix = ("set fused_attn = True on it" if _explicit_path(self.base_layer) else "load the model with "
+                   "attn_implementation='sdpa'" if hasattr(self.base_layer, "config") else "call it")
             raise ParticipationError(
                 f"{name} ran without calling F.scaled_dot_product_attention, where its prefix enters, so the prefix "
-                f"was left out. To train the prefix, {fix} (a transformers model: attn_implementation='sdpa'), or "
-                "teach prefix tuning its attention with lightning_peft.register_attention_handler."
+                f"was left out. To train the prefix, {fix}, or teach prefix tuning its attention with "
+                "lightning_peft.register_attention_handler."
             )
         if not mode.fit:
-            (queries, keys) = mode.unfit[0]
+            queries, keys = mode.unfit[0]
             raise ValueError(
                 f"{name} called F.scaled_dot_product_attention with queries {queries} and keys {keys}, but its prefix "
                 f"was built for {self.query_heads or 'any'} query heads, {s.kv_heads} key/value heads of width "
