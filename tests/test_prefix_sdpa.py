@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import scaled_dot_product_attention as fused_attention
 
 from lightning_peft import (
     ParticipationError,
@@ -132,6 +133,39 @@ def test_users_sdpa_attention_equals_softmax_over_prefix_and_keys(kind: str) -> 
                                    .transpose(1, 2).flatten(2)))
     torch.testing.assert_close(model(x, **kwargs), expected, **TOL)
     assert not torch.allclose(model(x, **kwargs), base(x, **kwargs))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A module-level helper that calls SDPA (a common way to write attention)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class HelperAttention(MyAttention):
+    """Calls SDPA through a module-level helper function."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        return self.proj(_attend(*self.heads(x), mask).transpose(1, 2).flatten(2))
+
+
+class AliasedAttention(MyAttention):
+    """Calls SDPA under another name (``from torch.nn.functional import scaled_dot_product_attention as ...``)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        return self.proj(fused_attention(*self.heads(x), attn_mask=mask).transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("kind", ["none", "additive_padding"])
+@pytest.mark.parametrize("attention", [HelperAttention, AliasedAttention])
+def test_sdpa_reached_through_a_helper_or_an_alias_is_found_and_exact(attention: type[MyAttention], kind: str) -> None:
+    torch.manual_seed(0)
+    base = Net(attention()).double()
+    model, adapter = adapted(base)
+    kwargs, bias = masks(kind)
+    x = torch.randn(B, N, 8, dtype=torch.float64)
+    q, k, v = adapter.base_layer.heads(x)
+    out = softmax_over_prefix(q, k, v, adapter.prefix_keys, adapter.prefix_values, bias)
+    torch.testing.assert_close(model(x, **kwargs), base.head(adapter.base_layer.proj(out.transpose(1, 2).flatten(2))),
+                               **TOL)
 
 
 @pytest.mark.parametrize("enable_gqa", [False, True])

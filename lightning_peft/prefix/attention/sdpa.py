@@ -9,8 +9,8 @@ before a windows axis (``(b, h, windows, L, d)``: every window sees the prefix) 
 cannot tell (-3 and -4 both fit), the adapter class says (:class:`HieraPrefixAttention`). A call that does not have
 the layer's heads and widths passes through unchanged; a forward in which no call took the prefix raises.
 
-A module is such a layer when its class's ``forward`` (or a base class's ``forward`` it calls through ``super()``,
-or a method of the class they name) calls ``scaled_dot_product_attention``. The prefix's shape must exist at
+A module is such a layer when its class's ``forward`` reaches ``scaled_dot_product_attention`` (:func:`calls_sdpa`:
+by name or alias, through ``super().forward``, a method or a helper function). The prefix's shape must exist at
 inject, before the optimizer and the distributed wrappers see the parameters, without running the model: it is
 read from the module's attributes (:func:`~.base.read_shape`), and every call checks the shapes SDPA receives.
 """
@@ -47,16 +47,31 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 
 def calls_sdpa(cls: type) -> bool:
-    """Whether ``cls.forward`` (with the base classes' forwards it reaches through ``super()``), or a method of
-    ``cls`` they name, calls ``scaled_dot_product_attention``."""
-    names: set[str] = set()
-    for forward in (vars(klass)["forward"] for klass in cls.__mro__ if "forward" in vars(klass)):
-        own = loaded_names(forward)
-        names |= own
-        if "super" not in own:
-            break
-    helpers = (loaded_names(inspect.getattr_static(cls, name, None)) for name in names - {"forward"})
-    return _SDPA_NAME in names or any(_SDPA_NAME in helper for helper in helpers)
+    """Whether ``cls.forward`` reaches ``F.scaled_dot_product_attention``: named or aliased in its code, in a base
+    class's forward it calls through ``super()``, or in a method of ``cls`` or a function outside torch it calls
+    (two calls deep)."""
+    for klass in (k for k in cls.__mro__ if "forward" in vars(k)):
+        forward = vars(klass)["forward"]
+        if _reaches_sdpa(cls, forward, depth=2):
+            return True
+        if "super" not in loaded_names(forward):
+            return False
+    return False
+
+
+def _reaches_sdpa(cls: type, function: Any, depth: int) -> bool:
+    names = loaded_names(function)
+    scope = getattr(inspect.unwrap(getattr(function, "__func__", function)), "__globals__", {})
+    for name in names - {"forward"}:
+        target = inspect.getattr_static(cls, name, None) or scope.get(name)
+        if name == _SDPA_NAME or target is _SDPA:
+            return True
+        inner = getattr(target, "__func__", target)  # staticmethod, classmethod
+        module = str(getattr(inner, "__module__", ""))
+        if depth and inspect.isfunction(inner) and not (module == "torch" or module.startswith("torch.")):
+            if _reaches_sdpa(cls, inner, depth - 1):
+                return True
+    return False
 
 
 def _candidate(module: nn.Module) -> bool:
