@@ -154,9 +154,20 @@ class AliasedAttention(MyAttention):
         return self.proj(fused_attention(*self.heads(x), attn_mask=mask).transpose(1, 2).flatten(2))
 
 
+class HeldAttention(MyAttention):
+    """Holds SDPA as an attribute set in ``__init__`` (a switch between kernels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attend = F.scaled_dot_product_attention
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        return self.proj(self.attend(*self.heads(x), attn_mask=mask).transpose(1, 2).flatten(2))
+
+
 @pytest.mark.parametrize("kind", ["none", "additive_padding"])
-@pytest.mark.parametrize("attention", [HelperAttention, AliasedAttention])
-def test_sdpa_reached_through_a_helper_or_an_alias_is_found_and_exact(attention: type[MyAttention], kind: str) -> None:
+@pytest.mark.parametrize("attention", [HelperAttention, AliasedAttention, HeldAttention])
+def test_sdpa_reached_through_a_helper_an_alias_or_an_attribute_is_found_and_exact(attention: type[MyAttention], kind: str) -> None:
     torch.manual_seed(0)
     base = Net(attention()).double()
     model, adapter = adapted(base)

@@ -75,7 +75,8 @@ def _reaches_sdpa(cls: type, function: Any, depth: int) -> bool:
 
 
 def _candidate(module: nn.Module) -> bool:
-    return not isinstance(module, Adapter) and calls_sdpa(type(module)) and prefix_undefined(module) is None
+    held = any(value is _SDPA for value in vars(module).values())  # self.attend = F.scaled_dot_product_attention
+    return not isinstance(module, Adapter) and (held or calls_sdpa(type(module))) and prefix_undefined(module) is None
 
 
 def _explicit_path(module: nn.Module) -> bool:
