@@ -282,3 +282,13 @@ def test_keys_of_another_shape_than_the_prefix_was_built_for_raise_naming_the_fi
     with pytest.raises(ValueError, match=r"attends over keys of shape \(2, 4, 7, 8\) .* built for 3 key/value heads "
                                          r"of width 8 .*register_attention_handler"):
         model(input_ids=batch()["input_ids"])
+
+
+def test_bloom_gate_refuses_slow_but_exact_where_dense_is_not_called() -> None:
+    """BLOOM with pretraining_tp > 1 and slow_but_exact slices dense's weight by hand: the gated prefix, which
+    enters at dense's input, would be left out, so the forward raises; the ungated prefix (at the cache) runs."""
+    model = inject(tiny("bloom", pretraining_tp=2, slow_but_exact=True), PrefixTuning(num_tokens=P, gate=True))
+    with pytest.raises(RuntimeError, match="pretraining_tp > 1 with slow_but_exact.*gate=False"):
+        model(**batch())
+    plain = inject(tiny("bloom", pretraining_tp=2, slow_but_exact=True), PrefixTuning(num_tokens=P))
+    assert plain(**batch()).logits.shape == (2, 7, VOCAB)

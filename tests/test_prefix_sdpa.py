@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import multi_head_attention_forward
 from torch.nn.functional import scaled_dot_product_attention as fused_attention
 
 from lightning_peft import (
+    LoRAConfig,
     ParticipationError,
     PrefixTuningConfig,
     TargetNotFoundError,
@@ -31,6 +33,7 @@ from lightning_peft.prefix.attention import (
     SdpaPrefixAttention,
     match_attention,
 )
+from lightning_peft.prefix.attention.sdpa import sdpa_shape
 
 TOL = dict(atol=1e-5, rtol=0.0)  # float64: the adapted path and the written-out formula agree far below this
 P, B, N = 4, 2, 6
@@ -165,8 +168,19 @@ class HeldAttention(MyAttention):
         return self.proj(self.attend(*self.heads(x), attn_mask=mask).transpose(1, 2).flatten(2))
 
 
+class StaticHelperAttention(MyAttention):
+    """Calls SDPA two calls below its forward: a staticmethod that calls a module-level helper."""
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return _attend(q, k, v, mask)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        return self.proj(self.attend(*self.heads(x), mask).transpose(1, 2).flatten(2))
+
+
 @pytest.mark.parametrize("kind", ["none", "additive_padding"])
-@pytest.mark.parametrize("attention", [HelperAttention, AliasedAttention, HeldAttention])
+@pytest.mark.parametrize("attention", [HelperAttention, AliasedAttention, HeldAttention, StaticHelperAttention])
 def test_sdpa_reached_through_a_helper_an_alias_or_an_attribute_is_found_and_exact(attention: type[MyAttention], kind: str) -> None:
     torch.manual_seed(0)
     base = Net(attention()).double()
@@ -177,6 +191,25 @@ def test_sdpa_reached_through_a_helper_an_alias_or_an_attribute_is_found_and_exa
     out = softmax_over_prefix(q, k, v, adapter.prefix_keys, adapter.prefix_values, bias)
     torch.testing.assert_close(model(x, **kwargs), base.head(adapter.base_layer.proj(out.transpose(1, 2).flatten(2))),
                                **TOL)
+
+
+class TorchMHAForward(nn.Module):
+    """Calls torch's multi_head_attention_forward (imported by name): it reaches SDPA only inside torch's own
+    dispatch, where the seam cannot enter, so the SDPA handler must not take it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.embed_dim = 2, 8
+        self.in_proj, self.out_proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return multi_head_attention_forward(x, x, x, 8, 2, self.in_proj.weight, self.in_proj.bias, None, None, False,
+                                            0.0, self.out_proj.weight, self.out_proj.bias, need_weights=False)[0]
+
+
+def test_torchs_own_functions_are_not_followed_to_sdpa() -> None:
+    assert sdpa_shape(TorchMHAForward()) is None
+    assert sdpa_shape(HelperAttention()) is not None  # the same search follows a user's helper
 
 
 @pytest.mark.parametrize("enable_gqa", [False, True])
@@ -501,3 +534,34 @@ def test_timm_hiera_mask_unit_attention_takes_the_prefix_in_every_mask_unit() ->
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     gated = inject(copy.deepcopy(base), PrefixTuningConfig(num_tokens=2, gate=True))
     torch.testing.assert_close(gated(x), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix_first", [True, False])
+def test_lora_and_prefix_on_a_users_helper_module_in_either_order_in_train_and_eval(prefix_first: bool) -> None:
+    """LoRA on the qkv projection and a prefix at the SDPA call of a module found through its helper: outputs equal
+    the written-out softmax over the prefix and the LoRA-adapted keys in train mode and under eval + no_grad, and
+    exactly the four adapter tensors get a gradient."""
+    torch.manual_seed(0)
+    base = Net(HelperAttention()).double()
+    methods = [PrefixTuningConfig(num_tokens=P), LoRAConfig(r=2, target_modules=["qkv"])]
+    model = inject(copy.deepcopy(base), *(methods if prefix_first else methods[::-1]))
+    prefix = next(a for _, a in adapters(model) if isinstance(a, SdpaPrefixAttention))
+    lora_b = next(p for n, p in model.named_parameters() if n.endswith("lora_B"))
+    with torch.no_grad():
+        lora_b.normal_()  # LoRA's B starts at zero: give it a value that changes q, k and v
+    x = torch.randn(B, N, 8, dtype=torch.float64)
+
+    def expected() -> torch.Tensor:
+        attn = prefix.base_layer
+        q, k, v = attn.heads(x)  # through the LoRA-adapted qkv
+        out = softmax_over_prefix(q, k, v, prefix.prefix_keys, prefix.prefix_values, None)
+        return model.head(attn.proj(out.transpose(1, 2).flatten(2)))
+
+    out = model.train()(x)
+    torch.testing.assert_close(out, expected(), **TOL)
+    out.square().sum().backward()
+    with_grad = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+    assert with_grad == {"prefix_keys", "prefix_values", "lora_A", "lora_B"}
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), expected(), **TOL)
+        assert not torch.allclose(model(x), base(x))

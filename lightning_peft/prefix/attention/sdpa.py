@@ -140,8 +140,10 @@ class SdpaPrefixAttention(PrefixAttention):
             return self.base_layer(*args, **kwargs)
         with _PrefixSdpa(self) as mode:
             out = self.base_layer(*args, **kwargs)
+        if mode.fit:
+            return out
         name, s = type(self.base_layer).__name__, self.shape
-        if not mode.fit and not mode.unfit:
+        if not mode.unfit:
             fix = ("set fused_attn = True on it" if _explicit_path(self.base_layer) else "load the model with "
                    "attn_implementation='sdpa'" if hasattr(self.base_layer, "config") else "call it")
             raise ParticipationError(
@@ -149,15 +151,13 @@ class SdpaPrefixAttention(PrefixAttention):
                 f"was left out. To train the prefix, {fix}, or teach prefix tuning its attention with "
                 "lightning_peft.register_attention_handler."
             )
-        if not mode.fit:
-            queries, keys = mode.unfit[0]
-            raise ValueError(
-                f"{name} called F.scaled_dot_product_attention with queries {queries} and keys {keys}, but its prefix "
-                f"was built for {self.query_heads or 'any'} query heads, {s.kv_heads} key/value heads of width "
-                f"{s.key_dim} (read from its attributes), heads on axis -3 (or -4 before windows). Set num_heads, "
-                "num_kv_heads and head_dim to what it attends with and inject again, or register a handler."
-            )
-        return out
+        queries, keys = mode.unfit[0]
+        raise ValueError(
+            f"{name} called F.scaled_dot_product_attention with queries {queries} and keys {keys}, but its prefix "
+            f"was built for {self.query_heads or 'any'} query heads, {s.kv_heads} key/value heads of width "
+            f"{s.key_dim} (read from its attributes), heads on axis -3 (or -4 before windows). Set num_heads, "
+            "num_kv_heads and head_dim to what it attends with and inject again, or register a handler."
+        )
 
     def heads_axis(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int | None:
         """The axis of an SDPA call's heads if the call is this layer's, else ``None``: keys and values of the
